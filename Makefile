@@ -1,0 +1,21 @@
+# The two commands the README documents: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: deps demo test lint bench
+
+deps:
+	@bash scripts/install-deps.sh
+
+demo: deps
+	$(PY) -m pushlib.demo
+
+lint: deps
+	$(VENV)/bin/ruff check pushlib kemi tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench: deps
+	$(PY) bench/push_bench.py

@@ -1,0 +1,120 @@
+"""Shared value types: providers, push kinds, devices, apps, jobs and outcomes.
+
+These are plain dataclasses with no I/O so every module (store, parser, clients,
+dispatcher, KEMI router) speaks the same language.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Provider(StrEnum):
+    APNS = "apns"
+    FCM = "fcm"
+
+
+class PushKind(StrEnum):
+    INCOMING_CALL = "incomingCall"
+    CANCEL_INCOMING_CALL = "cancelIncomingCall"
+    MISSED_CALL = "missedCall"
+    VOICEMAIL = "voicemailReceived"
+    MESSAGE = "messageReceived"
+    REGISTRATION_REFRESH = "registrationRefresh"
+    CUSTOM = "custom"
+
+
+@dataclass(frozen=True)
+class PushParams:
+    """What a REGISTER's Contact says about how to reach the device by push.
+
+    `app_id` is the APNs bundle id (without a `.voip` suffix) or the FCM project id.
+    `alert_token` is the APNs remote-notification token or the FCM registration token;
+    `voip_token` is the APNs PushKit token. At least one token is set.
+    """
+
+    provider: Provider
+    app_id: str
+    voip_token: str | None = None
+    alert_token: str | None = None
+    team_id: str | None = None
+    sandbox: bool = False
+
+
+@dataclass(frozen=True)
+class Device:
+    """One push-capable device of a user (an AOR may have several)."""
+
+    aor: str
+    device_id: str
+    params: PushParams
+    contact: str = ""
+    user_agent: str = ""
+    registered_at: float = 0.0
+    expires_at: float = 0.0
+    quarantined_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class AppCredentials:
+    """Credentials and switches of one app, keyed by (provider, app_id).
+
+    APNs uses either a token key (`apns_key_pem` + `apns_key_id` + `apns_team_id`)
+    or a client certificate (`apns_cert_pem` + `apns_cert_key_pem`). FCM uses a
+    service-account JSON (`fcm_service_account`), whose project id the v1 URL needs.
+    `custom_host` ("host:port") replaces Apple's or Google's host; `ca_pem` is an extra
+    CA trusted only for that custom host (the sandbox providers), never for the real ones.
+    """
+
+    provider: Provider
+    app_id: str
+    enabled: bool = True
+    sandbox: bool = False
+    apns_key_pem: str | None = None
+    apns_key_id: str | None = None
+    apns_team_id: str | None = None
+    apns_cert_pem: str | None = None
+    apns_cert_key_pem: str | None = None
+    fcm_service_account: str | None = None
+    custom_host: str | None = None
+    ca_pem: str | None = None
+
+
+@dataclass(frozen=True)
+class PushJob:
+    """A unit of work for the dispatcher: one push kind to some devices of one AOR.
+
+    `device_ids` empty means every device of the AOR. `deadline` is epoch seconds:
+    past it the job is dropped, never delivered late. `data` holds the string fields
+    the payload builders use (call_id, caller_name, caller_number, title, body, ...).
+    """
+
+    job_id: str
+    kind: PushKind
+    aor: str
+    deadline: float
+    device_ids: tuple[str, ...] = ()
+    data: Mapping[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    TOKEN_DEAD = "token_dead"
+    DEVICE_SUSPECT = "device_suspect"
+    RETRYABLE = "retryable"
+    CONFIG_ERROR = "config_error"
+    REJECTED = "rejected"  # the request itself was wrong (e.g. payload too large): no retry, device kept
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a provider said about one push."""
+
+    outcome: Outcome
+    status: int = 0
+    reason: str = ""
+    retry_after: float | None = None
+    provider_id: str | None = None
