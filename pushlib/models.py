@@ -118,3 +118,32 @@ class PushResult:
     reason: str = ""
     retry_after: float | None = None
     provider_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UaMapping:
+    """Kazoo-style legacy push mapping: a User-Agent regex and the Contact params that hold
+    the app id (Token-App), the token type (Token-Type) and the token (Token-ID)."""
+
+    name: str
+    user_agent_regex: str
+    app_param: str = "app-id"
+    type_param: str = "pn-type"
+    token_param: str = "pn-tok"
+
+
+@dataclass(frozen=True)
+class ApnsRequest:
+    """One APNs push ready to send: `POST /3/device/<token>` with these headers and body."""
+
+    token: str
+    headers: Mapping[str, str]
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class FcmMessage:
+    """One FCM v1 push ready to send: the JSON body of `messages:send` (it holds the token)."""
+
+    token: str
+    body: bytes
