@@ -1,0 +1,309 @@
+"""Payload builders: what each push kind is on the wire for APNs and FCM (design.md §5).
+
+Pure functions. The output is always valid UTF-8 JSON within the provider's limit:
+free text (caller name and number, sender, title, body) is capped and then truncated
+with "…" until it fits; ids (call_id, message_id, custom data fields) are never
+altered, and when they alone cannot fit `PayloadTooLarge` is raised (the job is bad:
+treat it as rejected, do not retry). Lone surrogates in any input become U+FFFD.
+
+Fields by kind (APNs: top-level keys next to `aps`; FCM: `message.data`, all strings):
+- every kind: `type` (the PushKind value), `sent_at` (epoch seconds of `now`);
+- incomingCall: `call_id`, `deadline`, `caller_name`, `caller_number`;
+- cancelIncomingCall: `call_id`;
+- missedCall: `call_id`, `caller_name`, `caller_number`, `title`, `body`;
+- messageReceived: `message_id`, `sender`, `title` (= sender), `body` (= message);
+- voicemailReceived: `call_id`, `message_id`, `caller_name`, `caller_number`, `title`, `body`;
+- custom: `title`, `body` and every other data field except the reserved ones.
+Empty or absent inputs are left out. `settings.hide_caller` drops caller name and
+number from call kinds. `badge` (digits) sets `aps.badge` on alert pushes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from pushlib.models import ApnsRequest, Device, FcmMessage, Provider, PushKind
+from pushlib.settings import Settings
+
+APNS_LIMIT = 4096
+APNS_VOIP_LIMIT = 5120
+FCM_DATA_LIMIT = 4096  # counted over the JSON of `data` plus `notification`
+MAX_TITLE_CHARS = 128  # names, numbers, senders, titles
+MAX_BODY_CHARS = 1024
+MAX_COLLAPSE_ID_BYTES = 64
+FCM_MAX_TTL = 28 * 24 * 3600  # FCM refuses longer
+ELLIPSIS = "…"
+
+MISSED_CALL_TITLE = "Missed Call"
+VOICEMAIL_TITLE = "Voicemail"
+NEW_MESSAGE_TITLE = "New Message"
+UNKNOWN_CALLER = "Unknown caller"
+HIDDEN_CALLER = "Hidden caller"
+
+# Keys a custom push may not set: ours, or reserved by FCM (`from`, `google*`, `gcm*` ...).
+_CUSTOM_RESERVED = {"type", "aps", "title", "body", "ttl", "badge", "sent_at", "from", "message_type",
+                    "notification", "collapse_key"}
+_FCM_RESERVED_PREFIXES = ("google", "gcm")
+
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keeps \t and \n
+_PRINTABLE_ASCII = re.compile(r"[!-~]+")
+
+
+class PayloadTooLarge(ValueError):
+    """The ids and custom fields alone exceed the provider's payload limit."""
+
+
+@dataclass(frozen=True)
+class _Wire:
+    push_type: str
+    apns_priority: int
+    fcm_priority: str
+    alert: bool  # shows title/body (aps.alert); otherwise content-available or voip
+
+
+_WIRE = {
+    PushKind.INCOMING_CALL: _Wire("voip", 10, "high", alert=False),
+    PushKind.CANCEL_INCOMING_CALL: _Wire("alert", 10, "high", alert=False),
+    PushKind.MISSED_CALL: _Wire("alert", 10, "high", alert=True),
+    PushKind.MESSAGE: _Wire("alert", 10, "high", alert=True),
+    PushKind.VOICEMAIL: _Wire("alert", 5, "normal", alert=True),
+    PushKind.REGISTRATION_REFRESH: _Wire("background", 5, "normal", alert=False),
+    PushKind.CUSTOM: _Wire("alert", 10, "high", alert=True),
+}
+_CALL_KINDS = {PushKind.INCOMING_CALL, PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL}
+_ID_FIELDS = {
+    PushKind.INCOMING_CALL: ("call_id",),
+    PushKind.CANCEL_INCOMING_CALL: ("call_id",),
+    PushKind.MISSED_CALL: ("call_id",),
+    PushKind.VOICEMAIL: ("call_id", "message_id"),
+    PushKind.MESSAGE: ("message_id",),
+}
+
+
+@dataclass
+class _Content:
+    """The kind-specific fields, before they are laid out for one provider."""
+
+    numbers: dict[str, int | float] = field(default_factory=dict)
+    ids: dict[str, str] = field(default_factory=dict)  # never truncated
+    texts: dict[str, tuple[str, int]] = field(default_factory=dict)  # value, cap in chars
+    alert: bool = False  # title/body present and meant to be shown
+    badge: int | None = None
+
+
+def _id(value: str) -> str:
+    return _SURROGATES.sub("\ufffd", value)
+
+
+def _text(value: str) -> str:
+    return _TEXT_CONTROL.sub("", _id(value)).strip()
+
+
+def _number(value: float, name: str) -> int | float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    return int(value) if value == int(value) else round(value, 3)
+
+
+def _digits(value: str | None, maximum: int) -> int | None:
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    number = int(value)
+    return number if number <= maximum else None
+
+
+def _caller_line(name: str, number: str) -> str:
+    if name and number and name != number:
+        return f"{name} ({number})"
+    return name or number or UNKNOWN_CALLER
+
+
+def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: float,
+             settings: Settings) -> _Content:
+    get = {k: _text(v) for k, v in data.items() if k in
+           ("caller_name", "caller_number", "title", "body", "message", "sender")}
+    content = _Content(numbers={"sent_at": _number(now, "now")})
+    for key in _ID_FIELDS.get(kind, ()):
+        if data.get(key):
+            content.ids[key] = _id(data[key])
+    show_caller = not settings.hide_caller
+    name = get.get("caller_name", "") if show_caller else ""
+    number = get.get("caller_number", "") if show_caller else ""
+    if kind in (PushKind.INCOMING_CALL, PushKind.MISSED_CALL, PushKind.VOICEMAIL):
+        for key, value in (("caller_name", name), ("caller_number", number)):
+            if value:
+                content.texts[key] = (value, MAX_TITLE_CHARS)
+    if kind is PushKind.INCOMING_CALL:
+        content.numbers["deadline"] = _number(deadline, "deadline")
+    elif kind is PushKind.MISSED_CALL:
+        body = _caller_line(name, number) if show_caller else HIDDEN_CALLER
+        content.texts["title"] = (MISSED_CALL_TITLE, MAX_TITLE_CHARS)
+        content.texts["body"] = (body, MAX_BODY_CHARS)
+    elif kind is PushKind.VOICEMAIL:
+        default = f"New voicemail from {_caller_line(name, number)}" if name or number else "New voicemail"
+        content.texts["title"] = (get.get("title") or VOICEMAIL_TITLE, MAX_TITLE_CHARS)
+        content.texts["body"] = (get.get("body") or default, MAX_BODY_CHARS)
+    elif kind is PushKind.MESSAGE:
+        sender = get.get("sender", "")
+        if sender:
+            content.texts["sender"] = (sender, MAX_TITLE_CHARS)
+        content.texts["title"] = (sender or NEW_MESSAGE_TITLE, MAX_TITLE_CHARS)
+        content.texts["body"] = (get.get("message") or get.get("body") or "", MAX_BODY_CHARS)
+    elif kind is PushKind.CUSTOM:
+        for key, value in data.items():
+            clean_key = _id(key)
+            if clean_key and clean_key not in _CUSTOM_RESERVED and not clean_key.startswith(
+                    _FCM_RESERVED_PREFIXES):
+                content.ids[clean_key] = _id(str(value))
+        for key, cap in (("title", MAX_TITLE_CHARS), ("body", MAX_BODY_CHARS)):
+            if get.get(key):
+                content.texts[key] = (get[key], cap)
+    content.texts = {k: v for k, v in content.texts.items() if v[0]}
+    content.alert = _WIRE[kind].alert and any(k in content.texts for k in ("title", "body"))
+    if content.alert:
+        content.badge = _digits(data.get("badge"), 99_999)
+    return content
+
+
+def _encode(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _cost(ch: str) -> int:
+    """Bytes one character takes inside a JSON string."""
+    return len(_encode(ch)) - 2
+
+
+def _fit(texts: Mapping[str, tuple[str, int]], render: Callable[[dict[str, str]], tuple[bytes, int]],
+         limit: int) -> bytes:
+    """Render with the texts cut (longest first, "…" appended) until the measured size fits."""
+    originals = {k: v for k, (v, _) in texts.items()}
+    kept = {k: min(len(v), cap) for k, (v, cap) in texts.items()}
+
+    def current(key: str) -> str:
+        value, n = originals[key], kept[key]
+        if n == len(value):
+            return value
+        return value[:n] + ELLIPSIS if n else ""
+
+    while True:
+        values = {k: current(k) for k in originals}
+        out, size = render(values)
+        if size <= limit:
+            return out
+        candidates = [k for k in originals if kept[k] > 0]
+        if not candidates:
+            raise PayloadTooLarge(f"ids alone take {size} bytes, limit {limit}")
+        key = max(candidates, key=lambda k: len(values[k].encode("utf-8")))
+        need = size - limit + (len(ELLIPSIS.encode("utf-8")) if kept[key] == len(originals[key]) else 0)
+        n = kept[key]
+        while n > 0 and need > 0:
+            n -= 1
+            need -= _cost(originals[key][n])
+        kept[key] = n
+
+
+def _collapse_id(call_id: str) -> str:
+    if len(call_id) <= MAX_COLLAPSE_ID_BYTES and _PRINTABLE_ASCII.fullmatch(call_id):
+        return call_id
+    return hashlib.sha256(call_id.encode("utf-8")).hexdigest()[:32]
+
+
+def _ttl(kind: PushKind, data: Mapping[str, str], deadline: float, now: float, settings: Settings) -> int:
+    """Seconds the provider may hold the push."""
+    if kind is PushKind.INCOMING_CALL:
+        seconds = max(0, math.ceil(_number(deadline, "deadline") - _number(now, "now")))
+    elif kind is PushKind.CANCEL_INCOMING_CALL:
+        seconds = settings.cancel_ttl
+    elif kind is PushKind.REGISTRATION_REFRESH:
+        seconds = settings.refresh_ttl
+    elif kind is PushKind.CUSTOM:
+        custom = _digits(data.get("ttl"), FCM_MAX_TTL)
+        seconds = settings.message_ttl if custom is None else custom
+    else:
+        seconds = settings.message_ttl
+    return min(max(0, seconds), FCM_MAX_TTL)
+
+
+def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline: float, now: float,
+               settings: Settings) -> ApnsRequest | None:
+    """The APNs request for `kind`, or None when the device has no token for it (incomingCall
+    needs the VoIP token, every other kind the alert token) or is not an APNs device.
+
+    Raises PayloadTooLarge when ids/custom fields cannot fit, ValueError on non-finite times.
+    """
+    params = device.params
+    if params.provider is not Provider.APNS:
+        return None
+    wire = _WIRE[kind]
+    voip = kind is PushKind.INCOMING_CALL
+    token = params.voip_token if voip else params.alert_token
+    if not token:
+        return None
+    content = _content(kind, data, deadline, now, settings)
+    expiration = int(deadline) if voip else int(now) + _ttl(kind, data, deadline, now, settings)
+
+    def render(texts: dict[str, str]) -> tuple[bytes, int]:
+        aps: dict[str, object] = {}
+        if content.alert:
+            aps["alert"] = {k: texts[k] for k in ("title", "body") if k in texts}
+            aps["sound"] = "default"
+            if content.badge is not None:
+                aps["badge"] = content.badge
+        elif not voip:
+            aps["content-available"] = 1
+        top = {k: v for k, v in texts.items() if k not in ("title", "body") or not content.alert}
+        body = _encode({"aps": aps, "type": kind.value, **content.numbers, **content.ids, **top})
+        return body, len(body)
+
+    payload = _fit(content.texts, render, APNS_VOIP_LIMIT if voip else APNS_LIMIT)
+    headers = {
+        "apns-topic": params.app_id + ".voip" if voip else params.app_id,
+        "apns-push-type": wire.push_type,
+        "apns-priority": str(wire.apns_priority),
+        "apns-expiration": str(expiration),
+        "apns-id": str(uuid.uuid4()),
+    }
+    call_id = content.ids.get("call_id")
+    if call_id and kind in _CALL_KINDS:
+        headers["apns-collapse-id"] = _collapse_id(call_id)
+    return ApnsRequest(token=token, headers=headers, payload=payload)
+
+
+def build_fcm(kind: PushKind, device: Device, data: Mapping[str, str], deadline: float, now: float,
+              settings: Settings) -> FcmMessage | None:
+    """The FCM v1 `messages:send` body for `kind`, or None when the device has no
+    registration token or is not an FCM device. Always a data message (string values);
+    custom pushes with a title/body also carry a `notification` block.
+
+    Raises PayloadTooLarge when ids/custom fields cannot fit, ValueError on non-finite times.
+    """
+    params = device.params
+    if params.provider is not Provider.FCM or not params.alert_token:
+        return None
+    token = params.alert_token
+    wire = _WIRE[kind]
+    content = _content(kind, data, deadline, now, settings)
+    android = {"priority": wire.fcm_priority, "ttl": f"{_ttl(kind, data, deadline, now, settings)}s"}
+    numbers = {k: str(v) for k, v in content.numbers.items()}
+    badge = {} if content.badge is None else {"badge": str(content.badge)}
+
+    def render(texts: dict[str, str]) -> tuple[bytes, int]:
+        message: dict[str, object] = {
+            "token": token,
+            "data": {"type": kind.value, **numbers, **content.ids, **badge, **texts},
+        }
+        if kind is PushKind.CUSTOM and content.alert:
+            message["notification"] = {k: texts[k] for k in ("title", "body") if k in texts}
+        size = len(_encode({k: v for k, v in message.items() if k in ("data", "notification")}))
+        message["android"] = android
+        return _encode({"message": message}), size
+
+    return FcmMessage(token=token, body=_fit(content.texts, render, FCM_DATA_LIMIT))
