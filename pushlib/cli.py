@@ -1,0 +1,249 @@
+"""Operator CLI (`pushlib-admin`): apps and credentials, User-Agent mappings, devices, custom pushes.
+
+Every command talks to the Redis store the proxy uses (`--redis-url`, default from PUSHLIB_REDIS_URL).
+Credentials are validated before they are stored and are never printed back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from pushlib.keys import describe_app
+from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
+from pushlib.settings import Settings
+from pushlib.store import StoreUnavailable, SyncStore
+
+
+class CliError(Exception):
+    """A bad argument or file: printed as one line, exit status 2."""
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def load_apns_key(path: str) -> str:
+    """The .p8 token key as PEM text, checked to be an EC P-256 private key (what ES256 needs)."""
+    pem = _read(path, "APNs key")
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except ValueError as exc:
+        raise CliError(f"{path} is not a PEM private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise CliError(f"{path} is not an EC P-256 key (APNs token keys are)")
+    return pem
+
+
+def load_apns_cert(cert_path: str, key_path: str) -> tuple[str, str]:
+    """Certificate and key PEM, checked to parse and to belong together."""
+    cert_pem, key_pem = _read(cert_path, "certificate"), _read(key_path, "certificate key")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except ValueError as exc:
+        raise CliError(f"cannot parse the certificate or key: {exc}") from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if cert.public_key().public_bytes(enc, spki) != key.public_key().public_bytes(enc, spki):
+        raise CliError("the key does not belong to the certificate")
+    return cert_pem, key_pem
+
+
+def load_service_account(path: str) -> tuple[str, str]:
+    """Service-account JSON text and its project id, checked for the fields google-auth needs."""
+    text = _read(path, "service account")
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"{path} is not valid JSON") from exc
+    if not isinstance(info, dict):
+        raise CliError(f"{path} is not a service-account object")
+    missing = [k for k in ("project_id", "client_email", "private_key", "token_uri") if not info.get(k)]
+    if missing:
+        raise CliError(f"{path} lacks {', '.join(missing)}")
+    return text, str(info["project_id"])
+
+
+def parse_data(pairs: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CliError(f"--data wants NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def _app_from_args(args: argparse.Namespace) -> AppCredentials:
+    ca_pem = _read(args.ca_file, "CA file") if args.ca_file else None
+    if ca_pem and not args.host:
+        raise CliError("--ca-file is only trusted for a custom --host (the sandbox); give --host too")
+    common = {"sandbox": args.sandbox, "custom_host": args.host, "ca_pem": ca_pem}
+    if args.cmd == "set-apns":
+        return AppCredentials(
+            Provider.APNS, args.bundle_id, apns_key_pem=load_apns_key(args.key_file),
+            apns_key_id=args.key_id, apns_team_id=args.team_id, **common,
+        )
+    if args.cmd == "set-apns-cert":
+        cert_pem, key_pem = load_apns_cert(args.cert_file, args.key_file)
+        return AppCredentials(
+            Provider.APNS, args.bundle_id, apns_cert_pem=cert_pem, apns_cert_key_pem=key_pem, **common
+        )
+    text, project_id = load_service_account(args.service_account)
+    return AppCredentials(Provider.FCM, project_id, fcm_service_account=text, **common)
+
+
+def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
+    if args.cmd in ("set-apns", "set-apns-cert", "set-fcm"):
+        app = _app_from_args(args)
+        store.save_app(app)
+        print(f"saved {describe_app(app)}")
+        return
+    found = store.app(args.provider, args.app_id)
+    if found is None:
+        raise CliError(f"no app {args.provider}:{args.app_id}")
+    if args.cmd == "show":
+        print(describe_app(found))
+    elif args.cmd in ("enable", "disable"):
+        changed = replace(found, enabled=args.cmd == "enable")
+        store.save_app(changed)
+        print(f"saved {describe_app(changed)}")
+    elif args.cmd == "remove":
+        store.remove_app(args.provider, args.app_id)
+        print(f"removed {args.provider}:{args.app_id}")
+
+
+def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
+    if args.cmd == "set":
+        try:
+            re.compile(args.regex)
+        except re.error as exc:
+            raise CliError(f"bad User-Agent regex: {exc}") from exc
+        store.save_ua_mapping(
+            UaMapping(args.name, args.regex, args.app_param, args.type_param, args.token_param)
+        )
+        print(f"saved UA mapping {args.name}")
+    elif args.cmd == "list":
+        for m in store.ua_mappings():
+            print(f"{m.name}\t{m.user_agent_regex}\tapp={m.app_param} type={m.type_param} token={m.token_param}")
+    elif args.cmd == "remove":
+        if not store.remove_ua_mapping(args.name):
+            raise CliError(f"no UA mapping {args.name}")
+        print(f"removed UA mapping {args.name}")
+
+
+def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
+    now = time.time()
+    for d in store.devices(args.aor):
+        p = d.params
+        tokens = ",".join(k for k, v in (("voip", p.voip_token), ("alert", p.alert_token)) if v)
+        quarantined = " quarantined" if d.quarantined_until > now else ""
+        print(
+            f"{d.device_id}\t{p.provider.value}{'(sandbox)' if p.sandbox else ''}\t{p.app_id}\ttokens={tokens}"
+            f"\tregistered {int(now - d.registered_at)}s ago\texpires in {int(d.expires_at - now)}s{quarantined}"
+        )
+
+
+def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
+    data = parse_data(args.data)
+    for name in ("title", "body"):
+        if getattr(args, name):
+            data[name] = getattr(args, name)
+    if args.ttl is not None:
+        data["ttl"] = str(args.ttl)
+    job = PushJob(
+        job_id=str(uuid.uuid4()), kind=PushKind(args.kind), aor=args.aor,
+        deadline=time.time() + (args.ttl or store.settings.message_ttl), data=data, created_at=time.time(),
+    )
+    store.enqueue(job)
+    print(f"queued {job.kind.value} job {job.job_id} for {job.aor}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pushlib-admin", description=__doc__)
+    parser.add_argument("--redis-url", default=None, help="default: PUSHLIB_REDIS_URL or redis://127.0.0.1:6379/0")
+    sub = parser.add_subparsers(dest="area", required=True)
+
+    app = sub.add_parser("app", help="push apps and their credentials").add_subparsers(dest="cmd", required=True)
+    for name, help_text in (
+        ("set-apns", "APNs app with a token key (.p8)"),
+        ("set-apns-cert", "APNs app with a client certificate"),
+        ("set-fcm", "FCM app from a service-account JSON"),
+    ):
+        p = app.add_parser(name, help=help_text)
+        if name == "set-apns":
+            p.add_argument("bundle_id")
+            p.add_argument("--key-file", required=True)
+            p.add_argument("--key-id", required=True)
+            p.add_argument("--team-id", required=True)
+        elif name == "set-apns-cert":
+            p.add_argument("bundle_id")
+            p.add_argument("--cert-file", required=True)
+            p.add_argument("--key-file", required=True)
+        else:
+            p.add_argument("--service-account", required=True)
+        p.add_argument("--sandbox", action="store_true", help="APNs development environment")
+        p.add_argument("--host", help="custom host:port instead of Apple's or Google's (e.g. the sandbox)")
+        p.add_argument("--ca-file", help="extra CA trusted for --host only")
+    for name in ("show", "enable", "disable", "remove"):
+        p = app.add_parser(name)
+        p.add_argument("provider", choices=[p.value for p in Provider])
+        p.add_argument("app_id")
+
+    ua = sub.add_parser("uamap", help="legacy User-Agent mappings").add_subparsers(dest="cmd", required=True)
+    p = ua.add_parser("set")
+    p.add_argument("name")
+    p.add_argument("regex", help="regular expression searched in the User-Agent")
+    p.add_argument("--app-param", default="app-id", help="Contact param holding Token-App")
+    p.add_argument("--type-param", default="pn-type", help="Contact param holding Token-Type")
+    p.add_argument("--token-param", default="pn-tok", help="Contact param holding Token-ID")
+    ua.add_parser("list")
+    ua.add_parser("remove").add_argument("name")
+
+    sub.add_parser("devices", help="a user's push devices").add_argument("aor", help="user@domain")
+
+    p = sub.add_parser("push", help="send a notification to a user's devices")
+    p.add_argument("aor", help="user@domain")
+    p.add_argument("--kind", default=PushKind.CUSTOM.value, choices=[k.value for k in PushKind if k != "incomingCall"])
+    p.add_argument("--title")
+    p.add_argument("--body")
+    p.add_argument("--ttl", type=int, help="seconds the provider may store it")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=VALUE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    store = SyncStore(args.redis_url or settings.redis_url, settings)
+    handlers = {"app": cmd_app, "uamap": cmd_uamap, "devices": cmd_devices, "push": cmd_push}
+    try:
+        handlers[args.area](store, args)
+    except CliError as exc:
+        print(f"pushlib-admin: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"pushlib-admin: Redis unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""pushlib-admin against a real redis-server: credentials validated, stored, never printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pushlib.cli import main
+from pushlib.models import Device, Provider, PushParams
+from pushlib.settings import Settings
+from pushlib.store import SyncStore
+
+
+def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def test_set_apns_key_stores_it_and_never_prints_it(redis_url: str, tmp_path: Path, capsys) -> None:
+    key = _pem(ec.generate_private_key(ec.SECP256R1()))
+    (tmp_path / "k.p8").write_text(key)
+    rc = main(["--redis-url", redis_url, "app", "set-apns", "com.example.app",
+               "--key-file", str(tmp_path / "k.p8"), "--key-id", "ABC123DEFG", "--team-id", "TEAM000001"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "apns:com.example.app" in out and "key_id=ABC123DEFG" in out
+    assert "PRIVATE KEY" not in out
+    app = SyncStore(redis_url, Settings()).app("apns", "com.example.app")
+    assert app is not None and app.apns_key_pem == key and app.apns_team_id == "TEAM000001"
+
+    assert main(["--redis-url", redis_url, "app", "disable", "apns", "com.example.app"]) == 0
+    app = SyncStore(redis_url, Settings()).app("apns", "com.example.app")
+    assert app is not None and not app.enabled
+
+
+def test_rsa_key_is_refused_for_apns(redis_url: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "k.p8").write_text(_pem(rsa.generate_private_key(65537, 2048)))
+    rc = main(["--redis-url", redis_url, "app", "set-apns", "com.example.app",
+               "--key-file", str(tmp_path / "k.p8"), "--key-id", "K", "--team-id", "T"])
+    assert rc == 2
+    assert "not an EC P-256 key" in capsys.readouterr().err
+    assert SyncStore(redis_url, Settings()).app("apns", "com.example.app") is None
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{not json", "not valid JSON"), (json.dumps({"project_id": "p"}), "lacks client_email")],
+)
+def test_bad_service_account_is_refused(redis_url: str, tmp_path: Path, capsys, content: str, message: str) -> None:
+    (tmp_path / "sa.json").write_text(content)
+    rc = main(["--redis-url", redis_url, "app", "set-fcm", "--service-account", str(tmp_path / "sa.json")])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ca_file_requires_custom_host(redis_url: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "sa.json").write_text(json.dumps(
+        {"project_id": "p", "client_email": "e", "private_key": "k", "token_uri": "https://x/token"}))
+    (tmp_path / "ca.pem").write_text("x")
+    rc = main(["--redis-url", redis_url, "app", "set-fcm", "--service-account", str(tmp_path / "sa.json"),
+               "--ca-file", str(tmp_path / "ca.pem")])
+    assert rc == 2
+    assert "only trusted for a custom --host" in capsys.readouterr().err
+
+
+def test_uamap_roundtrip_and_bad_regex(redis_url: str, capsys) -> None:
+    assert main(["--redis-url", redis_url, "uamap", "set", "acme", "^Acme/", "--token-param", "x-tok"]) == 0
+    assert main(["--redis-url", redis_url, "uamap", "list"]) == 0
+    assert "acme\t^Acme/\tapp=app-id type=pn-type token=x-tok" in capsys.readouterr().out
+    assert main(["--redis-url", redis_url, "uamap", "set", "bad", "(unclosed"]) == 2
+    assert "bad User-Agent regex" in capsys.readouterr().err
+    assert main(["--redis-url", redis_url, "uamap", "remove", "acme"]) == 0
+    assert SyncStore(redis_url, Settings()).ua_mappings() == []
+
+
+def test_push_enqueues_a_custom_job_and_devices_lists(redis_url: str, capsys) -> None:
+    store = SyncStore(redis_url, Settings())
+    store.save_device(Device("alice@example.com", "dev1", PushParams(Provider.FCM, "proj", alert_token="tok"),
+                             registered_at=1e9, expires_at=4e9))
+    assert main(["--redis-url", redis_url, "devices", "alice@example.com"]) == 0
+    assert "dev1\tfcm\tproj\ttokens=alert" in capsys.readouterr().out
+    assert main(["--redis-url", redis_url, "push", "alice@example.com", "--title", "Hi", "--body", "there",
+                 "--data", "room=42"]) == 0
+    assert "queued custom job" in capsys.readouterr().out
+    entries = store._r.xrange(Settings().stream)
+    assert len(entries) == 1
+    fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+              for k, v in entries[0][1].items()}
+    assert fields["kind"] == "custom" and fields["aor"] == "alice@example.com"
+    assert json.loads(fields["data"]) == {"room": "42", "title": "Hi", "body": "there"}
+
+
+def test_redis_down_is_one_clear_line(capsys) -> None:
+    rc = main(["--redis-url", "redis://127.0.0.1:1/0", "uamap", "list"])
+    assert rc == 1
+    assert "Redis unavailable" in capsys.readouterr().err
