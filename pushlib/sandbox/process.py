@@ -1,0 +1,97 @@
+"""`sandbox_process()`: the sandbox as a subprocess for tests and the demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pushlib.sandbox.certs import CA_FILE
+from pushlib.sandbox.control import SandboxControl
+
+READY_PREFIX = "sandbox: listening on "
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class SandboxHandle:
+    url: str
+    port: int
+    ca_pem: str
+    control: SandboxControl
+    proc: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / CA_FILE
+
+    @property
+    def host(self) -> str:
+        """"127.0.0.1:<port>", the form AppCredentials.custom_host takes."""
+        return self.control.host
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if proc.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = log_path.read_text(errors="replace")
+        for line in text.splitlines():
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX):].split()[0]
+        if proc.poll() is not None:
+            raise RuntimeError(f"sandbox exited with {proc.returncode}: {text[-2000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"sandbox not ready after {timeout}s")
+
+
+@contextmanager
+def sandbox_process(port: int | None = None, log_level: str = "WARNING",
+                    timeout: float = 20.0) -> Iterator[SandboxHandle]:
+    """Run the sandbox on 127.0.0.1 (`port` None: any free port, no race) in a temp dir;
+    stop it by PID and remove the dir afterwards, even on failure."""
+    directory = Path(tempfile.mkdtemp(prefix="pushlib-sandbox-"))
+    log_path = directory / "sandbox.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc: subprocess.Popen[bytes] | None = None
+    control: SandboxControl | None = None
+    try:
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pushlib.sandbox", "--host", "127.0.0.1", "--port", str(port or 0),
+                 "--dir", str(directory), "--log-level", log_level],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        url = _wait_ready(proc, log_path, timeout)
+        ca_pem = (directory / CA_FILE).read_text()
+        control = SandboxControl(url, ca_pem)
+        yield SandboxHandle(url, int(url.rsplit(":", 1)[1]), ca_pem, control, proc, directory)
+    finally:
+        if control is not None:
+            control.close()
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(directory, ignore_errors=True)
