@@ -72,12 +72,12 @@ class AppCredentials:
     app_id: str
     enabled: bool = True
     sandbox: bool = False
-    apns_key_pem: str | None = None
+    apns_key_pem: str | None = field(default=None, repr=False)
     apns_key_id: str | None = None
     apns_team_id: str | None = None
-    apns_cert_pem: str | None = None
-    apns_cert_key_pem: str | None = None
-    fcm_service_account: str | None = None
+    apns_cert_pem: str | None = field(default=None, repr=False)
+    apns_cert_key_pem: str | None = field(default=None, repr=False)
+    fcm_service_account: str | None = field(default=None, repr=False)
     custom_host: str | None = None
     ca_pem: str | None = None
 

@@ -1,0 +1,209 @@
+"""The synchronous Redis store used by Kamailio SIP workers (redis-py).
+
+Contract: every method either completes or raises `StoreUnavailable` quickly (socket timeouts
+of 0.5 s, one immediate reconnect attempt), so a SIP worker never hangs on a dead Redis and
+works again by itself as soon as Redis is back (the pool reconnects on the next call).
+Key layout and serialisation: `pushlib.keys` (shared with the async store of the dispatcher).
+Create one SyncStore per process, after the fork (Kamailio `child_init`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from pushlib import keys
+from pushlib.models import AppCredentials, Device, PushJob, UaMapping
+from pushlib.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT = 0.5
+_R = TypeVar("_R")
+_T = TypeVar("_T")
+
+
+class StoreUnavailable(ConnectionError):
+    """Redis could not be reached or did not answer in time. Callers fail fast (e.g. SIP 500/503)."""
+
+
+@contextmanager
+def _unavailable_on_connection_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise StoreUnavailable(f"redis unavailable during {what}: {exc}") from exc
+
+
+def _redis_client(redis_url: str) -> Any:
+    # Typed as Any: redis-py's annotations return unions of bytes/str/awaitables that say
+    # nothing useful with decode_responses=True; results are converted at the call sites.
+    # One retry without backoff: enough to replace a socket the server closed (restart),
+    # never long enough to stall a SIP worker.
+    return redis.Redis.from_url(
+        redis_url,
+        decode_responses=True,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_timeout=False,
+    )
+
+
+class SyncStore:
+    """Devices, apps, UA mappings and job enqueueing for Kamailio workers (see module doc)."""
+
+    def __init__(self, redis_url: str, settings: Settings) -> None:
+        self.settings = settings
+        self._r: Any = _redis_client(redis_url)
+
+    def close(self) -> None:
+        self._r.close()
+
+    def ping(self) -> bool:
+        """True when Redis answers; raises StoreUnavailable when it does not."""
+        with _unavailable_on_connection_errors("ping"):
+            return bool(self._r.ping())
+
+    # --- devices ------------------------------------------------------------------------------
+
+    def save_device(self, device: Device) -> list[str]:
+        """Upsert a device (replacing any previous record with the same id, which also clears a
+        quarantine), expire it at `device.expires_at` (at least MIN_DEVICE_TTL from now), and keep
+        at most `max_devices_per_user` devices for the AOR by evicting the oldest registered.
+        Returns the evicted device ids."""
+        dkey = keys.device_key(device.aor, device.device_id)
+        skey = keys.devices_key(device.aor)
+        encoded = keys.encode_device(device)
+
+        def txn(pipe: Any) -> list[str]:
+            members = [m for m in pipe.smembers(skey) if m != device.device_id]
+            reads = self._r.pipeline(transaction=False)
+            for m in members:
+                reads.hmget(keys.device_key(device.aor, m), "registered_at", "expires_at")
+            others: dict[str, tuple[float, float] | None] = {}
+            for m, (reg, exp) in zip(members, reads.execute(), strict=True):
+                others[m] = None if reg is None else (float(reg), float(exp or 0))
+            plan = keys.plan_device_save(device, others, self.settings.max_devices_per_user, time.time())
+            pipe.multi()
+            pipe.delete(dkey)  # drop fields the new record no longer has (e.g. a removed token)
+            pipe.hset(dkey, mapping=encoded)
+            pipe.expire(dkey, plan.device_ttl)
+            pipe.sadd(skey, device.device_id)
+            gone = plan.evict + plan.stale
+            if gone:
+                pipe.srem(skey, *gone)
+                pipe.delete(*(keys.device_key(device.aor, i) for i in plan.evict))
+            pipe.expire(skey, plan.set_ttl)
+            return list(plan.evict)
+
+        with _unavailable_on_connection_errors("save_device"):
+            evicted: list[str] = self._r.transaction(txn, skey, value_from_callable=True)
+        for i in evicted:
+            log.info("store: evicted device aor=%s device=%s (over %d devices)",
+                     device.aor, i, self.settings.max_devices_per_user)
+        return evicted
+
+    def remove_device(self, aor: str, device_id: str) -> bool:
+        """Delete a device; True when it existed."""
+        with _unavailable_on_connection_errors("remove_device"):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(keys.device_key(aor, device_id))
+            pipe.srem(keys.devices_key(aor), device_id)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def device(self, aor: str, device_id: str) -> Device | None:
+        with _unavailable_on_connection_errors("device"):
+            raw = self._r.hgetall(keys.device_key(aor, device_id))
+        return _decode_or_log(keys.decode_device, raw, aor, device_id) if raw else None
+
+    def devices(self, aor: str) -> list[Device]:
+        """The AOR's live devices (ordered by registered_at); ids whose hash expired are
+        removed from the AOR set on the way."""
+        skey = keys.devices_key(aor)
+        with _unavailable_on_connection_errors("devices"):
+            ids = sorted(self._r.smembers(skey))
+            if not ids:
+                return []
+            pipe = self._r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hgetall(keys.device_key(aor, i))
+            raws: list[dict[str, str]] = pipe.execute()
+            stale = [i for i, raw in zip(ids, raws, strict=True) if not raw]
+            if stale:
+                self._r.srem(skey, *stale)
+        found = [
+            _decode_or_log(keys.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
+        ]
+        return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def enqueue(self, job: PushJob) -> str:
+        """Append a job to the stream (approximate MAXLEN trim); returns the stream entry id."""
+        fields = keys.encode_job(job)
+        with _unavailable_on_connection_errors("enqueue"):
+            entry_id = self._r.xadd(
+                self.settings.stream, fields,
+                maxlen=self.settings.stream_maxlen, approximate=True,
+            )
+        return str(entry_id)
+
+    # --- apps -----------------------------------------------------------------------------------
+
+    def save_app(self, app: AppCredentials) -> None:
+        """Replace an app's credentials. Clears its recorded last error and environment suspicion
+        (an operator saving credentials is fixing them); counters are kept."""
+        with _unavailable_on_connection_errors("save_app"):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.delete(keys.app_key(app.provider, app.app_id))
+            pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
+            pipe.hdel(keys.app_status_key(app.provider, app.app_id), *keys.APP_STATUS_RESET_FIELDS)
+            pipe.execute()
+        log.info("store: saved app %s", keys.describe_app(app))
+
+    def app(self, provider: str, app_id: str) -> AppCredentials | None:
+        with _unavailable_on_connection_errors("app"):
+            raw = self._r.hgetall(keys.app_key(provider, app_id))
+        return _decode_or_log(keys.decode_app, raw, provider, app_id) if raw else None
+
+    def remove_app(self, provider: str, app_id: str) -> bool:
+        with _unavailable_on_connection_errors("remove_app"):
+            return bool(self._r.delete(keys.app_key(provider, app_id)))
+
+    # --- UA mappings --------------------------------------------------------------------------
+
+    def save_ua_mapping(self, m: UaMapping) -> None:
+        with _unavailable_on_connection_errors("save_ua_mapping"):
+            self._r.hset(keys.UAMAP_KEY, m.name, keys.encode_ua_mapping(m))
+
+    def remove_ua_mapping(self, name: str) -> bool:
+        with _unavailable_on_connection_errors("remove_ua_mapping"):
+            return bool(self._r.hdel(keys.UAMAP_KEY, name))
+
+    def ua_mappings(self) -> list[UaMapping]:
+        """All mappings, ordered by name (the order the parser tries them in)."""
+        with _unavailable_on_connection_errors("ua_mappings"):
+            raw: dict[str, str] = self._r.hgetall(keys.UAMAP_KEY)
+        found = [_decode_or_log(keys.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
+        return [m for m in found if m is not None]
+
+
+def _decode_or_log(decode: Callable[[_R], _T], raw: _R, scope: str, name: str) -> _T | None:
+    """Decode a stored record; a corrupt one is logged (without its content: it may hold
+    secrets) and treated as absent rather than breaking every caller."""
+    try:
+        return decode(raw)
+    except keys.DecodeError as exc:
+        log.error("store: ignoring corrupt record %s/%s: %s", scope, name, str(exc)[:120])
+        return None

@@ -1,0 +1,358 @@
+"""The Redis store: key layout, serialisation, device caps/TTLs, outages, outcome helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pushlib import keys
+from pushlib.astore import AsyncStore
+from pushlib.models import AppCredentials, Device, Outcome, Provider, PushJob, PushKind, PushParams, UaMapping
+from pushlib.settings import Settings
+from pushlib.store import StoreUnavailable, SyncStore
+from tests.support import redis_server
+
+SECRET = "-----BEGIN PRIVATE KEY-----SECRETSECRET-----END PRIVATE KEY-----"
+
+
+def make_device(i: int = 0, aor: str = "sip:alice@example.com", **kw: object) -> Device:
+    now = time.time()
+    params = PushParams(
+        provider=Provider.APNS, app_id="com.example.app", voip_token=f"{i:02x}" * 32,
+        alert_token=f"{i + 100:03x}" * 16, team_id="TEAM000001", sandbox=True,
+    )
+    base = Device(
+        aor=aor, device_id=f"dev{i}", params=params, contact=f"<sip:alice@10.0.0.{i}:5060;pn-prid=x>",
+        user_agent="Linphone/5.2 (iPhone)", registered_at=now + i, expires_at=now + 3600,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def raw_client(url: str) -> Any:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def test_device_round_trip_keeps_every_field(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    dev = make_device(1, quarantined_until=123.5)
+    assert store.save_device(dev) == []
+    assert store.device(dev.aor, dev.device_id) == dev
+    assert store.devices(dev.aor) == [dev]
+    assert raw_client(redis_url).sismember(keys.devices_key(dev.aor), dev.device_id)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    provider=st.sampled_from(list(Provider)),
+    voip=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    alert=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    team=st.one_of(st.none(), st.text(min_size=1, max_size=10)),
+    sandbox=st.booleans(),
+    ua=st.text(max_size=30),
+    reg=st.floats(min_value=0, max_value=2e9),
+)
+def test_device_codec_is_lossless(provider, voip, alert, team, sandbox, ua, reg) -> None:
+    params = PushParams(provider, "app.id", voip, alert, team, sandbox)
+    dev = Device("sip:a@b", "id", params, "c", ua, reg, reg + 60.25, reg / 3)
+    assert keys.decode_device(keys.encode_device(dev)) == dev
+
+
+def test_device_ttl_follows_expiry_with_a_floor(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    r = raw_client(redis_url)
+    store.save_device(make_device(1, expires_at=time.time() + 600))
+    assert 590 <= r.ttl(keys.device_key("sip:alice@example.com", "dev1")) <= 600
+    store.save_device(make_device(2, expires_at=time.time() - 100))  # already expired: still readable briefly
+    assert 1 <= r.ttl(keys.device_key("sip:alice@example.com", "dev2")) <= keys.MIN_DEVICE_TTL
+    assert r.ttl(keys.devices_key("sip:alice@example.com")) >= 590
+
+
+def test_expired_device_ids_are_cleaned_from_the_aor_set(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    r = raw_client(redis_url)
+    store.save_device(make_device(1))
+    store.save_device(make_device(2))
+    r.delete(keys.device_key("sip:alice@example.com", "dev1"))  # what expiry does
+    assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev2"]
+    assert r.smembers(keys.devices_key("sip:alice@example.com")) == {"dev2"}
+
+
+def test_eleventh_device_evicts_the_oldest_registered(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings(max_devices_per_user=10))
+    # Saved in a shuffled order: eviction follows registered_at, not insertion order.
+    for i in [5, 3, 9, 0, 7, 1, 8, 2, 6, 4]:
+        assert store.save_device(make_device(i + 1)) == []
+    assert store.save_device(make_device(11)) == ["dev1"]
+    ids = {d.device_id for d in store.devices("sip:alice@example.com")}
+    assert ids == {f"dev{i}" for i in range(2, 12)}
+    assert store.device("sip:alice@example.com", "dev1") is None
+
+
+def test_resaving_a_device_replaces_it(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings(max_devices_per_user=2))
+    store.save_device(make_device(1))
+    store.save_device(make_device(2))
+    newer = make_device(1, params=PushParams(Provider.FCM, "proj-1", alert_token="fcmtok"))
+    assert store.save_device(newer) == []  # same id: no eviction
+    got = store.device("sip:alice@example.com", "dev1")
+    assert got == newer and got.params.voip_token is None and got.params.team_id is None
+
+
+def test_remove_device(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    store.save_device(make_device(1))
+    assert store.remove_device("sip:alice@example.com", "dev1") is True
+    assert store.remove_device("sip:alice@example.com", "dev1") is False
+    assert store.devices("sip:alice@example.com") == []
+
+
+def test_enqueue_writes_flat_fields_the_dispatcher_decodes(redis_url: str) -> None:
+    cfg = Settings(stream="pn:test-jobs")
+    store = SyncStore(redis_url, cfg)
+    job = PushJob("j1", PushKind.INCOMING_CALL, "sip:alice@example.com", 1e9 + 0.25, ("a", "b"),
+                  {"call_id": "c1", "caller_name": "Zoë \"Q\" 📞"}, 1e9)
+    entry_id = store.enqueue(job)
+    [(got_id, fields)] = raw_client(redis_url).xrange(cfg.stream)
+    assert got_id == entry_id
+    assert fields["device_ids"] == "a,b" and fields["kind"] == "incomingCall"
+    assert keys.decode_job(fields) == job
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"job_id": "x", "kind": "nope", "aor": "a", "deadline": "1"},
+     {"job_id": "x", "kind": "custom", "aor": "a", "deadline": "soon"},
+     {"job_id": "x", "kind": "custom", "aor": "a", "deadline": "1", "data": "[1]"}],
+)
+def test_malformed_job_fields_raise_decode_error(fields: dict[str, str]) -> None:
+    with pytest.raises(keys.DecodeError):
+        keys.decode_job(fields)
+
+
+def test_stream_is_trimmed_to_about_maxlen(redis_url: str) -> None:
+    cfg = Settings(stream="pn:trim", stream_maxlen=100)
+    store = SyncStore(redis_url, cfg)
+    for i in range(1000):
+        store.enqueue(PushJob(f"j{i}", PushKind.CUSTOM, "sip:a@b", 1e10))
+    assert raw_client(redis_url).xlen(cfg.stream) < 300
+
+
+def test_app_round_trip_and_secrets_never_logged(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = SyncStore(redis_url, Settings())
+    app = AppCredentials(
+        Provider.APNS, "com.example.app", enabled=False, sandbox=True,
+        apns_key_pem=SECRET, apns_key_id="KEY1",
+        apns_team_id="TEAM1", apns_cert_pem="CERT", apns_cert_key_pem=SECRET, fcm_service_account="{}",
+        custom_host="127.0.0.1:1", ca_pem="CA",
+    )
+    caplog.set_level(logging.DEBUG)
+    store.save_app(app)
+    assert store.app("apns", "com.example.app") == app
+    assert store.app("fcm", "com.example.app") is None
+    assert "SECRET" not in caplog.text and "SECRET" not in keys.describe_app(app)
+    assert "com.example.app" in caplog.text
+
+
+def test_ua_mappings_round_trip_in_name_order(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    b = UaMapping("b-kazoo", "^Kazoo", "app", "type", "tok")
+    a = UaMapping("a-linphone", "Linphone/[34]")
+    store.save_ua_mapping(b)
+    store.save_ua_mapping(a)
+    assert store.ua_mappings() == [a, b]
+    assert store.remove_ua_mapping("a-linphone") is True
+    assert store.ua_mappings() == [b]
+
+
+def test_corrupt_records_are_ignored_not_fatal(redis_url: str) -> None:
+    store = SyncStore(redis_url, Settings())
+    r = raw_client(redis_url)
+    r.hset(keys.UAMAP_KEY, "bad", "{not json")
+    r.hset(keys.device_key("sip:a@b", "x"), mapping={"aor": "sip:a@b"})
+    r.sadd(keys.devices_key("sip:a@b"), "x")
+    assert store.ua_mappings() == []
+    assert store.devices("sip:a@b") == []
+
+
+def test_outage_raises_store_unavailable_then_recovers() -> None:
+    with redis_server() as server:
+        store = SyncStore(server.url, Settings())
+        assert store.ping() is True
+        store.save_device(make_device(1))
+        server.stop()
+        for call in (store.ping, lambda: store.devices("sip:alice@example.com"),
+                     lambda: store.save_device(make_device(2)),
+                     lambda: store.enqueue(PushJob("j", PushKind.CUSTOM, "sip:a@b", 1e10))):
+            with pytest.raises(StoreUnavailable):
+                call()
+        server.start_again()  # data is gone (no persistence): the store must simply work again
+        assert store.ping() is True
+        store.save_device(make_device(3))
+        assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev3"]
+        store.close()
+
+
+def test_store_unavailable_is_a_connection_error() -> None:
+    assert issubclass(StoreUnavailable, ConnectionError)
+
+
+# --- AsyncStore: twins and the dispatcher's outcome helpers ------------------------------------
+
+
+def test_async_store_reads_what_the_sync_store_wrote(redis_url: str) -> None:
+    sync = SyncStore(redis_url, Settings(max_devices_per_user=2))
+    sync.save_device(make_device(1))
+    sync.save_ua_mapping(UaMapping("m", "x"))
+    app = AppCredentials(Provider.FCM, "proj", fcm_service_account='{"k": "v"}')
+    sync.save_app(app)
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings(max_devices_per_user=2))
+        try:
+            got = await store.devices("sip:alice@example.com")
+            assert [d.device_id for d in got] == ["dev1"]
+            assert got[0] == sync.device("sip:alice@example.com", "dev1")
+            assert await store.app("fcm", "proj") == app
+            assert await store.ua_mappings() == [UaMapping("m", "x")]
+            assert await store.save_device(make_device(2)) == []
+            assert await store.save_device(make_device(3)) == ["dev1"]
+            assert await store.remove_device("sip:alice@example.com", "dev2") is True
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    assert [d.device_id for d in sync.devices("sip:alice@example.com")] == ["dev3"]
+
+
+def test_dead_token_removed_once_then_device_removed(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync = SyncStore(redis_url, Settings())
+    dev = make_device(1)
+    sync.save_device(dev)
+    voip, alert = dev.params.voip_token, dev.params.alert_token
+    assert voip and alert
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            assert await store.remove_token(dev.aor, dev.device_id, voip) is True
+            assert await store.remove_token(dev.aor, dev.device_id, voip) is False  # idempotent
+            left = sync.device(dev.aor, dev.device_id)
+            assert left is not None and left.params.voip_token is None and left.params.alert_token == alert
+            assert await store.remove_token(dev.aor, dev.device_id, alert) is True
+            assert await store.remove_token(dev.aor, dev.device_id, alert) is False
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    assert sync.device(dev.aor, dev.device_id) is None
+    assert raw_client(redis_url).smembers(keys.devices_key(dev.aor)) == set()
+    removal_lines = [r for r in caplog.records if "dead token removed" in r.getMessage()]
+    assert len(removal_lines) == 2
+    assert voip not in caplog.text and alert not in caplog.text  # only 8-char prefixes
+
+
+def test_quarantine_is_set_and_a_new_register_clears_it(redis_url: str) -> None:
+    sync = SyncStore(redis_url, Settings())
+    dev = make_device(1)
+    sync.save_device(dev)
+    r = raw_client(redis_url)
+    ttl_before = r.ttl(keys.device_key(dev.aor, dev.device_id))
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            assert await store.quarantine_device(dev.aor, dev.device_id, now=1000.0) is True
+            assert await store.quarantine_device(dev.aor, "gone") is False
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    got = sync.device(dev.aor, dev.device_id)
+    assert got is not None and got.quarantined_until == 1000.0 + 24 * 3600
+    assert r.ttl(keys.device_key(dev.aor, dev.device_id)) > ttl_before - 5  # TTL kept
+    assert not r.exists(keys.device_key(dev.aor, "gone"))  # not resurrected without TTL
+    sync.save_device(replace(dev, registered_at=time.time()))  # the device REGISTERs again
+    again = sync.device(dev.aor, dev.device_id)
+    assert again is not None and again.quarantined_until == 0.0
+
+
+def test_mostly_bad_device_tokens_flag_the_app_environment(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            # 4 suspects among 6 pushes: not enough bad ones yet (at least 5 needed).
+            for outcome in [Outcome.DELIVERED, Outcome.DEVICE_SUSPECT] * 2 + [Outcome.DEVICE_SUSPECT] * 2:
+                assert await store.record_outcome("apns", "com.x", outcome) is False
+            assert (await store.app_status("apns", "com.x"))["env_suspect"] is None
+            assert await store.record_outcome("apns", "com.x", Outcome.DEVICE_SUSPECT) is True  # 5 of 7
+            assert await store.record_outcome("apns", "com.x", Outcome.DEVICE_SUSPECT) is False  # once
+            # Another app with mostly good pushes is not flagged.
+            for _ in range(10):
+                await store.record_outcome("apns", "com.ok", Outcome.DELIVERED)
+            for _ in range(6):
+                assert await store.record_outcome("apns", "com.ok", Outcome.DEVICE_SUSPECT) is False
+            status = await store.app_status("apns", "com.x")
+            assert "BadDeviceToken" in status["env_suspect"] and status["env_suspect_at"] is not None
+            assert status["counters"] == {"delivered": 2, "device_suspect": 6}
+            assert status["recent"] == {"pushes": 8, "bad_device_token": 6}
+            assert (await store.app_status("apns", "com.ok"))["env_suspect"] is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    assert len([r for r in caplog.records if "environment" in r.getMessage()]) == 1
+    # Saving fixed credentials clears the flag (counters stay).
+    SyncStore(redis_url, Settings()).save_app(AppCredentials(Provider.APNS, "com.x", sandbox=True))
+
+    async def after_fix() -> dict[str, Any]:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            return await store.app_status("apns", "com.x")
+        finally:
+            await store.aclose()
+
+    status = asyncio.run(after_fix())
+    assert status["env_suspect"] is None and status["counters"]["device_suspect"] == 6
+
+
+def test_config_errors_are_recorded_for_operators(redis_url: str) -> None:
+    async def scenario() -> dict[str, Any]:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            await store.record_app_error("fcm", "proj", "403 SENDER_ID_MISMATCH", now=1234.0)
+            return await store.app_status("fcm", "proj")
+        finally:
+            await store.aclose()
+
+    status = asyncio.run(scenario())
+    assert status["last_error"] == "403 SENDER_ID_MISMATCH" and status["last_error_at"] == 1234.0
+
+
+def test_idempotency_marks(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            assert await store.is_sent("j1", "d1") is False
+            await store.mark_sent("j1", "d1")
+            assert await store.is_sent("j1", "d1") is True
+            assert await store.is_sent("j1", "d2") is False
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    assert 0 < raw_client(redis_url).ttl(keys.sent_key("j1", "d1")) <= 24 * 3600
