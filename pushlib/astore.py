@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 QUARANTINE_SECONDS = 24 * 3600
 SENT_MARK_TTL = 24 * 3600
 # Sliding window used to suspect a wrong APNs environment (sandbox vs production) for an app.
-ENV_WINDOW_SECONDS = 600
 ENV_WINDOW_PUSHES = 100
 ENV_SUSPECT_MIN_BAD = 5
 
@@ -56,22 +55,6 @@ if redis.call('exists', KEYS[1]) == 1 then
 end
 return 0
 """
-
-
-def env_suspicious(window: list[str], now: float) -> tuple[int, int]:
-    """(recent pushes, recent BadDeviceToken) from window entries `<ts>:<0|1>` in the last
-    ENV_WINDOW_SECONDS."""
-    total = bad = 0
-    for entry in window:
-        ts, _, flag = entry.partition(":")
-        try:
-            if float(ts) < now - ENV_WINDOW_SECONDS:
-                continue
-        except ValueError:
-            continue
-        total += 1
-        bad += flag == "1"
-    return total, bad
 
 
 class AsyncStore:
@@ -240,13 +223,13 @@ class AsyncStore:
             pipe.hincrby(skey, f"count:{outcome.value}", 1)
             pipe.lpush(wkey, f"{now!r}:{int(bad)}")
             pipe.ltrim(wkey, 0, ENV_WINDOW_PUSHES - 1)
-            pipe.expire(wkey, ENV_WINDOW_SECONDS)
+            pipe.expire(wkey, keys.ENV_WINDOW_SECONDS)
             if bad:
                 pipe.lrange(wkey, 0, -1)
             results = await pipe.execute()
             if not bad:
                 return False
-            total, n_bad = env_suspicious(results[-1], now)
+            total, n_bad = keys.env_suspicious(results[-1], now)
             if n_bad < ENV_SUSPECT_MIN_BAD or n_bad * 2 <= total:
                 return False
             message = (f"{n_bad} of the last {total} pushes got BadDeviceToken: the app's APNs "
@@ -271,19 +254,7 @@ class AsyncStore:
         with _unavailable_on_connection_errors("app_status"):
             raw: dict[str, str] = await self._r.hgetall(keys.app_status_key(provider, app_id))
             window: list[str] = await self._r.lrange(keys.app_window_key(provider, app_id), 0, -1)
-        total, bad = env_suspicious(window, time.time())
-
-        def as_float(name: str) -> float | None:
-            return float(raw[name]) if name in raw else None
-
-        return {
-            "last_error": raw.get("last_error"),
-            "last_error_at": as_float("last_error_at"),
-            "env_suspect": raw.get("env_suspect"),
-            "env_suspect_at": as_float("env_suspect_at"),
-            "counters": {k.removeprefix("count:"): int(v) for k, v in raw.items() if k.startswith("count:")},
-            "recent": {"pushes": total, "bad_device_token": bad},
-        }
+        return keys.app_status_view(raw, window, time.time())
 
     # --- job stream -------------------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
         raise CliError(f"no app {args.provider}:{args.app_id}")
     if args.cmd == "show":
         print(describe_app(found))
+        print(json.dumps(store.app_status(args.provider, args.app_id), indent=2, sort_keys=True))
     elif args.cmd in ("enable", "disable"):
         changed = replace(found, enabled=args.cmd == "enable")
         store.save_app(changed)

@@ -20,10 +20,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from pushlib.models import AppCredentials, Device, Provider, PushJob, PushKind, PushParams, UaMapping
 
 UAMAP_KEY = "pn:uamap"
+# How far back the per-app BadDeviceToken window looks.
+ENV_WINDOW_SECONDS = 600
 
 
 class DecodeError(ValueError):
@@ -261,3 +264,40 @@ def plan_device_save(
     device_ttl = ttl_until(device.expires_at, now)
     set_ttl = max([device_ttl, *(ttl_until(e, now) for e in kept_expiry)])
     return SavePlan(evict=evict, stale=stale, device_ttl=device_ttl, set_ttl=set_ttl)
+
+
+# --- app status (operator view) ----------------------------------------------------------------
+
+
+def env_suspicious(window: list[str], now: float) -> tuple[int, int]:
+    """(recent pushes, recent BadDeviceToken) from window entries `<ts>:<0|1>` in the last
+    ENV_WINDOW_SECONDS."""
+    total = bad = 0
+    for entry in window:
+        ts, _, flag = entry.partition(":")
+        try:
+            if float(ts) < now - ENV_WINDOW_SECONDS:
+                continue
+        except ValueError:
+            continue
+        total += 1
+        bad += flag == "1"
+    return total, bad
+
+
+def app_status_view(raw: Mapping[str, str], window: list[str], now: float) -> dict[str, Any]:
+    """Operator view of an app: last_error (+_at), env_suspect (+_at), counters per outcome and the
+    recent window (pushes, bad_device_token)."""
+    total, bad = env_suspicious(window, now)
+
+    def as_float(name: str) -> float | None:
+        return float(raw[name]) if name in raw else None
+
+    return {
+        "last_error": raw.get("last_error"),
+        "last_error_at": as_float("last_error_at"),
+        "env_suspect": raw.get("env_suspect"),
+        "env_suspect_at": as_float("env_suspect_at"),
+        "counters": {k.removeprefix("count:"): int(v) for k, v in raw.items() if k.startswith("count:")},
+        "recent": {"pushes": total, "bad_device_token": bad},
+    }

@@ -177,6 +177,13 @@ class SyncStore:
             raw = self._r.hgetall(keys.app_key(provider, app_id))
         return _decode_or_log(keys.decode_app, raw, provider, app_id) if raw else None
 
+    def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
+        """Operator view of an app's health (see keys.app_status_view)."""
+        with _unavailable_on_connection_errors("app_status"):
+            raw: dict[str, str] = self._r.hgetall(keys.app_status_key(provider, app_id))
+            window: list[str] = self._r.lrange(keys.app_window_key(provider, app_id), 0, -1)
+        return keys.app_status_view(raw, window, time.time())
+
     def remove_app(self, provider: str, app_id: str) -> bool:
         with _unavailable_on_connection_errors("remove_app"):
             return bool(self._r.delete(keys.app_key(provider, app_id)))
