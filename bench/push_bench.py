@@ -1,0 +1,454 @@
+"""Push-sending benchmark: pushes/s and latency through ONE HTTP/2 connection.
+
+Clients compared (all on loopback, TLS + HTTP/2):
+  ours-sandbox   ProviderPool.send -> ApnsClient -> H2Transport -> the pushlib sandbox
+  ours-nginx     ProviderPool.send -> ApnsClient -> H2Transport -> nginx answering 200
+  aioapns-nginx  aioapns (max_connections=1) -> the same nginx
+  httpx-nginx    plain httpx.AsyncClient(http2=True) -> the same nginx (reference)
+
+For each: unloaded latency (sequential requests) and throughput at a given concurrency.
+Prints a table and writes JSON to bench/results/push_bench-<timestamp>.json.
+
+    .venv/bin/python bench/push_bench.py [-n 10000] [-c 100] [--seq 500] [--only ours-nginx,...]
+
+The helpers `tls_files` and `nginx_h2` are also used by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `pushlib` importable
+    sys.path.insert(0, str(ROOT))
+
+from pushlib.localrun import free_port, stop_process, wait_for_port  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Test PKI and an nginx HTTP/2 endpoint
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_pem: str  # PEM text of the CA that signed the server certificate
+    cert_path: Path  # server certificate (SAN 127.0.0.1, localhost)
+    key_path: Path  # server private key
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def tls_files(directory: Path) -> TlsFiles:
+    """Write a fresh CA and a server certificate for 127.0.0.1/localhost into `directory`."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("pushlib bench CA"))
+        .issuer_name(_name("pushlib bench CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path = directory / "server.pem"
+    key_path = directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    os.chmod(key_path, 0o600)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    (directory / "ca.pem").write_text(ca_pem)
+    return TlsFiles(ca_pem, cert_path, key_path)
+
+
+NGINX_CONF = """\
+# generated by bench/push_bench.py: a fast HTTP/2 endpoint answering like APNs/FCM
+worker_processes 1;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    http2_max_concurrent_streams {max_streams};
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location /3/device/ {{
+            add_header apns-id $http_apns_id always;
+            return 200;
+        }}
+        location /v1/projects/ {{
+            default_type application/json;
+            return 200 '{{"name": "projects/bench/messages/1"}}';
+        }}
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Nginx:
+    port: int
+    ca_pem: str
+    proc: subprocess.Popen[bytes]
+
+
+@contextmanager
+def nginx_h2(max_streams: int = 1000) -> Iterator[Nginx]:
+    """Run a private nginx (HTTP/2 + TLS on a free loopback port) in a temp dir; stop it by PID."""
+    workdir = Path(tempfile.mkdtemp(prefix="pn-nginx-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        tls = tls_files(workdir)
+        port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=workdir, port=port, cert=tls.cert_path, key=tls.key_path, max_streams=max_streams
+            )
+        )
+        proc = subprocess.Popen(
+            ["nginx", "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf),
+             "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(port)
+        except TimeoutError:
+            stop_process(proc)
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"nginx did not start: {err.strip()}") from None
+        yield Nginx(port, tls.ca_pem, proc)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load generator
+# ---------------------------------------------------------------------------------------------
+
+TOKEN = "a1" * 32
+TOPIC = "com.example.bench"
+PAYLOAD = {"aps": {"alert": {"title": "Incoming call", "body": "Alice"}}, "call_id": "bench-call-1"}
+
+Send = Callable[[int], Awaitable[bool]]  # request number -> success
+
+
+@dataclass
+class Measurement:
+    name: str
+    seq_n: int = 0
+    seq_p50_ms: float = 0.0
+    seq_p99_ms: float = 0.0
+    n: int = 0
+    concurrency: int = 0
+    pushes_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    note: str = ""
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+
+async def _measure(name: str, send: Send, seq: int, n: int, concurrency: int, limit_s: float) -> Measurement:
+    m = Measurement(name, n=0, concurrency=concurrency)
+    for i in range(20):  # warm up: connect, JWT, HPACK tables
+        await send(2_000_000 + i)
+    latencies: list[float] = []
+    deadline = time.monotonic() + limit_s
+    for i in range(seq):
+        t0 = time.perf_counter()
+        ok = await send(i)
+        latencies.append(time.perf_counter() - t0)
+        m.errors += not ok
+        if time.monotonic() > deadline:
+            break
+    m.seq_n = len(latencies)
+    m.seq_p50_ms, m.seq_p99_ms = _pct(latencies, 0.5), _pct(latencies, 0.99)
+
+    loaded: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            if time.monotonic() > deadline:
+                return
+            t0 = time.perf_counter()
+            ok = await send(1_000_000 + i)
+            loaded.append(time.perf_counter() - t0)
+            m.errors += not ok
+
+    deadline = time.monotonic() + limit_s
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    m.n = len(loaded)
+    m.pushes_per_s = m.n / elapsed if elapsed > 0 else 0.0
+    m.p50_ms, m.p99_ms = _pct(loaded, 0.5), _pct(loaded, 0.99)
+    return m
+
+
+def _token(i: int) -> str:
+    """A distinct device token per request: real traffic rarely repeats a token, so no client
+    may profit from HPACK-indexing the :path."""
+    return f"{i:064x}"
+
+
+def _apns_request(i: int) -> Any:
+    from pushlib.models import ApnsRequest
+
+    return ApnsRequest(
+        token=_token(i),
+        headers={
+            "apns-topic": TOPIC,
+            "apns-push-type": "alert",
+            "apns-priority": "10",
+            "apns-expiration": "0",
+            "apns-id": str(uuid.uuid4()),
+        },
+        payload=json.dumps(PAYLOAD).encode(),
+    )
+
+
+def _ec_key_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+async def bench_pool(name: str, app: Any, seq: int, n: int, concurrency: int, limit_s: float) -> Measurement:
+    """ProviderPool.send, the dispatcher's path, for one app (= one connection)."""
+    from pushlib.models import Device, Outcome, PushParams
+    from pushlib.providers import ProviderPool
+
+    device = Device("sip:bench@example.com", "bench", PushParams(app.provider, app.app_id, alert_token=TOKEN))
+    pool = ProviderPool()
+
+    async def send(i: int) -> bool:
+        result = await pool.send(app, device, _apns_request(i), 10.0)
+        return result.outcome is Outcome.DELIVERED
+
+    try:
+        return await _measure(name, send, seq, n, concurrency, limit_s)
+    finally:
+        await pool.aclose()
+
+
+def _nginx_app(nginx: Nginx) -> Any:
+    from pushlib.models import AppCredentials, Provider
+
+    return AppCredentials(
+        Provider.APNS, TOPIC, apns_key_pem=_ec_key_pem(), apns_key_id="KEY0000001",
+        apns_team_id="TEAM000001", custom_host=f"127.0.0.1:{nginx.port}", ca_pem=nginx.ca_pem,
+    )
+
+
+async def bench_aioapns(nginx: Nginx, seq: int, n: int, concurrency: int, limit_s: float) -> Measurement:
+    from aioapns import APNs, NotificationRequest, PushType
+    from aioapns.connection import APNsProductionClientProtocol
+
+    class LocalProtocol(APNsProductionClientProtocol):
+        APNS_SERVER = "127.0.0.1"
+        APNS_PORT = nginx.port
+
+    ctx = ssl.create_default_context(cadata=nginx.ca_pem)
+    ctx.set_alpn_protocols(["h2"])
+    client = APNs(
+        key=_ec_key_pem(), key_id="KEY0000001", team_id="TEAM000001", topic=TOPIC,
+        max_connections=1, ssl_context=ctx,
+    )
+    client.pool.protocol_class = LocalProtocol
+
+    async def send(i: int) -> bool:
+        request = NotificationRequest(
+            device_token=_token(i), message=PAYLOAD, priority=10, push_type=PushType.ALERT, time_to_live=0
+        )
+        result = await client.send_notification(request)
+        return bool(result.is_successful)
+
+    try:
+        return await _measure("aioapns-nginx", send, seq, n, concurrency, limit_s)
+    finally:
+        client.pool.close()
+
+
+async def bench_httpx(nginx: Nginx, seq: int, n: int, concurrency: int, limit_s: float) -> Measurement:
+    import httpx
+
+    ctx = ssl.create_default_context(cadata=nginx.ca_pem)
+    client = httpx.AsyncClient(
+        http2=True, verify=ctx, limits=httpx.Limits(max_connections=1),
+        base_url=f"https://127.0.0.1:{nginx.port}",
+    )
+    body = json.dumps(PAYLOAD).encode()
+
+    async def send(i: int) -> bool:
+        headers = {"apns-topic": TOPIC, "apns-push-type": "alert", "apns-id": str(uuid.uuid4())}
+        response = await client.post(f"/3/device/{_token(i)}", headers=headers, content=body)
+        return response.status_code == 200
+
+    try:
+        m = await _measure("httpx-nginx", send, seq, n, concurrency, limit_s)
+        m.note = "httpx http2=True, max_connections=1"
+        return m
+    finally:
+        await client.aclose()
+
+
+async def bench_sandbox(seq: int, n: int, concurrency: int, limit_s: float) -> Measurement:
+    try:
+        from pushlib.sandbox.process import sandbox_process
+    except ImportError as exc:
+        return Measurement("ours-sandbox", note=f"not run: {exc}")
+    with sandbox_process() as handle:
+        app = handle.control.apns_token_app(TOPIC)
+        m = await bench_pool("ours-sandbox", app, seq, n, concurrency, limit_s)
+        m.note = "ProviderPool -> sandbox (records every push)"
+        return m
+
+
+def _print(results: list[Measurement]) -> None:
+    head = (
+        f"{'client':<15} {'seq p50 ms':>10} {'seq p99 ms':>10} {'conc':>5} {'n':>6} "
+        f"{'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for m in results:
+        print(
+            f"{m.name:<15} {m.seq_p50_ms:>10.3f} {m.seq_p99_ms:>10.3f} {m.concurrency:>5} {m.n:>6} "
+            f"{m.pushes_per_s:>9.0f} {m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {m.errors:>6}  {m.note}"
+        )
+
+
+async def _run(args: argparse.Namespace) -> list[Measurement]:
+    wanted = set(args.only.split(",")) if args.only else None
+    results: list[Measurement] = []
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    common = (args.seq, args.n, args.concurrency, args.limit)
+    if want("ours-sandbox"):
+        results.append(await bench_sandbox(*common))
+    with nginx_h2() as nginx:
+        for _ in range(args.rounds):
+            if want("ours-nginx"):
+                m = await bench_pool("ours-nginx", _nginx_app(nginx), *common)
+                m.note = "ProviderPool -> ApnsClient -> H2Transport"
+                results.append(m)
+            if want("aioapns-nginx"):
+                results.append(await bench_aioapns(nginx, *common))
+            if want("httpx-nginx"):
+                results.append(await bench_httpx(nginx, *common))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=10_000, help="requests in the throughput run")
+    parser.add_argument("-c", "--concurrency", type=int, default=100)
+    parser.add_argument("--seq", type=int, default=500, help="sequential requests for unloaded latency")
+    parser.add_argument("--limit", type=float, default=60.0, help="max seconds per phase")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the nginx cases (noisy machine)")
+    parser.add_argument(
+        "--only", default="", help="comma list of: ours-sandbox,ours-nginx,aioapns-nginx,httpx-nginx"
+    )
+    args = parser.parse_args()
+    results = asyncio.run(_run(args))
+    _print(results)
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = out_dir / f"push_bench-{stamp}.json"
+    out.write_text(json.dumps({"args": vars(args), "results": [asdict(m) for m in results]}, indent=2))
+    print(f"results written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

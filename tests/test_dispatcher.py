@@ -1,0 +1,461 @@
+"""The dispatcher end to end: real Redis, real sandbox providers, real ProviderPool and payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pushlib import keys
+from pushlib.astore import AsyncStore
+from pushlib.dispatcher import Dispatcher, backoff_delay
+from pushlib.models import (
+    ApnsRequest,
+    AppCredentials,
+    Device,
+    FcmMessage,
+    Outcome,
+    Provider,
+    PushJob,
+    PushKind,
+    PushParams,
+    PushResult,
+)
+from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushlib.settings import Settings
+from pushlib.store import SyncStore
+from tests.support import ROOT, VENV_PYTHON, stop_process
+
+BUNDLE = "com.example.phone"
+PROJECT = "example-phone"
+DATA = {"call_id": "call-1", "caller_name": "Bob", "caller_number": "+15550100", "title": "Hello",
+        "body": "A message", "message": "hi there", "sender": "Bob"}
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxHandle]:
+    with sandbox_process() as handle:
+        yield handle
+
+
+@pytest.fixture()
+def env(sandbox: SandboxHandle, redis_url: str) -> Iterator[tuple[SandboxHandle, SyncStore, Settings]]:
+    """A clean sandbox and Redis, with one APNs (token auth) and one FCM app saved."""
+    sandbox.control.clear()
+    cfg = Settings(redis_url=redis_url, reclaim_idle_ms=1000, concurrency=32)
+    store = SyncStore(redis_url, cfg)
+    store.save_app(sandbox.control.apns_token_app(BUNDLE))
+    store.save_app(sandbox.control.fcm_app(PROJECT))
+    yield sandbox, store, cfg
+    store.close()
+
+
+def apns_token() -> str:
+    return secrets.token_hex(32)
+
+
+def fcm_token() -> str:
+    return "fcm:" + secrets.token_urlsafe(40)
+
+
+def ios(aor: str, name: str, voip: str | None = None, alert: str | None = None) -> Device:
+    now = time.time()
+    return Device(aor, name, PushParams(Provider.APNS, BUNDLE, voip, alert, "TEAM000001", True),
+                  registered_at=now, expires_at=now + 3600)
+
+
+def android(aor: str, name: str, token: str) -> Device:
+    now = time.time()
+    return Device(aor, name, PushParams(Provider.FCM, PROJECT, alert_token=token),
+                  registered_at=now, expires_at=now + 3600)
+
+
+def job(kind: PushKind, aor: str, ttl: float = 30.0, **kw: Any) -> PushJob:
+    return PushJob(uuid.uuid4().hex, kind, aor, time.time() + ttl, data=dict(DATA), created_at=time.time(), **kw)
+
+
+def raw(cfg: Settings) -> Any:
+    return redis.Redis.from_url(cfg.redis_url, decode_responses=True)
+
+
+def stream_done(cfg: Settings) -> bool:
+    """Every entry reached its final outcome: acked entries are deleted, so nothing is left."""
+    r = raw(cfg)
+    try:
+        groups = {g["name"]: g for g in r.xinfo_groups(cfg.stream)} if r.exists(cfg.stream) else {}
+        if cfg.group not in groups:
+            return False  # no dispatcher has started consuming yet
+        return bool(r.xlen(cfg.stream) == 0 and groups[cfg.group]["pending"] == 0)
+    finally:
+        r.close()
+
+
+def run_dispatcher(cfg: Settings, until: Callable[[], bool], pool: Any = None, limit: float = 40.0,
+                   **kw: Any) -> Dispatcher:
+    """Run one dispatcher until `until()` holds (checked off the event loop), then stop it."""
+    dispatcher = Dispatcher(cfg, pool=pool, consumer="test-" + uuid.uuid4().hex[:6], **kw)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        end = time.monotonic() + limit  # safety bound only; the assertions decide
+        await asyncio.sleep(0.2)
+        while time.monotonic() < end and not task.done() and not await asyncio.to_thread(until):
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    return dispatcher
+
+
+def app_status(cfg: Settings, provider: str, app_id: str) -> dict[str, Any]:
+    async def get() -> dict[str, Any]:
+        store = AsyncStore(cfg.redis_url, cfg)
+        try:
+            return await store.app_status(provider, app_id)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(get())
+
+
+# --- every kind on every platform ---------------------------------------------------------------
+
+# kind -> (iOS token field, topic suffix, push type, priority), Android priority; design.md §5.
+WIRE = {
+    PushKind.INCOMING_CALL: (("voip", ".voip", "voip", 10), "high"),
+    PushKind.CANCEL_INCOMING_CALL: (("alert", "", "alert", 10), "high"),
+    PushKind.MISSED_CALL: (("alert", "", "alert", 10), "high"),
+    PushKind.MESSAGE: (("alert", "", "alert", 10), "high"),
+    PushKind.VOICEMAIL: (("alert", "", "alert", 5), "normal"),
+    PushKind.REGISTRATION_REFRESH: (("alert", "", "background", 5), "normal"),
+    PushKind.CUSTOM: (("alert", "", "alert", 10), None),
+}
+
+
+def test_every_kind_arrives_on_both_platforms(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:alice@example.com"
+    voip, alert, fcm = apns_token(), apns_token(), fcm_token()
+    store.save_device(ios(aor, "iphone", voip, alert))
+    store.save_device(android(aor, "pixel", fcm))
+    jobs = {kind: job(kind, aor) for kind in PushKind}
+    for j in jobs.values():
+        store.enqueue(j)
+
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+
+    assert d.stats["delivered"] == 2 * len(PushKind)
+    records = sandbox.control.pushes()
+    assert len(records) == 2 * len(PushKind)
+    apns = [r for r in records if r["provider"] == "apns"]
+    for kind, ((which, suffix, push_type, priority), fcm_priority) in WIRE.items():
+        [rec] = [r for r in apns if r["payload"].get("type") == kind.value]
+        assert rec["token"] == (voip if which == "voip" else alert), kind
+        assert (rec["topic"], rec["push_type"], int(rec["priority"])) == (BUNDLE + suffix, push_type, priority)
+        [msg] = [r for r in records if r["provider"] == "fcm" and r["payload"]["data"]["type"] == kind.value]
+        assert msg["token"] == fcm and msg["project_id"] == PROJECT
+        if fcm_priority is not None:
+            assert msg["payload"]["android"]["priority"] == fcm_priority, kind
+    r = raw(cfg)
+    assert all(r.exists(keys.sent_key(j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
+
+
+def test_job_for_chosen_devices_only(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:bob@example.com"
+    one, two = fcm_token(), fcm_token()
+    store.save_device(android(aor, "one", one))
+    store.save_device(android(aor, "two", two))
+    store.enqueue(job(PushKind.MESSAGE, aor, device_ids=("two",)))
+    run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert [p["token"] for p in sandbox.control.pushes()] == [two]
+
+
+# --- outcomes ----------------------------------------------------------------------------------
+
+
+def test_dead_tokens_disappear(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:carol@example.com"
+    voip, alert, fcm = apns_token(), apns_token(), fcm_token()
+    store.save_device(ios(aor, "iphone", voip, alert))
+    store.save_device(android(aor, "pixel", fcm))
+    sandbox.control.set_behaviour(voip, 410, "Unregistered")
+    sandbox.control.set_behaviour(fcm, 404, "UNREGISTERED")
+    store.enqueue(job(PushKind.INCOMING_CALL, aor))
+
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+
+    assert d.stats["token_dead"] == 2 and d.stats["retried"] == 0
+    iphone = store.device(aor, "iphone")
+    assert iphone is not None and iphone.params.voip_token is None and iphone.params.alert_token == alert
+    assert store.device(aor, "pixel") is None  # its only token died
+    assert sandbox.control.pushes() == []
+    # The next call finds no VoIP token to push to: nothing is sent.
+    store.enqueue(job(PushKind.INCOMING_CALL, aor))
+    d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d2.stats["no_token"] == 1 and sandbox.control.pushes() == []
+
+
+def test_suspect_devices_are_quarantined_and_the_app_flagged(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:dave@example.com"
+    tokens = [apns_token() for _ in range(6)]
+    for i, tok in enumerate(tokens):
+        store.save_device(ios(aor, f"d{i}", alert=tok))
+        sandbox.control.set_behaviour(tok, 400, "BadDeviceToken", times=1)  # later pushes would succeed
+    store.enqueue(job(PushKind.MESSAGE, aor, ttl=600))
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d.stats["suspect"] == 6 and d.stats["retried"] == 0
+    assert all((dev.quarantined_until > time.time() + 23 * 3600) for dev in store.devices(aor))
+    status = app_status(cfg, "apns", BUNDLE)
+    assert status["env_suspect"] and "BadDeviceToken" in status["env_suspect"]
+
+    store.enqueue(job(PushKind.MESSAGE, aor, ttl=600))
+    d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d2.stats["quarantined_skipped"] == 6
+    assert sandbox.control.pushes() == []  # nothing was sent to the quarantined devices
+
+    store.save_device(ios(aor, "d0", alert=tokens[0]))  # d0 REGISTERs again: quarantine lifted
+    store.enqueue(job(PushKind.MESSAGE, aor, ttl=600))
+    d3 = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d3.stats["delivered"] == 1 and [p["token"] for p in sandbox.control.pushes()] == [tokens[0]]
+
+
+def test_retryable_errors_are_retried_then_delivered(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:erin@example.com"
+    alert, fcm = apns_token(), fcm_token()
+    store.save_device(ios(aor, "iphone", alert=alert))
+    store.save_device(android(aor, "pixel", fcm))
+    sandbox.control.set_behaviour(alert, 429, "TooManyRequests", retry_after=1, times=1)
+    sandbox.control.set_behaviour(fcm, 503, "UNAVAILABLE", times=2)
+    store.enqueue(job(PushKind.MESSAGE, aor, ttl=600))
+
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+
+    assert d.stats["retried"] == 3 and d.stats["delivered"] == 2
+    assert len(sandbox.control.pushes(alert)) == 1 and len(sandbox.control.pushes(fcm)) == 1
+
+
+def test_late_jobs_are_dropped_and_counted(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:frank@example.com"
+    slow, failing = apns_token(), fcm_token()
+    store.save_device(ios(aor, "iphone", voip=slow))
+    store.save_device(android(aor, "pixel", failing))
+    store.enqueue(job(PushKind.INCOMING_CALL, aor, ttl=-1))  # already too late when read
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d.stats["deadline_dropped"] == 1 and d.stats["delivered"] == 0
+
+    # Retries never go past the deadline: a provider that keeps failing gets the job dropped.
+    sandbox.control.set_behaviour(failing, 503, "UNAVAILABLE", retry_after=5)
+    sandbox.control.set_behaviour(slow, 503, "ServiceUnavailable", retry_after=5)
+    store.enqueue(job(PushKind.INCOMING_CALL, aor, ttl=2))
+    d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d2.stats["deadline_dropped"] == 2 and d2.stats["retried"] == 0
+    assert sandbox.control.pushes() == []
+
+
+def test_configuration_errors_are_recorded_not_retried(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:grace@example.com"
+    alert, fcm = apns_token(), fcm_token()
+    store.save_device(ios(aor, "iphone", alert=alert))
+    store.save_device(android(aor, "pixel", fcm))
+    store.save_device(Device(aor, "unknown-app", PushParams(Provider.FCM, "no-such-project",
+                                                            alert_token=fcm_token()),
+                             registered_at=time.time(), expires_at=time.time() + 600))
+    # One failure each: a retry would succeed and show up in the sandbox.
+    sandbox.control.set_behaviour(alert, 403, "InvalidProviderToken", times=1)
+    sandbox.control.set_behaviour(fcm, 403, "SENDER_ID_MISMATCH", times=1)
+    store.enqueue(job(PushKind.MESSAGE, aor, ttl=600))
+
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+
+    assert d.stats["config_error"] == 3 and d.stats["retried"] == 0
+    assert sandbox.control.pushes() == []
+    assert "403" in app_status(cfg, "apns", BUNDLE)["last_error"]
+    assert "403" in app_status(cfg, "fcm", PROJECT)["last_error"]
+    assert "no credentials" in app_status(cfg, "fcm", "no-such-project")["last_error"]
+
+
+def test_malformed_entries_are_acked_and_the_loop_goes_on(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:heidi@example.com"
+    tok = fcm_token()
+    store.save_device(android(aor, "pixel", tok))
+    r = raw(cfg)
+    r.xadd(cfg.stream, {"garbage": "1"})
+    r.xadd(cfg.stream, {"job_id": "x", "kind": "incomingCall", "aor": aor, "deadline": "soon"})
+    store.enqueue(job(PushKind.MESSAGE, aor))
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d.stats["malformed"] == 2 and d.stats["delivered"] == 1
+    assert len(sandbox.control.pushes(tok)) == 1
+
+
+# --- claims, stop, crash ------------------------------------------------------------------------
+
+
+class SlowPool:
+    """A ProviderPool stand-in: every push succeeds after `delay` seconds; calls are counted."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls: list[tuple[str, float]] = []
+
+    async def send(self, app: AppCredentials, device: Device, request: ApnsRequest | FcmMessage,
+                   timeout: float) -> PushResult:
+        self.calls.append((device.device_id, time.time()))
+        await asyncio.sleep(self.delay)
+        return PushResult(Outcome.DELIVERED, 200)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_live_work_is_not_stolen_by_another_dispatchers_reclaim(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    _, store, cfg = env
+    cfg = Settings(redis_url=cfg.redis_url, reclaim_idle_ms=200, concurrency=4)
+    aor = "sip:ivan@example.com"
+    store.save_device(android(aor, "pixel", fcm_token()))
+    store.enqueue(job(PushKind.MESSAGE, aor))
+    pool = SlowPool(delay=1.5)  # far longer than reclaim_idle_ms
+
+    async def main() -> tuple[Dispatcher, Dispatcher]:
+        stop = asyncio.Event()
+        a, b = (Dispatcher(cfg, pool=pool, consumer=name) for name in ("a", "b"))  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(x.run(stop)) for x in (a, b)]
+        while not await asyncio.to_thread(stream_done, cfg):
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert len(pool.calls) == 1  # both dispatchers swept for idle entries during the 1.5 s push
+    assert a.stats["delivered"] + b.stats["delivered"] == 1
+
+
+def test_graceful_stop_finishes_in_flight_pushes(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    _, store, cfg = env
+    aor = "sip:judy@example.com"
+    store.save_device(android(aor, "pixel", fcm_token()))
+    store.enqueue(job(PushKind.MESSAGE, aor))
+    pool = SlowPool(delay=1.0)
+    d = run_dispatcher(cfg, lambda: len(pool.calls) == 1, pool=pool)  # stop as soon as the push starts
+    assert d.stats["delivered"] == 1 and stream_done(cfg)
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
+    import random
+
+    rng = random.Random(7)
+    delays = [backoff_delay(n, None, rng) for n in range(1, 9)]
+    assert all(0.25 * 2 ** (n - 1) <= d <= 0.5 * 2 ** (n - 1) or d <= 30 for n, d in enumerate(delays, 1))
+    assert max(delays) <= 30 and delays[0] <= 0.5 < delays[3]
+    assert backoff_delay(1, 7.0, rng) == 7.0
+
+
+def _pushes_by_token(sandbox: SandboxHandle) -> dict[str, list[float]]:
+    seen: dict[str, list[float]] = {}
+    for p in sandbox.control.pushes():
+        seen.setdefault(p["token"], []).append(float(p["time"]))
+    return seen
+
+
+def _start_worker(cfg: Settings, consumer: str, log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PUSHLIB_RECLAIM_IDLE_MS=str(cfg.reclaim_idle_ms),
+               PUSHLIB_STREAM=cfg.stream, PUSHLIB_GROUP=cfg.group)
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            [str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable, "-m", "pushlib.dispatcher",
+             "--redis-url", cfg.redis_url, "--consumer", consumer, "--concurrency", str(cfg.concurrency)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+
+
+def _wait(cond: Callable[[], bool], limit: float) -> bool:
+    end = time.monotonic() + limit  # safety bound only; the assertions decide
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def test_crash_mid_flight_loses_nothing_and_duplicates_only_in_the_window(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    sandbox, store, cfg = env
+    cfg = Settings(redis_url=cfg.redis_url, reclaim_idle_ms=1000, concurrency=40)
+    tokens = [apns_token() for _ in range(200)]
+    job_of: dict[str, tuple[str, str]] = {}
+    for i, tok in enumerate(tokens):
+        aor = f"sip:user{i}@example.com"
+        store.save_device(ios(aor, "iphone", alert=tok))
+        sandbox.control.set_behaviour(tok, 200, delay=0.4)  # slow successes: many in flight at the kill
+        j = job(PushKind.MESSAGE, aor, ttl=600)
+        job_of[tok] = (j.job_id, "iphone")
+        store.enqueue(j)
+
+    workdir = Path(tempfile.mkdtemp(prefix="pn-dispatch-"))
+    first = second = None
+    try:
+        first = _start_worker(cfg, "first", workdir / "first.log")
+        assert _wait(lambda: len(sandbox.control.pushes()) >= 60, 30), (workdir / "first.log").read_text()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(5)
+        # Let requests the first dispatcher wrote before dying land, then take the boundary.
+        counts = [-1]
+
+        def settled() -> bool:
+            counts.append(len(sandbox.control.pushes()))
+            return counts[-1] == counts[-2]
+
+        _wait(settled, 5)
+        kill_time = time.time()
+        r = raw(cfg)
+        accepted = _pushes_by_token(sandbox)
+        in_flight = {t for t in accepted if not r.exists(keys.sent_key(*job_of[t]))}
+        assert 0 < len(accepted) < len(tokens)
+        assert len(in_flight) <= cfg.concurrency
+
+        second = _start_worker(cfg, "second", workdir / "second.log")
+        assert _wait(lambda: stream_done(cfg), 60), (workdir / "second.log").read_text()
+        stop_process(second)
+        assert second.returncode == 0
+
+        seen = _pushes_by_token(sandbox)
+        assert set(seen) == set(tokens)  # every job delivered at least once
+        duplicates = {t for t, times in seen.items() if len(times) > 1}
+        assert duplicates <= in_flight, "a push already marked sent was sent again"
+        assert all(len(seen[t]) == 2 and seen[t][0] < kill_time for t in duplicates)
+        assert all(r.exists(keys.sent_key(*job_of[t])) for t in tokens)
+        assert r.xlen(cfg.stream) == 0 and r.xpending(cfg.stream, cfg.group)["pending"] == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
