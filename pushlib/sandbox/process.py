@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pushlib.localrun import stop_process
 from pushlib.sandbox.certs import CA_FILE
 from pushlib.sandbox.control import SandboxControl
 
@@ -38,19 +38,6 @@ class SandboxHandle:
     def host(self) -> str:
         """"127.0.0.1:<port>", the form AppCredentials.custom_host takes."""
         return self.control.host
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    if proc.poll() is not None:
-        return
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
@@ -93,5 +80,5 @@ def sandbox_process(port: int | None = None, log_level: str = "WARNING",
         if control is not None:
             control.close()
         if proc is not None:
-            _stop(proc)
+            stop_process(proc)
         shutil.rmtree(directory, ignore_errors=True)
