@@ -390,6 +390,156 @@ async def bench_sandbox(seq: int, n: int, concurrency: int, limit_s: float) -> M
         return m
 
 
+# ---------------------------------------------------------------------------------------------
+# Dispatcher: Redis stream -> Dispatcher -> ProviderPool (one connection)
+# ---------------------------------------------------------------------------------------------
+
+MESSAGE_DATA = {"message": "hi there", "sender": "Bob", "title": "Hello", "body": "A message"}
+
+
+@dataclass
+class DispatchMeasurement:
+    name: str
+    n: int = 0
+    pushes_per_s: float = 0.0  # burst: jobs delivered / (last delivery - first enqueue)
+    p50_ms: float = 0.0  # burst: enqueue (job created_at) -> provider's 200
+    p99_ms: float = 0.0
+    paced_n: int = 0
+    paced_rate: float = 0.0
+    paced_p50_ms: float = 0.0  # paced (unloaded): enqueue -> provider's 200
+    paced_p99_ms: float = 0.0
+    errors: int = 0
+    note: str = ""
+
+
+async def bench_dispatcher(
+    name: str, app: Any, n: int, concurrency: int, paced_n: int, paced_rate: float, limit_s: float
+) -> DispatchMeasurement:
+    """Jobs XADDed to a private redis-server, consumed by one Dispatcher in this process whose
+    ProviderPool (one HTTP/2 connection) is timed around `send`: latency = provider's answer
+    minus the job's created_at, i.e. queueing + Redis reads + payload + push."""
+    import redis.asyncio as aredis
+
+    from pushlib import keys
+    from pushlib.astore import AsyncStore
+    from pushlib.dispatcher import Dispatcher
+    from pushlib.localrun import redis_server
+    from pushlib.models import (
+        ApnsRequest,
+        AppCredentials,
+        Device,
+        FcmMessage,
+        Outcome,
+        PushJob,
+        PushKind,
+        PushParams,
+        PushResult,
+    )
+    from pushlib.providers import ProviderPool
+    from pushlib.settings import Settings
+
+    created: dict[str, float] = {}  # aor -> created_at of its (single) job
+    latencies: list[float] = []
+    done_at: list[float] = []
+    m = DispatchMeasurement(name)
+    expected = 0
+    all_done = asyncio.Event()
+
+    class TimedPool(ProviderPool):
+        async def send(
+            self, app: AppCredentials, device: Device, request: ApnsRequest | FcmMessage, timeout: float
+        ) -> PushResult:
+            result = await super().send(app, device, request, timeout)
+            now = time.time()
+            start = created.pop(device.aor, None)
+            if start is not None:
+                latencies.append(now - start)
+                done_at.append(now)
+                m.errors += result.outcome is not Outcome.DELIVERED
+                if len(latencies) >= expected:
+                    all_done.set()
+            return result
+
+    with redis_server() as server:
+        settings = Settings(redis_url=server.url, concurrency=concurrency)
+        store = AsyncStore(server.url, settings)
+        raw: Any = aredis.Redis.from_url(server.url, decode_responses=True)
+        await store.save_app(app)
+
+        async def add_devices(prefix: str, count: int, first_token: int) -> list[str]:
+            # Written directly (pipelined) instead of save_device: setup, not what we measure.
+            now = time.time()
+            aors = [f"sip:{prefix}-{i}@bench.example" for i in range(count)]
+            pipe = raw.pipeline(transaction=False)
+            for i, aor in enumerate(aors):
+                params = PushParams(app.provider, app.app_id, alert_token=_token(first_token + i))
+                device = Device(aor, "d1", params, registered_at=now, expires_at=now + 3600)
+                pipe.hset(keys.device_key(aor, "d1"), mapping=keys.encode_device(device))
+                pipe.expire(keys.device_key(aor, "d1"), 3600)
+                pipe.sadd(keys.devices_key(aor), "d1")
+            await pipe.execute()
+            return aors
+
+        def job(aor: str) -> dict[str, str]:
+            now = time.time()
+            created[aor] = now
+            return keys.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
+                                           data=MESSAGE_DATA, created_at=now))
+
+        async def run_jobs(aors: list[str], rate: float | None) -> float:
+            nonlocal expected
+            latencies.clear()
+            done_at.clear()
+            all_done.clear()
+            expected = len(aors)
+            start = time.time()
+            if rate is None:  # burst: XADD in pipelined chunks, as fast as Redis takes them
+                for i in range(0, len(aors), 500):
+                    pipe = raw.pipeline(transaction=False)
+                    for aor in aors[i:i + 500]:
+                        pipe.xadd(settings.stream, job(aor))
+                    await pipe.execute()
+            else:
+                for i, aor in enumerate(aors):
+                    await asyncio.sleep(max(0.0, start + i / rate - time.time()))
+                    await raw.xadd(settings.stream, job(aor))
+            await asyncio.wait_for(all_done.wait(), limit_s)
+            return start
+
+        stop = asyncio.Event()
+        pool = TimedPool()
+        dispatcher = Dispatcher(settings, pool=pool, stats_interval=3600.0)
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+            await run_jobs(await add_devices("warm", 50, 3_000_000), None)  # connect, JWT, HPACK tables
+            aors = await add_devices("burst", n, 0)
+            start = await run_jobs(aors, None)
+            m.n = len(latencies)
+            m.pushes_per_s = m.n / (max(done_at) - start)
+            m.p50_ms, m.p99_ms = _pct(latencies, 0.5), _pct(latencies, 0.99)
+            aors = await add_devices("paced", paced_n, 4_000_000)
+            await run_jobs(aors, paced_rate)
+            m.paced_n, m.paced_rate = len(latencies), paced_rate
+            m.paced_p50_ms, m.paced_p99_ms = _pct(latencies, 0.5), _pct(latencies, 0.99)
+        finally:
+            stop.set()
+            await task
+            await pool.aclose()
+            await store.aclose()
+            await raw.aclose()
+    m.note = f"Dispatcher concurrency {concurrency}, jobs of kind messageReceived, 1 device each"
+    return m
+
+
+async def bench_dispatcher_sandbox(n: int, concurrency: int, paced_n: int, paced_rate: float,
+                                   limit_s: float) -> DispatchMeasurement:
+    from pushlib.sandbox.process import sandbox_process
+
+    with sandbox_process() as handle:
+        app = handle.control.apns_token_app(TOPIC)
+        return await bench_dispatcher("disp-sandbox", app, n, concurrency, paced_n, paced_rate, limit_s)
+
+
 def _print(results: list[Measurement]) -> None:
     head = (
         f"{'client':<15} {'seq p50 ms':>10} {'seq p99 ms':>10} {'conc':>5} {'n':>6} "
@@ -404,9 +554,25 @@ def _print(results: list[Measurement]) -> None:
         )
 
 
-async def _run(args: argparse.Namespace) -> list[Measurement]:
+def _print_dispatch(results: list[DispatchMeasurement]) -> None:
+    head = (
+        f"{'dispatcher':<15} {'n':>6} {'pushes/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'paced n':>7} {'rate/s':>6} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for m in results:
+        print(
+            f"{m.name:<15} {m.n:>6} {m.pushes_per_s:>9.0f} {m.p50_ms:>8.2f} {m.p99_ms:>8.2f} "
+            f"{m.paced_n:>7} {m.paced_rate:>6.0f} {m.paced_p50_ms:>8.2f} {m.paced_p99_ms:>8.2f} {m.errors:>6}"
+        )
+
+
+async def _run(args: argparse.Namespace) -> tuple[list[Measurement], list[DispatchMeasurement]]:
     wanted = set(args.only.split(",")) if args.only else None
     results: list[Measurement] = []
+    dispatch: list[DispatchMeasurement] = []
+    paced = (args.disp_n, args.concurrency, args.paced_n, args.paced_rate, args.limit)
 
     def want(name: str) -> bool:
         return wanted is None or name in wanted
@@ -414,8 +580,12 @@ async def _run(args: argparse.Namespace) -> list[Measurement]:
     common = (args.seq, args.n, args.concurrency, args.limit)
     if want("ours-sandbox"):
         results.append(await bench_sandbox(*common))
+    if want("disp-sandbox"):
+        dispatch.append(await bench_dispatcher_sandbox(*paced))
     with nginx_h2() as nginx:
         for _ in range(args.rounds):
+            if want("disp-nginx"):
+                dispatch.append(await bench_dispatcher("disp-nginx", _nginx_app(nginx), *paced))
             if want("ours-nginx"):
                 m = await bench_pool("ours-nginx", _nginx_app(nginx), *common)
                 m.note = "ProviderPool -> ApnsClient -> H2Transport"
@@ -424,7 +594,7 @@ async def _run(args: argparse.Namespace) -> list[Measurement]:
                 results.append(await bench_aioapns(nginx, *common))
             if want("httpx-nginx"):
                 results.append(await bench_httpx(nginx, *common))
-    return results
+    return results, dispatch
 
 
 def main() -> None:
@@ -436,17 +606,28 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=500, help="sequential requests for unloaded latency")
     parser.add_argument("--limit", type=float, default=60.0, help="max seconds per phase")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the nginx cases (noisy machine)")
+    parser.add_argument("--disp-n", type=int, default=10_000, help="jobs in the dispatcher burst")
+    parser.add_argument("--paced-n", type=int, default=200, help="jobs in the paced dispatcher run")
+    parser.add_argument("--paced-rate", type=float, default=50.0, help="jobs/s in the paced dispatcher run")
     parser.add_argument(
-        "--only", default="", help="comma list of: ours-sandbox,ours-nginx,aioapns-nginx,httpx-nginx"
+        "--only", default="",
+        help="comma list of: ours-sandbox,ours-nginx,aioapns-nginx,httpx-nginx,disp-nginx,disp-sandbox",
     )
     args = parser.parse_args()
-    results = asyncio.run(_run(args))
+    results, dispatch = asyncio.run(_run(args))
     _print(results)
+    if dispatch:
+        print()
+        _print_dispatch(dispatch)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = out_dir / f"push_bench-{stamp}.json"
-    out.write_text(json.dumps({"args": vars(args), "results": [asdict(m) for m in results]}, indent=2))
+    out.write_text(json.dumps(
+        {"args": vars(args), "results": [asdict(m) for m in results],
+         "dispatcher": [asdict(m) for m in dispatch]},
+        indent=2,
+    ))
     print(f"results written to {out.relative_to(ROOT)}")
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import google.auth.crypt.es
 import google.auth.crypt.es256
 import google.auth.jwt
+import hpack
 import httpx
 
-from pushlib.h2transport import H2Transport, client_ssl_context, origin_url, send_request
+from pushlib.h2transport import H2Transport, client_ssl_context, origin_url
 from pushlib.logutil import get_logger, token_prefix
 from pushlib.models import ApnsRequest, AppCredentials, Outcome, PushResult
 from pushlib.outcomes import classify_apns
@@ -95,6 +96,7 @@ class ApnsClient:
         self._jwt_ttl = min(max(jwt_ttl, MIN_JWT_TTL), MAX_JWT_TTL)
         self._signer: google.auth.crypt.es.EsSigner | None = None
         self._bearer: str | None = None
+        self._auth_header: hpack.HeaderTuple | None = None  # the bearer, built once per JWT
         self._issued_at = 0.0
         if app.apns_key_pem and app.apns_key_id and app.apns_team_id:
             try:
@@ -125,6 +127,7 @@ class ApnsClient:
                 header={"alg": "ES256", "kid": self.app.apns_key_id},
             )
             self._bearer = "bearer " + token.decode("ascii")
+            self._auth_header = hpack.HeaderTuple(b"authorization", b"bearer " + token)
             self._issued_at = float(issued)
         return self._bearer
 
@@ -140,48 +143,57 @@ class ApnsClient:
             return PushResult(Outcome.REJECTED, 0, "PayloadTooLarge")
         if not _is_hex(request.token):
             return PushResult(Outcome.DEVICE_SUSPECT, 0, "BadDeviceToken")
-        url = self._base_url.copy_with(raw_path=b"/3/device/" + request.token.encode("ascii"))
-        result = await self._post(url, request, timeout)
+        path = b"/3/device/" + request.token.encode("ascii")
+        result = await self._post(path, request, timeout)
         if (
             result.status == 403
             and result.reason == "ExpiredProviderToken"
             and self._signer is not None
         ):
             # Our clock or cache produced a stale JWT: one fresh token, one retry.
-            result = await self._post(url, request, timeout)
+            result = await self._post(path, request, timeout)
         return result
 
-    async def _post(self, url: httpx.URL, request: ApnsRequest, timeout: float) -> PushResult:
-        headers = dict(request.headers)
+    async def _post(self, path: bytes, request: ApnsRequest, timeout: float) -> PushResult:
+        headers = [(name.lower().encode(), value.encode()) for name, value in request.headers.items()]
         bearer = None
         if self._signer is not None:
             bearer = self._current_bearer()
-            headers["authorization"] = bearer
+            assert self._auth_header is not None
+            headers.append(self._auth_header)
         try:
-            response = await send_request(self._transport, url, headers, request.payload, timeout)
+            response = await self._transport.request_raw(
+                b"POST", self._base_url, path, headers, request.payload, timeout
+            )
         except httpx.TimeoutException as exc:
             return PushResult(Outcome.RETRYABLE, 0, f"timeout ({exc.__class__.__name__})")
         except httpx.HTTPError as exc:
             return PushResult(Outcome.RETRYABLE, 0, f"connection error ({exc.__class__.__name__}: {exc})")
+        raw_id = response.header(b"apns-id")
+        apns_id = raw_id.decode("latin-1") if raw_id is not None else None
+        if response.status == 200:  # the common case: skip classification and JSON
+            return PushResult(Outcome.DELIVERED, 200, "", None, apns_id)
         reason = ""
-        if response.status_code != 200 and response.content:
+        content = response.content
+        if content:
             try:
-                doc = json.loads(response.content)
+                doc = json.loads(content)
                 if isinstance(doc, dict) and isinstance(doc.get("reason"), str):
                     reason = doc["reason"]
             except ValueError:
                 reason = ""
-        result = classify_apns(response.status_code, reason, response.headers.get("retry-after"))
+        retry_after = response.header(b"retry-after")
+        result = classify_apns(
+            response.status, reason, retry_after.decode("latin-1") if retry_after is not None else None
+        )
         if bearer is not None and reason == "ExpiredProviderToken":
             self._renew_bearer(bearer)
-        apns_id = response.headers.get("apns-id")
         if apns_id is not None:
             result = PushResult(result.outcome, result.status, result.reason, result.retry_after, apns_id)
-        if result.outcome is not Outcome.DELIVERED:
-            log.debug(
-                "apns push app=%s token=%s status=%s reason=%s",
-                self.app.app_id, token_prefix(request.token), result.status, result.reason,
-            )
+        log.debug(
+            "apns push app=%s token=%s status=%s reason=%s",
+            self.app.app_id, token_prefix(request.token), result.status, result.reason,
+        )
         return result
 
     async def aclose(self) -> None:

@@ -28,7 +28,7 @@ import requests
 import requests.adapters
 from google.oauth2 import service_account
 
-from pushlib.h2transport import H2Transport, client_ssl_context, origin_url, send_request
+from pushlib.h2transport import H2Transport, client_ssl_context, origin_url
 from pushlib.logutil import get_logger, token_prefix
 from pushlib.models import AppCredentials, FcmMessage, Outcome, PushResult
 from pushlib.outcomes import classify_fcm
@@ -115,7 +115,8 @@ class FcmClient:
             self._session.mount("https://", _PinnedCaAdapter(str(ca_path)))
         self._auth_request = _TokenRequest(self._session)
         self._transport = H2Transport(client_ssl_context(app.ca_pem if app.custom_host else None))
-        self._url = httpx.URL(origin_url(host) + f"/v1/projects/{self.project_id}/messages:send")
+        self._origin = httpx.URL(origin_url(host))
+        self._path = f"/v1/projects/{self.project_id}/messages:send".encode()
 
     def _fresh_token(self) -> str | None:
         token: str | None = self._creds.token
@@ -162,15 +163,20 @@ class FcmClient:
             return PushResult(outcome, 0, "oauth refresh failed"), None
         except google.auth.exceptions.TransportError as exc:
             return PushResult(Outcome.RETRYABLE, 0, f"oauth transport error ({exc.__class__.__name__})"), None
-        headers = {"authorization": "Bearer " + token, "content-type": "application/json"}
+        headers = [(b"authorization", b"Bearer " + token.encode()), (b"content-type", b"application/json")]
         try:
-            response = await send_request(self._transport, self._url, headers, message.body, timeout)
+            response = await self._transport.request_raw(
+                b"POST", self._origin, self._path, headers, message.body, timeout
+            )
         except httpx.TimeoutException as exc:
             return PushResult(Outcome.RETRYABLE, 0, f"timeout ({exc.__class__.__name__})"), token
         except httpx.HTTPError as exc:
             reason = f"connection error ({exc.__class__.__name__}: {exc})"
             return PushResult(Outcome.RETRYABLE, 0, reason), token
-        result = classify_fcm(response.status_code, response.content, response.headers.get("retry-after"))
+        retry_after = response.header(b"retry-after")
+        result = classify_fcm(
+            response.status, response.content, retry_after.decode("latin-1") if retry_after is not None else None
+        )
         if result.outcome is not Outcome.DELIVERED:
             log.debug(
                 "fcm push app=%s token=%s status=%s reason=%s",

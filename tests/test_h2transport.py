@@ -7,8 +7,10 @@ import asyncio
 import hashlib
 import json
 import shutil
+import socket
 import ssl
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,13 +21,14 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import httpx
 import pytest
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from bench.push_bench import Nginx, TlsFiles, nginx_h2, tls_files
-from pushlib.h2transport import H2Transport, client_ssl_context, send_request
+from pushlib.h2transport import H2Transport, _PlainEncoder, client_ssl_context, header_tuple, send_request
 from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,6 +51,98 @@ def tls() -> Iterator[TlsFiles]:
 
 def _url(port: int, path: str) -> httpx.URL:
     return httpx.URL(f"https://127.0.0.1:{port}{path}")
+
+
+# ---- HPACK: hpack's codec, configured ------------------------------------------------------------
+
+
+def _recording_encoder(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Record every header block our connections' encoders produce, in order."""
+    blocks: list[bytes] = []
+    encode = _PlainEncoder.encode
+
+    def recording(self: _PlainEncoder, headers: Any, huffman: bool = False) -> bytes:
+        block = encode(self, headers, huffman)
+        blocks.append(block)
+        return block
+
+    monkeypatch.setattr(_PlainEncoder, "encode", recording)
+    return blocks
+
+
+def test_header_tuple_types_per_request_values_as_never_indexed() -> None:
+    for name in (b":path", b"apns-id", b"apns-expiration", b"apns-collapse-id", b"content-length"):
+        assert isinstance(header_tuple(name, b"x"), hpack.NeverIndexedHeaderTuple), name
+    for name in (b"authorization", b"apns-topic", b"apns-push-type", b"apns-priority", b"content-type"):
+        typed = header_tuple(name, b"x")
+        assert type(typed) is hpack.HeaderTuple and typed.indexable and typed == (name, b"x"), name
+
+
+def test_jwt_indexed_once_per_request_values_never(nginx: Nginx, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = _recording_encoder(monkeypatch)
+    jwt = hpack.HeaderTuple(b"authorization", b"bearer " + b"j" * 300)
+    repeated = [(b"apns-topic", b"com.example.app"), (b"apns-push-type", b"voip"), (b"apns-priority", b"10")]
+    sent: list[list[tuple[bytes, bytes]]] = []
+
+    async def main() -> tuple[list[int], list[tuple[bytes, bytes]]]:
+        transport = H2Transport(client_ssl_context(nginx.ca_pem))
+        origin = httpx.URL(f"https://127.0.0.1:{nginx.port}")
+        try:
+            statuses = []
+            for i in range(300):  # sequential: the blocks are encoded in request order
+                path = b"/3/device/%064x" % i
+                headers = [
+                    (b"apns-expiration", b"%d" % (1_700_000_000 + i)), (b"apns-id", str(uuid.uuid4()).encode()),
+                    jwt, *repeated,
+                ]
+                sent.append([(b":path", path), *headers])
+                response = await transport.request_raw(b"POST", origin, path, headers, b"{}", 5.0)
+                statuses.append(response.status)
+            assert transport._conn is not None
+            return statuses, list(transport._conn._h2.encoder.header_table.dynamic_entries)
+        finally:
+            await transport.aclose()
+
+    statuses, table = asyncio.run(main())
+    assert statuses == [200] * 300
+    # The dynamic table holds the repeating headers, each once, and no per-request value.
+    authority = (b":authority", b"127.0.0.1:%d" % nginx.port)
+    assert sorted(table) == sorted([authority, tuple(jwt), *repeated])
+    # The wire decodes (one hpack.Decoder, in order) to what we sent, and the never-indexed flag
+    # (the decoder returns such fields as NeverIndexedHeaderTuple) is on the per-request values.
+    decoder = hpack.Decoder()
+    assert len(blocks) == 300
+    for block, expected in zip(blocks, sent, strict=True):
+        headers = decoder.decode(block, raw=True)
+        assert [tuple(h) for h in headers] == [(b":method", b"POST"), (b":scheme", b"https"), authority, *expected]
+        never = {h[0] for h in headers if isinstance(h, hpack.NeverIndexedHeaderTuple)}
+        assert never == {b":path", b"apns-id", b"apns-expiration"}
+    # From the second push on the JWT is a one-byte reference; literals are not Huffman-coded.
+    assert jwt[1] in blocks[0] and all(jwt[1] not in block for block in blocks[1:])
+    assert all(expected[0][1] in block for block, expected in zip(blocks, sent, strict=True))
+    # 7 one-byte references (method and scheme static; authority, JWT, topic, push type and
+    # priority dynamic) + :path (static name, literal value) + two literal-name fields.
+    refs = 7
+    path_field = 1 + 1 + len(sent[1][0][1])
+    expiration_field = 1 + 1 + len(b"apns-expiration") + 1 + 10
+    id_field = 1 + 1 + len(b"apns-id") + 1 + 36
+    assert len(blocks[1]) == refs + path_field + expiration_field + id_field
+
+
+def test_httpx_path_keeps_per_request_values_out_of_the_table(nginx: Nginx) -> None:
+    async def main() -> list[tuple[bytes, bytes]]:
+        transport = H2Transport(client_ssl_context(nginx.ca_pem))
+        async with httpx.AsyncClient(transport=transport, base_url=f"https://127.0.0.1:{nginx.port}") as client:
+            for i in range(20):
+                response = await client.post(f"/3/device/{i:064x}", headers={"apns-id": f"id-{i}"}, content=b"{}")
+                assert response.status_code == 200 and response.headers["apns-id"] == f"id-{i}"
+            assert transport._conn is not None
+            return list(transport._conn._h2.encoder.header_table.dynamic_entries)
+
+    table = asyncio.run(main())
+    names = [name for name, _ in table]
+    assert len(names) == len(set(names))  # every indexed header repeated: one entry each
+    assert not {b":path", b"apns-id", b"content-length"} & set(names)
 
 
 # ---- nginx ---------------------------------------------------------------------------------
@@ -77,6 +172,27 @@ def test_many_concurrent_requests_share_one_connection(nginx: Nginx) -> None:
     mismatches, last_stream = asyncio.run(main())
     assert mismatches == 0
     assert last_stream == 2 * 2000 - 1  # every request was a stream of the same connection
+
+
+def test_raw_fast_path_and_tcp_nodelay(nginx: Nginx) -> None:
+    async def main() -> tuple[list[tuple[int, bytes | None]], int]:
+        transport = H2Transport(client_ssl_context(nginx.ca_pem))
+        origin = httpx.URL(f"https://127.0.0.1:{nginx.port}")
+        try:
+            responses = await asyncio.gather(*(
+                transport.request_raw(b"POST", origin, b"/3/device/ab", [(b"apns-id", b"id-%d" % i)], b"{}", 5.0)
+                for i in range(50)
+            ))
+            assert transport._conn is not None and transport._conn._transport is not None
+            sock = transport._conn._transport.get_extra_info("socket")
+            nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            return [(r.status, r.header(b"apns-id")) for r in responses], nodelay
+        finally:
+            await transport.aclose()
+
+    results, nodelay = asyncio.run(main())
+    assert results == [(200, b"id-%d" % i) for i in range(50)]
+    assert nodelay
 
 
 def test_works_as_httpx_client_transport(nginx: Nginx) -> None:
