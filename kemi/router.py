@@ -1,0 +1,664 @@
+"""Kamailio `app_python3` entry: the push-proxy router (KEMI mode and role mode).
+
+Thin by design: it reads the SIP message and usrloc through `KSR`, asks `pushlib`
+(params, calls, callstate, store) what to do, and acts through `KSR`. Decisions live in
+pushlib/calls.py and are unit-tested there.
+
+KEMI mode (`cfgengine "python"`): Kamailio calls `ksr_request_route` and the other
+`ksr_*` callbacks. Role mode (kamailio/pusher-role.cfg): a native cfg calls
+`python_exec("pusher_register")` / `python_exec("pusher_invite")`; those methods hand their
+verdict back in `$var(pusher)` ("done" = replied/relayed, "next" = the host continues).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import site
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+site.addsitedir(
+    str(_ROOT / ".venv" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages")
+)
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import KSR  # noqa: E402
+
+from pushlib import calls, callstate, params  # noqa: E402
+from pushlib.models import Device, PushJob, UaMapping  # noqa: E402
+from pushlib.store import StoreUnavailable, SyncStore  # noqa: E402
+
+STOP = True  # the route answered or relayed the request: request routing ends here
+NEXT = False  # the route did not apply: the next route of the pipeline runs
+
+LOCATION = "location"
+WAIT_TABLE = "pnwait"
+PEND_TABLE = "pnpend"  # "<aor>|<device id>" of devices pushed for a call parked on this node
+FAILURE_ROUTE = "ksr_failure_route"
+PARK_PREFIX = "pn-park-"
+_MAPPING_TTL = 10.0
+_HA1_TTL = 5.0  # a changed password applies within this many seconds
+
+
+def _get_def(name: str) -> str | None:
+    if KSR.kx.ifdef(name) <= 0:
+        return None
+    value = KSR.kx.get_def(name)
+    return "" if value is None else str(value)
+
+
+def _pv(name: str) -> str:
+    value = KSR.pv.get(name)
+    return "" if value is None else str(value)
+
+
+def _log(level: Callable[[str], Any], event: str, **fields: object) -> None:
+    details = " ".join(f"{k}={v}" for k, v in fields.items())
+    level(f"pusher: {event} {details}\n")
+
+
+def mod_init() -> Router:
+    return Router()
+
+
+class Router:
+    """All KEMI callbacks of the push proxy."""
+
+    def __init__(self) -> None:
+        self.cfg = calls.proxy_config(_get_def)
+        self._pid = 0
+        self._store: SyncStore | None = None
+        self._state: callstate.CallState | None = None
+        self._subscribers: callstate.Subscribers | None = None
+        self._mappings: list[UaMapping] = []
+        self._mappings_at = -_MAPPING_TTL
+        self._legacy_logged: set[str] = set()
+        self._ha1_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
+
+    # ------------------------------------------------------------------ process-local clients
+
+    def child_init(self, rank: int) -> int:
+        if rank > 0:
+            _log(KSR.info, "ready", rank=rank, pusher=self.cfg.pusher, auth=self.cfg.auth)
+        return 0
+
+    def _connect(self) -> None:
+        import os
+
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        settings = self.cfg.settings
+        self._store = SyncStore(settings.redis_url, settings)
+        client = callstate.connect(settings.redis_url)
+        self._state = callstate.CallState(client)
+        self._subscribers = callstate.Subscribers(client)
+
+    @property
+    def store(self) -> SyncStore:
+        self._connect()
+        assert self._store is not None
+        return self._store
+
+    @property
+    def state(self) -> callstate.CallState:
+        self._connect()
+        assert self._state is not None
+        return self._state
+
+    @property
+    def subscribers(self) -> callstate.Subscribers:
+        self._connect()
+        assert self._subscribers is not None
+        return self._subscribers
+
+    def _ua_mappings(self) -> list[UaMapping]:
+        now = time.monotonic()
+        if now - self._mappings_at > _MAPPING_TTL:
+            try:
+                self._mappings = self.store.ua_mappings()
+                self._mappings_at = now
+            except StoreUnavailable as exc:
+                _log(KSR.warn, "ua-mappings-unavailable", error=exc)
+        return self._mappings
+
+    # ------------------------------------------------------------------ request pipeline
+
+    def ksr_request_route(self, msg: object) -> int:
+        pipeline = (
+            self.route_parking,
+            self.route_reqinit,
+            self.route_natdetect,
+            self.route_cancel,
+            self.route_withindlg,
+            self.route_retransmission,
+            self.route_auth,
+            self.route_register,
+            self.route_invite,
+            self.route_location,
+        )
+        for step in pipeline:
+            if step():
+                break
+        return 1
+
+    def route_parking(self) -> bool:
+        """Our own parking branches (see _park): swallowed, never answered. tm kills the branch
+        (no CANCEL: it never got a reply) when the parked INVITE gets its final reply."""
+        if _pv("$rU").startswith(PARK_PREFIX) and KSR.is_myself_srcip() > 0:
+            return STOP
+        return NEXT
+
+    def route_reqinit(self) -> bool:
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.sl_send_reply(483, "Too Many Hops")
+            return STOP
+        if KSR.sanity.sanity_check(17895, 7) < 0:
+            _log(KSR.err, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}")
+            return STOP
+        if KSR.is_OPTIONS() and not _pv("$rU"):
+            KSR.sl.sl_send_reply(200, "Keepalive")
+            return STOP
+        return NEXT
+
+    def route_natdetect(self) -> bool:
+        KSR.force_rport()
+        if KSR.nathelper.nat_uac_test(19) > 0:
+            if KSR.is_REGISTER():
+                KSR.nathelper.fix_nated_register()
+            elif KSR.siputils.is_first_hop() > 0:
+                KSR.nathelper.set_contact_alias()
+        return NEXT
+
+    def route_cancel(self) -> bool:
+        if not KSR.is_CANCEL():
+            return NEXT
+        if KSR.tm.t_check_trans() > 0 and not self._cancel_parked():
+            KSR.tm.t_relay()
+        return STOP
+
+    def _cancel_parked(self) -> bool:
+        """The caller hung up: a parked INVITE is answered 487 by us (its unreplied parking
+        branch would keep it open; tm cancels its real branches with that final reply)."""
+        key = calls.call_key(_pv("$ci"))
+        if not self.cfg.pusher or KSR.htable.sht_get(WAIT_TABLE, key) is None:
+            return False
+        self._end_parked(key, reason="canceled", reply=487)
+        KSR.sl.sl_send_reply(200, "Canceling")
+        return True
+
+    def route_withindlg(self) -> bool:
+        if KSR.siputils.has_totag() < 0:
+            return NEXT
+        if KSR.rr.loose_route() > 0:
+            if KSR.is_INVITE():
+                KSR.rr.record_route()
+            KSR.nathelper.handle_ruri_alias()
+            self._relay()
+            return STOP
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                self._relay()
+            return STOP
+        KSR.sl.sl_send_reply(404, "Not here")
+        return STOP
+
+    def route_retransmission(self) -> bool:
+        if KSR.tmx.t_precheck_trans() > 0:
+            KSR.tm.t_check_trans()
+            return STOP
+        if KSR.tm.t_check_trans() == 0:
+            return STOP
+        return NEXT
+
+    def route_auth(self) -> bool:
+        if not self.cfg.auth or not (KSR.is_REGISTER() or KSR.is_INVITE()):
+            return NEXT
+        user, domain = (_pv("$tU"), _pv("$td")) if KSR.is_REGISTER() else (_pv("$fU"), _pv("$fd"))
+        try:
+            ha1 = self._ha1(user, domain)
+        except callstate.CallStateUnavailable as exc:
+            _log(KSR.err, "auth-store-unavailable", user=user, method=_pv("$rm"), error=exc)
+            if KSR.is_INVITE():
+                return NEXT  # calls to awake contacts keep working while Redis is down
+            KSR.sl.sl_send_reply(503, "Credentials Store Unavailable")
+            return STOP
+        if ha1 is None and KSR.is_INVITE():
+            return NEXT  # not a local user: an external caller
+        realm = self.cfg.realm or domain
+        rc = KSR.auth.pv_auth_check(realm, ha1 or "-", 1, 1)
+        if rc < 0:
+            if KSR.auth.has_credentials(realm) > 0:
+                _log(KSR.notice, "auth-failed", user=user, src=f"{_pv('$si')}:{_pv('$sp')}", rc=rc)
+            KSR.auth.auth_challenge(realm, 0)
+            return STOP
+        KSR.auth.consume_credentials()
+        return NEXT
+
+    def _ha1(self, user: str, domain: str) -> str | None:
+        """Subscriber HA1 (None: not a local user), cached per worker for a few seconds: the
+        challenged REGISTER fills the cache the authenticated one (the wake-up path) reads."""
+        now = time.monotonic()
+        cached = self._ha1_cache.get((user, domain))
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        ha1 = self.subscribers.ha1(user, domain)
+        if len(self._ha1_cache) > 10_000:
+            self._ha1_cache.clear()
+        self._ha1_cache[(user, domain)] = (ha1, now + _HA1_TTL)
+        return ha1
+
+    # ------------------------------------------------------------------ REGISTER
+
+    def route_register(self) -> bool:
+        if not KSR.is_REGISTER():
+            return NEXT
+        if not self.cfg.pusher:
+            self._save()
+            return STOP
+        user, domain = _pv("$tU"), _pv("$td")
+        aor = calls.aor_of(user, domain)
+        contact = _pv("$ct")
+        if not contact or contact.strip() == "*":
+            if contact.strip() == "*":
+                self._forget_all_devices(aor)
+            self._save()
+            return STOP
+        user_agent = _pv("$ua")
+        mappings = self._ua_mappings()
+        try:
+            uri_params = params.contact_uri_params(contact)
+            hdr_params = params.contact_header_params(contact)
+            push = params.parse_push_params(uri_params, user_agent, mappings)
+        except params.UnsupportedProvider as exc:
+            _log(KSR.notice, "register-rejected", code=555, aor=aor, reason=calls.sip_reason(str(exc)))
+            KSR.sl.sl_send_reply(555, "Push Notification Service Not Supported")
+            return STOP
+        except params.PushParamError as exc:
+            reason = calls.sip_reason(str(exc))
+            _log(KSR.notice, "register-rejected", code=400, aor=aor, reason=reason)
+            KSR.sl.sl_send_reply(400, reason)
+            return STOP
+        if push is None:
+            if params.has_legacy_params(uri_params, mappings) and aor not in self._legacy_logged:
+                self._legacy_logged.add(aor)
+                _log(KSR.notice, "legacy-params-no-ua-mapping", aor=aor, ua=calls.sip_reason(user_agent))
+            KSR.hdr.append_to_reply(f"Feature-Caps: {calls.feature_caps(None)}\r\n")
+            self._save()
+            return STOP
+        contact_uri = calls.contact_uri(contact)
+        instance = hdr_params.get("+sip.instance")
+        device_id = params.device_id_for(push, instance)
+        expires = calls.register_expires(hdr_params.get("expires"), _pv("$hdr(Expires)") or None)
+        if expires == 0:
+            try:
+                self.store.remove_device(aor, device_id)
+            except StoreUnavailable as exc:
+                _log(KSR.err, "device-remove-failed", aor=aor, device=device_id, error=exc)
+            self._save()
+            return STOP
+        now = time.time()
+        device = Device(
+            aor=aor,
+            device_id=device_id,
+            params=push,
+            contact=contact_uri,
+            user_agent=user_agent,
+            registered_at=now,
+            expires_at=now + expires,
+        )
+        pns = _pv("$(ct{nameaddr.uri}{uri.param,pn-provider})") or push.provider.value
+        KSR.hdr.append_to_reply(f"Feature-Caps: {calls.feature_caps(calls.sip_reason(pns))}\r\n")
+        # Order matters for wake latency: save the binding (reply held back), forward the parked
+        # INVITEs to it, then write the push record and only then answer the REGISTER.
+        if not self._save(reply=False):
+            return STOP
+        self._resume(aor, device_id)
+        try:
+            evicted = self.store.save_device(device)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "device-store-unavailable", aor=aor, device=device_id, error=exc)
+            for b in self._bindings(aor):
+                if b.uri == contact_uri:
+                    KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
+            KSR.sl.sl_send_reply(503, "Push Store Unavailable")
+            return STOP
+        self._drop_stale_bindings(aor, device_id, contact_uri, evicted)
+        KSR.registrar.reg_send_reply()
+        return STOP
+
+    def _save(self, reply: bool = True) -> bool:
+        if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:  # errors are answered by registrar
+            _log(KSR.err, "save-failed", aor=_pv("$tu"), src=f"{_pv('$si')}:{_pv('$sp')}")
+            return False
+        return True
+
+    def _forget_all_devices(self, aor: str) -> None:
+        try:
+            for d in self.store.devices(aor):
+                self.store.remove_device(aor, d.device_id)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "device-remove-failed", aor=aor, error=exc)
+
+    def _drop_stale_bindings(self, aor: str, device_id: str, contact_uri: str, evicted: list[str]) -> None:
+        """Remove the device's older bindings (new port/connection/Call-ID) and evicted devices'."""
+        mappings = self._ua_mappings()
+
+        def identify(b: calls.Binding) -> str | None:
+            try:
+                pp = params.parse_push_params(params.contact_uri_params(f"<{b.uri}>"), b.user_agent, mappings)
+            except params.PushParamError:
+                return None
+            return None if pp is None else params.device_id_for(pp, b.instance or None)
+
+        bindings = self._bindings(aor)
+        stale = calls.stale_bindings(bindings, device_id, contact_uri, identify)
+        gone = set(evicted)
+        stale += [b for b in bindings if gone and b not in stale and identify(b) in gone]
+        for b in stale:
+            KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
+            _log(KSR.info, "stale-binding-removed", aor=aor, device=device_id)
+
+    def _resume(self, aor: str, device_id: str) -> None:
+        """Forward the calls parked for this device to its fresh binding.
+
+        The fast path is shared memory: `pnpend` says whether the device was pushed for a call
+        parked on this node (tsilo transactions are per node too), so the parked INVITE goes out
+        before any Redis round trip; Redis then records the device as woken (for cancel pushes).
+        """
+        pend_key = f"{aor}|{device_id}"
+        if KSR.htable.sht_get(PEND_TABLE, pend_key) is None:
+            return
+        KSR.htable.sht_rm(PEND_TABLE, pend_key)
+        rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
+        try:
+            woken = self.state.wake(aor, device_id)
+        except callstate.CallStateUnavailable as exc:
+            _log(KSR.err, "wake-state-unavailable", aor=aor, device=device_id, error=exc)
+            woken = []
+        _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(woken), rc=rc)
+
+    # ------------------------------------------------------------------ INVITE
+
+    def route_invite(self) -> bool:
+        if not KSR.is_INVITE() or not self.cfg.pusher:
+            return NEXT
+        aor = calls.aor_of(_pv("$rU"), _pv("$rd"))
+        KSR.rr.record_route()
+        bindings = self._bindings(aor)
+        devices: list[Device] | None
+        try:
+            devices = self.store.devices(aor)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "device-store-unavailable", aor=aor, error=exc)
+            devices = None
+        now = time.time()
+        plan = calls.plan_invite(bindings, devices, now, self.cfg.awake_window)
+        if plan.verdict is calls.Verdict.NOT_FOUND:
+            KSR.sl.sl_send_reply(404, "Not Found")
+            return STOP
+        if plan.verdict is calls.Verdict.UNAVAILABLE:
+            _log(KSR.notice, "unavailable", aor=aor, store="down" if devices is None else "up")
+            KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
+            return STOP
+        if plan.verdict is calls.Verdict.RING:
+            self._ring(plan.ring)
+            return STOP
+        self._park(aor, plan, now)
+        return STOP
+
+    def _park(self, aor: str, plan: calls.InvitePlan, now: float) -> None:
+        call_id = _pv("$ci")
+        key = calls.call_key(call_id)
+        caller = calls.caller_identity(_pv("$hdr(From)"), _pv("$fU"))
+        if KSR.tm.t_newtran() < 0:
+            _log(KSR.err, "park-newtran-failed", aor=aor, call=key)
+            KSR.sl.sl_reply_error()
+            return
+        KSR.tm.t_save_lumps()
+        KSR.tsilo.ts_store_uri(aor)
+        pushed = tuple(d.device_id for d in plan.push)
+        parked = callstate.ParkedCall(
+            aor=aor,
+            key=key,
+            call_id=call_id,
+            cseq=_pv("$cs"),
+            caller_name=caller[0],
+            caller_number=caller[1],
+            deadline=now + self.cfg.settings.wait_window,
+            pushed=pushed,
+        )
+        try:
+            # the push first (its job id is derived from the Call-ID, so the dispatcher never
+            # delivers it twice), the bookkeeping after
+            self.store.enqueue(
+                calls.incoming_call_job(aor, call_id, caller, pushed, now, self.cfg.settings.wait_window)
+            )
+            self.state.park(parked, now)
+        except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
+            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            if plan.ring:
+                self._ring(plan.ring)
+            else:
+                KSR.tm.t_reply(480, "Temporarily Unavailable")
+            return
+        window = max(1, int(self.cfg.settings.wait_window))
+        KSR.htable.sht_setxs(WAIT_TABLE, key, aor, window)
+        for device_id in pushed:
+            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}", key, window + 5)
+        _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
+        # Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
+        # (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
+        # pending until its fr timer (wait window + 5 s), so failed awake branches do not end
+        # the call while pushed devices may still wake, and tsilo can append the woken device's
+        # branch; the htable timer answers 480 at the window's end (tm fakes a 487 for it).
+        fr_ms = (window + 5) * 1000
+        KSR.tm.t_set_fr(max(fr_ms, 120_000), fr_ms)
+        park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
+        KSR.pv.sets("$ru", park_uri)
+        KSR.pv.sets("$du", park_uri)
+        KSR.tm.t_reply(100, "Trying")
+        if plan.ring:
+            KSR.corex.append_branch()
+            self._ring(plan.ring)
+        else:
+            KSR.tm.t_on_failure(FAILURE_ROUTE)
+            self._relay()
+
+    def _bindings(self, aor: str) -> list[calls.Binding]:
+        if KSR.registrar.reg_fetch_contacts(LOCATION, aor, "pn") < 0:
+            return []
+        out: list[calls.Binding] = []
+        for i in range(KSR.pv.geti("$ulc(pn=>count)") or 0):
+            out.append(
+                calls.Binding(
+                    uri=_pv(f"$(ulc(pn=>addr)[{i}])"),
+                    received=_pv(f"$(ulc(pn=>received)[{i}])"),
+                    instance=_pv(f"$(ulc(pn=>instance)[{i}])"),
+                    modified=float(KSR.pv.geti(f"$(ulc(pn=>modified)[{i}])") or 0),
+                    ruid=_pv(f"$(ulc(pn=>ruid)[{i}])"),
+                    user_agent=_pv(f"$(ulc(pn=>user_agent)[{i}])"),
+                )
+            )
+        KSR.registrar.reg_free_contacts("pn")
+        return out
+
+    def _ring(self, ring: tuple[calls.Binding, ...]) -> None:
+        first, *others = ring
+        for b in others:
+            KSR.pv.sets("$ru", b.uri)
+            if b.received:
+                KSR.pv.sets("$du", b.received)
+            else:
+                KSR.pv.unset("$du")
+            KSR.corex.append_branch()
+        KSR.pv.sets("$ru", first.uri)
+        if first.received:
+            KSR.pv.sets("$du", first.received)
+        else:
+            KSR.pv.unset("$du")
+        KSR.tm.t_on_failure(FAILURE_ROUTE)
+        self._relay()
+
+    def route_location(self) -> bool:
+        """Initial requests other than push-handled INVITEs: plain registrar lookup + relay."""
+        if not KSR.is_INVITE() and not _pv("$rU"):
+            KSR.sl.sl_send_reply(404, "Not Found")
+            return STOP
+        if KSR.is_INVITE():
+            KSR.rr.record_route()
+        if KSR.registrar.lookup(LOCATION) < 0:
+            KSR.sl.sl_send_reply(404, "Not Found")
+            return STOP
+        self._relay()
+        return STOP
+
+    def _relay(self) -> None:
+        if KSR.tm.t_relay() < 0:
+            _log(KSR.err, "relay-failed", ruri=_pv("$ru"), method=_pv("$rm"))
+            KSR.sl.sl_reply_error()
+
+    # ------------------------------------------------------------------ ending parked calls
+
+    def _end_parked(self, key: str, reason: str, reply: int = 0, answered: bool = False) -> None:
+        """End a parked call once: stop its timer, owe its pushes, optionally answer the caller."""
+        aor = KSR.htable.sht_get(WAIT_TABLE, key)
+        if not aor:
+            return
+        KSR.htable.sht_rm(WAIT_TABLE, key)
+        self._finish(str(aor), key, reason, reply, answered)
+
+    def _finish(self, aor: str, key: str, reason: str, reply: int, answered: bool) -> None:
+        try:
+            call = self.state.finish(aor, key)
+        except callstate.CallStateUnavailable as exc:
+            _log(KSR.err, "end-state-unavailable", aor=aor, call=key, reason=reason, error=exc)
+            return
+        if call is None:
+            return
+        if reply:
+            KSR.tmx.t_reply_callid(call.call_id, call.cseq, reply, calls.reason_phrase(reply))
+        now = time.time()
+        if answered:
+            notify = tuple(d for d in call.pushed if d not in call.woken)
+            jobs: list[PushJob] = calls.end_of_call_jobs(
+                aor, call.call_id, (call.caller_name, call.caller_number), notify, "", now,
+                self.cfg.settings, reason,
+            )
+        else:
+            jobs = calls.end_of_call_jobs(
+                aor, call.call_id, (call.caller_name, call.caller_number), call.pushed, None, now,
+                self.cfg.settings, reason,
+            )
+        try:
+            for job in jobs:
+                self.store.enqueue(job)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "end-push-unavailable", aor=aor, call=key, error=exc)
+        _log(KSR.info, "end", aor=aor, call=key, reason=reason, jobs=",".join(j.kind.value for j in jobs))
+
+    # ------------------------------------------------------------------ tm callbacks
+
+    def ksr_failure_route(self, msg: object) -> int:
+        key = calls.call_key(_pv("$ci"))
+        code = KSR.pv.geti("$T_reply_code") or 0
+        parked = KSR.htable.sht_get(WAIT_TABLE, key) is not None
+        action = calls.failure_action(code, parked, KSR.tm.t_is_canceled() > 0)
+        if action is calls.FailureAction.END_ALL:
+            if parked:
+                self._end_parked(key, reason=f"rejected-{code}")
+            return 1
+        return 1
+
+    def ksr_onreply_route(self, msg: object) -> int:
+        if not self.cfg.pusher or _pv("$rm") != "INVITE":
+            return 1
+        code = KSR.pv.geti("$rs") or 0
+        if code < 200:
+            return 1
+        key = calls.call_key(_pv("$ci"))
+        if KSR.htable.sht_get(WAIT_TABLE, key) is None:
+            return 1
+        if 200 <= code < 300:
+            self._end_parked(key, reason="answered", answered=True)
+        elif calls.failure_action(code, True, False) is calls.FailureAction.END_ALL:
+            # busy/decline ends the call for everyone. tm cannot end the parking branch from
+            # inside a reply route, so the wait-window timer is re-armed to fire now with this
+            # code: the timer process answers the caller and tm cancels every other branch.
+            aor = KSR.htable.sht_get(WAIT_TABLE, key)
+            KSR.htable.sht_rm(WAIT_TABLE, key)  # a replaced item would keep its old expiry
+            KSR.htable.sht_setxs(WAIT_TABLE, key, f"{aor}|{code}", 1)
+            _log(KSR.info, "end-all", call=key, code=code)
+        else:
+            _log(KSR.info, "keep-waiting", call=key, code=code)
+        return 1
+
+    def ksr_reply_route(self, msg: object) -> int:
+        return self.ksr_onreply_route(msg)
+
+    def ksr_onsend_route(self, msg: object) -> int:
+        return 1
+
+    def ksr_branch_route(self, msg: object) -> int:
+        return 1
+
+    # ------------------------------------------------------------------ events and workers
+
+    def ksr_htable_event(self, msg: object, evname: str) -> int:
+        if evname != f"htable:expired:{WAIT_TABLE}":
+            return 1
+        key = _pv("$shtrecord(key)")
+        aor, _, code = _pv("$shtrecord(value)").partition("|")
+        if key and aor:
+            reply = int(code) if code.isdigit() else 480
+            reason = "timeout" if reply == 480 else f"rejected-{reply}"
+            self._finish(aor, key, reason=reason, reply=reply, answered=False)
+        return 1
+
+    def ksr_dispatcher(self, msg: object, idx: str = "0") -> int:
+        """evrexec worker: run the push dispatcher's asyncio loop in this dedicated process."""
+        from pushlib.dispatcher import Dispatcher
+
+        while True:
+            try:
+                _log(KSR.info, "dispatcher-start", worker=idx)
+                asyncio.run(Dispatcher(self.cfg.settings, consumer=f"kamailio-{idx}").run(asyncio.Event()))
+            except Exception as exc:
+                _log(KSR.err, "dispatcher-crashed", worker=idx, error=repr(exc))
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------ role mode (python_exec)
+
+    @staticmethod
+    def _verdict(done: bool) -> int:
+        KSR.pv.sets("$var(pusher)", "done" if done else "next")
+        return 1
+
+    def pusher_pre(self, msg: object) -> int:
+        return self._verdict(self.route_parking())
+
+    def pusher_register(self, msg: object) -> int:
+        return self._verdict(self.route_register())
+
+    def pusher_invite(self, msg: object) -> int:
+        return self._verdict(self.route_invite())
+
+    def pusher_cancel(self, msg: object) -> int:
+        return self._verdict(self._cancel_parked())
+
+    def pusher_reply(self, msg: object) -> int:
+        return self.ksr_onreply_route(msg)
+
+    def pusher_failure(self, msg: object) -> int:
+        return self.ksr_failure_route(msg)
+
+    def pusher_expired(self, msg: object) -> int:
+        return self.ksr_htable_event(msg, f"htable:expired:{WAIT_TABLE}")
+
+    def pusher_dispatcher(self, msg: object) -> int:
+        return self.ksr_dispatcher(msg, "0")

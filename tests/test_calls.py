@@ -1,0 +1,188 @@
+"""Unit tests of the pure call-flow decisions (pushlib.calls) and the parked-call state (pushlib.callstate)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pushlib import calls, callstate
+from pushlib.models import Device, Provider, PushKind, PushParams
+from pushlib.settings import Settings
+
+NOW = 1_800_000_000.0
+
+
+def dev(device_id: str, contact: str, registered_ago: float, **kw: float) -> Device:
+    return Device(
+        aor="sip:bob@example.com",
+        device_id=device_id,
+        params=PushParams(Provider.APNS, "com.example.phone", voip_token="ab" * 32),
+        contact=contact,
+        registered_at=NOW - registered_ago,
+        expires_at=kw.get("expires_at", NOW + 3600),
+        quarantined_until=kw.get("quarantined_until", 0.0),
+    )
+
+
+PUSH_URI = "sip:bob@10.0.0.1:5060;pn-provider=apns;pn-param=T.com.example.phone.voip;pn-prid=abab"
+
+
+# --------------------------------------------------------------------------- plan_invite
+
+
+def test_plain_contact_rings_at_once() -> None:
+    plan = calls.plan_invite([calls.Binding("sip:desk@10.0.0.2")], [], NOW, 10)
+    assert plan.verdict is calls.Verdict.RING and [b.uri for b in plan.ring] == ["sip:desk@10.0.0.2"]
+
+
+def test_recent_push_contact_rings_old_one_is_pushed() -> None:
+    b = calls.Binding(PUSH_URI)
+    assert calls.plan_invite([b], [dev("d1", PUSH_URI, 3)], NOW, 10).verdict is calls.Verdict.RING
+    plan = calls.plan_invite([b], [dev("d1", PUSH_URI, 30)], NOW, 10)
+    assert plan.verdict is calls.Verdict.PARK and [d.device_id for d in plan.push] == ["d1"] and not plan.ring
+
+
+def test_awake_window_zero_always_pushes() -> None:
+    plan = calls.plan_invite([calls.Binding(PUSH_URI)], [dev("d1", PUSH_URI, 0)], NOW, 0)
+    assert plan.verdict is calls.Verdict.PARK
+
+
+def test_awake_and_sleeping_devices_in_parallel() -> None:
+    plan = calls.plan_invite(
+        [calls.Binding("sip:desk@10.0.0.2"), calls.Binding(PUSH_URI)], [dev("d1", PUSH_URI, 300)], NOW, 10
+    )
+    assert plan.verdict is calls.Verdict.PARK
+    assert [b.uri for b in plan.ring] == ["sip:desk@10.0.0.2"] and [d.device_id for d in plan.push] == ["d1"]
+
+
+def test_device_without_binding_after_restart_is_pushed() -> None:
+    plan = calls.plan_invite([], [dev("d1", PUSH_URI, 300)], NOW, 10)
+    assert plan.verdict is calls.Verdict.PARK
+
+
+def test_expired_and_quarantined_devices_are_skipped() -> None:
+    devices = [dev("d1", PUSH_URI, 300, expires_at=NOW - 1), dev("d2", "sip:x@h", 300, quarantined_until=NOW + 60)]
+    assert calls.plan_invite([], devices, NOW, 10).verdict is calls.Verdict.UNAVAILABLE
+
+
+def test_unknown_user_is_not_found() -> None:
+    assert calls.plan_invite([], [], NOW, 10).verdict is calls.Verdict.NOT_FOUND
+
+
+def test_store_down_rings_plain_contacts_only() -> None:
+    plan = calls.plan_invite(
+        [calls.Binding("sip:desk@10.0.0.2"), calls.Binding(PUSH_URI, modified=NOW - 300)], None, NOW, 10
+    )
+    assert plan.verdict is calls.Verdict.RING and [b.uri for b in plan.ring] == ["sip:desk@10.0.0.2"]
+    only_push = calls.plan_invite([calls.Binding(PUSH_URI, modified=NOW - 300)], None, NOW, 10)
+    assert only_push.verdict is calls.Verdict.UNAVAILABLE
+    assert calls.plan_invite([], None, NOW, 10).verdict is calls.Verdict.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- failures, register helpers
+
+
+@pytest.mark.parametrize(
+    ("code", "parked", "canceled", "action"),
+    [
+        (486, True, False, calls.FailureAction.END_ALL),
+        (603, False, False, calls.FailureAction.END_ALL),
+        (600, True, False, calls.FailureAction.END_ALL),
+        (408, True, False, calls.FailureAction.KEEP_WAITING),
+        (480, True, False, calls.FailureAction.KEEP_WAITING),
+        (503, True, False, calls.FailureAction.KEEP_WAITING),
+        (408, False, False, calls.FailureAction.RELAY),
+        (487, True, True, calls.FailureAction.RELAY),
+    ],
+)
+def test_failure_action(code: int, parked: bool, canceled: bool, action: calls.FailureAction) -> None:
+    assert calls.failure_action(code, parked, canceled) is action
+
+
+def test_feature_caps_and_reason() -> None:
+    assert calls.feature_caps("apns") == '*;+sip.pns="apns"'
+    assert calls.feature_caps(None) == '*;+sip.pns="apns,fcm"'
+    reason = calls.sip_reason("bad\r\ntoken 😀" + "x" * 200)
+    assert reason.isascii() and "\r" not in reason and len(reason) == 80
+
+
+def test_contact_uri_and_expires() -> None:
+    assert calls.contact_uri('"Bob" <sip:b@h;pn-prid=1>;expires=60') == "sip:b@h;pn-prid=1"
+    assert calls.contact_uri("sip:b@h;expires=60") == "sip:b@h"
+    assert calls.register_expires("0", "3600") == 0
+    assert calls.register_expires(None, "120") == 120
+    assert calls.register_expires("junk", None) == 3600
+
+
+def test_stale_bindings_same_device_other_uri() -> None:
+    old = calls.Binding("sip:d@1.2.3.4:1111;pn-prid=abab", ruid="r1")
+    new = calls.Binding("sip:d@1.2.3.4:2222;pn-prid=abab", ruid="r2")
+    other = calls.Binding("sip:desk@h", ruid="r3")
+    ids = {old.uri: "d1", new.uri: "d1", other.uri: None}
+    stale = calls.stale_bindings([old, new, other], "d1", new.uri, lambda b: ids[b.uri])
+    assert stale == [old]
+
+
+def test_caller_identity_with_quotes_and_emoji() -> None:
+    assert calls.caller_identity('"Bob \\"B\\" 😀" <sip:+1555@h>;tag=1', "+1555") == ('Bob "B" 😀', "+1555")
+    assert calls.caller_identity("<sip:+1555@h>;tag=1", "+1555") == ("+1555", "+1555")
+    assert calls.caller_identity("Alice <sip:a@h>", "a") == ("Alice", "a")
+
+
+def test_proxy_config_from_defines() -> None:
+    defs = {"WITH_PUSHER": "", "WITH_AUTH": "", "REDIS_URL": '"redis://h:1/2"', "WAIT_WINDOW": "12",
+            "AWAKE_WINDOW": "0", "AUTH_REALM": '"example.com"'}
+    cfg = calls.proxy_config(defs.get, env={})
+    assert cfg.pusher and cfg.auth and not cfg.external_dispatcher
+    assert cfg.settings.redis_url == "redis://h:1/2" and cfg.settings.wait_window == 12.0
+    assert cfg.awake_window == 0.0 and cfg.realm == "example.com"
+    assert not calls.proxy_config(lambda name: None, env={}).pusher
+
+
+def test_end_of_call_jobs() -> None:
+    s = Settings()
+    answered = calls.end_of_call_jobs("sip:b@h", "c1", ("A", "1"), ["d1", "d2"], "", NOW, s, "answered")
+    assert [j.kind for j in answered] == [PushKind.CANCEL_INCOMING_CALL]
+    missed = calls.end_of_call_jobs("sip:b@h", "c1", ("A", "1"), ["d1"], None, NOW, s, "timeout")
+    assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
+    assert missed[1].data["title"] == "Missed Call" and missed[1].deadline == NOW + s.message_ttl
+    job = calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW, 30)
+    assert job.deadline == NOW + 30 and job.data["call_id"] == "c1" and job.device_ids == ("d1",)
+    assert job.job_id == calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW + 1, 30).job_id
+
+
+# --------------------------------------------------------------------------- callstate (real redis)
+
+
+def _call(key: str, pushed: tuple[str, ...]) -> callstate.ParkedCall:
+    return callstate.ParkedCall("sip:b@h", key, f"cid-{key}", "1", "A", "1", time.time() + 30, pushed)
+
+
+def test_park_wake_finish(redis_url: str) -> None:
+    st = callstate.CallState(callstate.connect(redis_url))
+    now = time.time()
+    assert st.park(_call("k1", ("d1", "d2")), now)
+    assert not st.park(_call("k1", ("d1", "d2")), now)  # retransmission / duplicate: no second park
+    assert st.park(_call("k2", ("d1",)), now)  # a second call to the same user is its own
+    assert st.wake("sip:b@h", "d1") == ["k1", "k2"]
+    assert st.wake("sip:b@h", "d1") == []  # a second REGISTER adds no second branch
+    ended = st.finish("sip:b@h", "k1")
+    assert ended is not None and ended.pushed == ("d1", "d2") and ended.woken == ("d1",)
+    assert st.finish("sip:b@h", "k1") is None  # only one ender wins
+    assert st.wake("sip:b@h", "d2") == []  # k1 is gone; d2 was never pushed for k2
+
+
+def test_subscribers_store_ha1_only(redis_url: str) -> None:
+    client = callstate.connect(redis_url)
+    subs = callstate.Subscribers(client)
+    subs.set_password("bob", "example.com", "s3cret")
+    assert subs.ha1("bob", "example.com") == callstate.ha1("bob", "example.com", "s3cret")
+    assert "s3cret" not in str(client.hgetall(subs.key("bob", "example.com")))
+    assert subs.ha1("eve", "example.com") is None
+
+
+def test_callstate_unavailable_is_typed() -> None:
+    st = callstate.CallState(callstate.connect("redis://127.0.0.1:1/0", timeout=0.2))
+    with pytest.raises(callstate.CallStateUnavailable):
+        st.wake("sip:b@h", "d1")

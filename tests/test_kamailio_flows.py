@@ -1,0 +1,400 @@
+"""Integration: real Kamailio (KEMI mode, push role, auth on) + redis-server + sandbox + SIPp.
+
+One stack per module (wait window 4 s so timeouts are quick; awake window 10 s). A device is a
+SIPp UAS on port P plus a Python REGISTER sender whose Contact points at P. A device "goes to
+sleep" by back-dating its last REGISTER in the store (as if it registered long ago).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sip_support import (
+    DOMAIN,
+    SipClient,
+    SipResponse,
+    Stack,
+    apns_token,
+    fcm_token,
+    push_kind,
+    push_stack,
+    rfc8599_apns_contact,
+    rfc8599_fcm_contact,
+    sipp_caller,
+    sipp_device,
+    stop_all_sipp,
+    wait_log,
+)
+
+WAIT = 4.0
+TRANSPORTS = ["udp", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with push_stack(auth=True, wait_window=WAIT, awake_window=10) as s:
+        yield s
+
+
+@pytest.fixture()
+def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    stop_all_sipp()
+    (tmp_path / "kamailio.log").write_text(stack.kamailio.log())
+    # shown by pytest only when the test failed
+    print("\n".join(line for line in stack.kamailio.log().splitlines()
+                    if "pusher" in line or "ERROR" in line)[-6000:])
+
+
+def _user() -> str:
+    return "u" + uuid.uuid4().hex[:10]
+
+
+def register(stack: Stack, user: str, contact: str, transport: str, **kw: Any) -> SipResponse:
+    password = stack.passwords.get(user) or stack.add_user(user)
+    with SipClient(stack.kamailio.port, transport) as c:
+        return c.register(user, contact, password=password, **kw)
+
+
+def asleep(stack: Stack, user: str) -> None:
+    """Back-date every device of the user: it registered long ago and its app sleeps."""
+    aor = f"sip:{user}@{DOMAIN}"
+    for d in stack.store.devices(aor):
+        stack.store.save_device(replace(d, registered_at=time.time() - 3600))
+
+
+def payload_data(record: dict[str, object]) -> dict[str, object]:
+    payload = record["payload"]
+    assert isinstance(payload, dict)
+    data = payload.get("data", payload)
+    assert isinstance(data, dict)
+    return data
+
+
+# --------------------------------------------------------------------------- REGISTER
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_register_saves_device_and_answers_feature_caps(stack: Stack, transport: str) -> None:
+    user, tok = _user(), apns_token()
+    r = register(stack, user, rfc8599_apns_contact(5999, tok, transport, instance=str(uuid.uuid4())), transport)
+    assert r.status == 200
+    assert r.header("Feature-Caps") == ['*;+sip.pns="apns"']
+    devices = stack.store.devices(f"sip:{user}@{DOMAIN}")
+    assert len(devices) == 1 and devices[0].params.voip_token == tok
+    assert "pn-prid=" + tok in devices[0].contact
+
+
+def test_register_fcm_and_plain(stack: Stack) -> None:
+    user, tok = _user(), fcm_token()
+    r = register(stack, user, rfc8599_fcm_contact(5998, tok), "udp")
+    assert r.status == 200 and r.header("Feature-Caps") == ['*;+sip.pns="fcm"']
+    r = register(stack, user, "<sip:desk@127.0.0.1:5997>", "udp")
+    assert r.status == 200 and r.header("Feature-Caps") == ['*;+sip.pns="apns,fcm"']
+    assert [d.params.alert_token for d in stack.store.devices(f"sip:{user}@{DOMAIN}")] == [tok]
+
+
+def test_challenged_register_stores_nothing(stack: Stack) -> None:
+    user = _user()
+    stack.add_user(user)
+    with SipClient(stack.kamailio.port) as c:
+        r = c.register(user, rfc8599_apns_contact(5996, apns_token()))  # no password: challenge only
+    assert r.status == 401
+    with SipClient(stack.kamailio.port) as c:
+        r = c.register(user, rfc8599_apns_contact(5996, apns_token()), password="wrong")
+    assert r.status == 401
+    assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []
+
+
+@pytest.mark.parametrize(
+    ("contact", "status", "reason_part"),
+    [
+        ("<sip:d@127.0.0.1:5995;pn-provider=webpush;pn-param=x;pn-prid=abc>", 555, "Not Supported"),
+        ("<sip:d@127.0.0.1:5995;pn-provider=apns;pn-param=TEAM000001.com.example.phone.voip;pn-prid=zz-not-hex>",
+         400, ""),
+        ("<sip:d@127.0.0.1:5995;pn-provider=apns;pn-param=TEAM000001.com.example.phone.voip;pn-prid="
+         + "ab" * 2600 + ">", 400, ""),
+        ("<sip:d@127.0.0.1:5995;pn-provider=apns;pn-prid=" + "ab" * 32 + ">", 400, ""),
+    ],
+    ids=["unknown-provider", "non-hex-token", "5kb-token", "missing-pn-param"],
+)
+def test_bad_push_params_rejected_and_nothing_stored(
+    stack: Stack, contact: str, status: int, reason_part: str
+) -> None:
+    user = _user()
+    r = register(stack, user, contact, "tcp")
+    assert r.status == status, r.raw[:300]
+    assert reason_part in r.reason
+    assert r.reason.isascii() and 0 < len(r.reason) <= 80
+    assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []
+
+
+def test_legacy_params_without_ua_mapping_register_as_plain_contact(stack: Stack) -> None:
+    user = _user()
+    contact = "<sip:d@127.0.0.1:5994;app-id=com.example.phone;pn-type=apple;pn-tok=" + "cd" * 32 + ">"
+    r = register(stack, user, contact, "udp", user_agent="UnknownPhone/9")
+    assert r.status == 200
+    assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []
+    wait_log(stack.kamailio, f"legacy-params-no-ua-mapping aor=sip:{user}@")
+
+
+def test_unregister_removes_device(stack: Stack) -> None:
+    user, tok = _user(), apns_token()
+    contact = rfc8599_apns_contact(5993, tok)
+    assert register(stack, user, contact, "udp").status == 200
+    assert len(stack.store.devices(f"sip:{user}@{DOMAIN}")) == 1
+    assert register(stack, user, contact, "udp", expires=0).status == 200
+    assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []
+
+
+# --------------------------------------------------------------------------- calls
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sleeping_device_is_pushed_woken_and_answers(stack: Stack, tmp: Path, transport: str) -> None:
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    dev = sipp_device(tmp, transport)
+    contact = rfc8599_apns_contact(dev.port, tok, transport, instance=instance)
+    assert register(stack, user, contact, transport).status == 200
+    asleep(stack, user)
+
+    caller = sipp_caller(tmp, stack.kamailio.port, user, transport)
+    pushes = stack.wait_pushes(tok, 1)
+    assert len(pushes) == 1
+    push = pushes[0]
+    assert push["provider"] == "apns" and push["push_type"] == "voip"
+    assert push["topic"] == "com.example.phone.voip" and str(push["priority"]) == "10"
+    assert push_kind(push) == "incomingCall"
+    assert "Alice Caller" in json.dumps(push["payload"])
+    # the app wakes and re-registers from a new socket: the parked INVITE follows
+    assert register(stack, user, contact, transport).status == 200
+    assert caller.wait(30) == 0, caller.logs()
+    assert caller.final_codes() == [200]
+    assert dev.wait(15) == 0, dev.logs()
+    assert dev.received("INVITE") == 1 and dev.received("BYE") == 1
+    time.sleep(0.3)
+    assert len(stack.pushes(tok)) == 1  # no cancel push: the pushed device itself answered
+
+
+def test_awake_device_rings_at_once_without_push(stack: Stack, tmp: Path) -> None:
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, "udp")
+    assert register(stack, user, rfc8599_apns_contact(dev.port, tok), "udp").status == 200
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert dev.wait(15) == 0
+    assert stack.pushes(tok) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_no_answer_within_wait_window_480_missed_call_and_cancel(
+    stack: Stack, tmp: Path, transport: str
+) -> None:
+    user, tok = _user(), fcm_token()
+    assert register(stack, user, rfc8599_fcm_contact(5990, tok, transport), transport).status == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, transport)
+    assert caller.wait(WAIT + 10) == 0, caller.logs() + caller.messages()[-3000:]
+    assert caller.final_codes() == [480]
+    got = stack.wait_pushes(tok, 3)
+    kinds = [push_kind(p) for p in got]
+    assert kinds[0] == "incomingCall"
+    assert sorted(kinds[1:]) == ["cancelIncomingCall", "missedCall"]
+    missed = next(p for p in got if push_kind(p) == "missedCall")
+    assert "Alice Caller" in json.dumps(payload_data(missed))
+    assert all(p["provider"] == "fcm" for p in got)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_caller_cancel_while_parked_487(stack: Stack, tmp: Path, transport: str) -> None:
+    user, tok = _user(), fcm_token()
+    assert register(stack, user, rfc8599_fcm_contact(5989, tok, transport), transport).status == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, transport, scenario="caller-cancel.xml",
+                         args=["-d", "800"])
+    assert caller.wait(20) == 0, caller.logs() + caller.messages()[-3000:]
+    got = stack.wait_pushes(tok, 3)
+    assert sorted(push_kind(p) for p in got) == ["cancelIncomingCall", "incomingCall", "missedCall"]
+
+
+# --------------------------------------------------------------------------- several devices, several calls
+
+
+def test_parallel_ringing_first_200_wins_cancel_push_to_the_rest(stack: Stack, tmp: Path) -> None:
+    user = _user()
+    awake = sipp_device(tmp, "udp", scenario="device-ring.xml")  # rings, then gets CANCEL
+    sleeper_tok, silent_tok = apns_token(), fcm_token()
+    sleeper = sipp_device(tmp, "tcp")
+    sleeper_contact = rfc8599_apns_contact(sleeper.port, sleeper_tok, "tcp", instance=str(uuid.uuid4()))
+    assert register(stack, user, sleeper_contact, "tcp").status == 200
+    assert register(stack, user, rfc8599_fcm_contact(5980, silent_tok, instance=str(uuid.uuid4())),
+                    "udp").status == 200
+    asleep(stack, user)
+    assert register(stack, user, f"<sip:desk@127.0.0.1:{awake.port}>", "udp").status == 200
+
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert len(stack.wait_pushes(sleeper_tok, 1)) == 1 and len(stack.wait_pushes(silent_tok, 1)) == 1
+    assert register(stack, user, sleeper_contact, "tcp").status == 200  # the iPhone wakes
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert sleeper.wait(15) == 0
+    assert awake.wait(15) == 0, awake.logs()  # got INVITE, rang, got CANCEL
+    silent = stack.wait_pushes(silent_tok, 2)
+    assert [push_kind(p) for p in silent] == ["incomingCall", "cancelIncomingCall"]
+    assert [push_kind(p) for p in stack.pushes(sleeper_tok)] == ["incomingCall"]
+
+
+def test_busy_device_ends_the_call_for_everyone(stack: Stack, tmp: Path) -> None:
+    user, tok = _user(), fcm_token()
+    busy = sipp_device(tmp, "udp", scenario="device-reject.xml")
+    assert register(stack, user, rfc8599_fcm_contact(5981, tok), "udp").status == 200
+    asleep(stack, user)
+    assert register(stack, user, f"<sip:desk@127.0.0.1:{busy.port}>", "udp").status == 200
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [486]
+    assert busy.wait(10) == 0
+    kinds = [push_kind(p) for p in stack.wait_pushes(tok, 3)]
+    assert kinds[0] == "incomingCall" and sorted(kinds[1:]) == ["cancelIncomingCall", "missedCall"]
+
+
+def test_failed_awake_branch_keeps_waiting_for_pushed_device(stack: Stack, tmp: Path) -> None:
+    user, tok = _user(), apns_token()
+    unavailable = sipp_device(tmp, "udp", scenario="device-unavailable.xml")
+    phone = sipp_device(tmp, "udp")
+    contact = rfc8599_apns_contact(phone.port, tok)
+    assert register(stack, user, contact, "udp").status == 200
+    asleep(stack, user)
+    assert register(stack, user, f"<sip:desk@127.0.0.1:{unavailable.port}>", "udp").status == 200
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert unavailable.wait(10) == 0  # the desk phone said 480 ...
+    assert len(stack.wait_pushes(tok, 1)) == 1
+    assert register(stack, user, contact, "udp").status == 200  # ... but the pushed phone wakes
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert phone.wait(15) == 0
+
+
+def test_second_call_is_parked_and_resumed_on_its_own(stack: Stack, tmp: Path) -> None:
+    user, tok = _user(), fcm_token()
+    phone = sipp_device(tmp, "udp")
+    contact = rfc8599_fcm_contact(phone.port, tok)
+    assert register(stack, user, contact, "udp").status == 200
+    asleep(stack, user)
+    first = sipp_caller(tmp, stack.kamailio.port, user, "udp", scenario="caller-cancel.xml",
+                        args=["-d", "1500"])
+    assert len(stack.wait_pushes(tok, 1)) == 1
+    second = sipp_caller(tmp, stack.kamailio.port, user, "tcp")
+    got = stack.wait_pushes(tok, 2, kind="incomingCall")
+    assert len(got) == 2, [(push_kind(p), p.get("time")) for p in stack.pushes(tok)]
+    assert first.wait(15) == 0  # the first caller gave up: 487 for it only
+    time.sleep(0.3)
+    assert register(stack, user, contact, "udp").status == 200
+    assert second.wait(30) == 0 and second.final_codes() == [200]
+    assert phone.wait(15) == 0 and phone.received("INVITE") == 1
+    pushes = stack.pushes(tok)
+    incoming = [payload_data(p)["call_id"] for p in pushes if push_kind(p) == "incomingCall"]
+    assert len(set(incoming)) == 2
+    cancelled = [payload_data(p)["call_id"] for p in pushes if push_kind(p) == "cancelIncomingCall"]
+    assert cancelled == [incoming[0]]
+
+
+def test_retransmitted_invite_pushes_once(stack: Stack) -> None:
+    user, tok = _user(), fcm_token()
+    assert register(stack, user, rfc8599_fcm_contact(5982, tok), "udp").status == 200
+    asleep(stack, user)
+    with SipClient(stack.kamailio.port) as c:
+        invite = "\r\n".join([
+            f"INVITE sip:{user}@{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};branch=z9hG4bK{uuid.uuid4().hex};rport",
+            f"From: <sip:alice@{DOMAIN}>;tag=a1",
+            f"To: <sip:{user}@{DOMAIN}>",
+            f"Call-ID: {uuid.uuid4().hex}",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:alice@127.0.0.1:{c.local_port}>",
+            "Max-Forwards: 70",
+            "Content-Length: 0",
+            "", "",
+        ])
+        for _ in range(3):
+            c.send_raw(invite)
+            time.sleep(0.2)
+        final = c.recv_response(timeout=WAIT + 5)
+        assert final.status == 480
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 3)].count("incomingCall") == 1
+
+
+@pytest.mark.parametrize("with_instance", [True, False])
+def test_reregister_from_new_port_replaces_binding(stack: Stack, tmp: Path, with_instance: bool) -> None:
+    user, tok = _user(), apns_token()
+    instance = str(uuid.uuid4()) if with_instance else None
+    old = sipp_device(tmp, "udp")
+    new = sipp_device(tmp, "udp")
+    assert register(stack, user, rfc8599_apns_contact(old.port, tok, instance=instance), "udp").status == 200
+    assert register(stack, user, rfc8599_apns_contact(new.port, tok, instance=instance), "udp",
+                    call_id=uuid.uuid4().hex).status == 200
+    assert len(stack.store.devices(f"sip:{user}@{DOMAIN}")) == 1
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")  # awake: rings at once
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert new.wait(15) == 0
+    old.stop()
+    assert old.received("INVITE") == 0
+
+
+def test_register_storm_from_one_address_does_not_stop_service(stack: Stack, tmp: Path) -> None:
+    stormer = _user()
+    password = stack.add_user(stormer)
+    with SipClient(stack.kamailio.port, "tcp") as c:
+        for i in range(150):
+            r = c.register(stormer, rfc8599_apns_contact(6000 + i % 7, apns_token()), password=password)
+            assert r.status == 200
+    assert len(stack.store.devices(f"sip:{stormer}@{DOMAIN}")) <= stack.settings.max_devices_per_user
+    user = _user()
+    dev = sipp_device(tmp, "udp")
+    assert register(stack, user, f"<sip:desk@127.0.0.1:{dev.port}>", "udp").status == 200
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+
+
+def test_invite_from_local_subscriber_must_authenticate(stack: Stack) -> None:
+    caller, callee = _user(), _user()
+    stack.add_user(caller)
+    assert register(stack, callee, "<sip:desk@127.0.0.1:5979>", "udp").status == 200
+    with SipClient(stack.kamailio.port) as c:
+        c.send_raw("\r\n".join([
+            f"INVITE sip:{callee}@{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};branch=z9hG4bK{uuid.uuid4().hex};rport",
+            f"From: <sip:{caller}@{DOMAIN}>;tag=a1",
+            f"To: <sip:{callee}@{DOMAIN}>",
+            f"Call-ID: {uuid.uuid4().hex}",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:{caller}@127.0.0.1:{c.local_port}>",
+            "Max-Forwards: 70",
+            "Content-Length: 0",
+            "", "",
+        ]))
+        r = c.recv_response()
+    assert r.status == 407 and r.header("Proxy-Authenticate")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sipp_register_scenario_with_auth_and_unregister(stack: Stack, tmp: Path, transport: str) -> None:
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+    keys = ["-au", user, "-ap", password, "-key", "device_port", "5978", "-key", "instance", instance,
+            "-key", "pn", f"pn-provider=apns;pn-param=TEAM000001.com.example.phone.voip;pn-prid={tok}"]
+    reg = sipp_caller(tmp, stack.kamailio.port, user, transport, scenario="device-register.xml",
+                      args=[*keys, "-key", "expires", "600"])
+    assert reg.wait(20) == 0, reg.logs()
+    assert "Feature-Caps: *;+sip.pns=\"apns\"" in reg.messages()
+    [device] = stack.store.devices(f"sip:{user}@{DOMAIN}")
+    assert device.params.voip_token == tok and device.device_id.endswith(instance)
+    unreg = sipp_caller(tmp, stack.kamailio.port, user, transport, scenario="device-register.xml",
+                        args=[*keys, "-key", "expires", "0"])
+    assert unreg.wait(20) == 0, unreg.logs()
+    assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []

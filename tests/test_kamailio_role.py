@@ -1,0 +1,94 @@
+"""Role mode: a native host config (tests/native-host.cfg) including kamailio/pusher-role.cfg runs
+the same Python logic through python_exec; plus `kamailio -c` for both deployment modes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sip_support import (
+    KAMAILIO_CFG,
+    NATIVE_HOST_CFG,
+    Stack,
+    apns_token,
+    check_config,
+    fcm_token,
+    push_kind,
+    push_stack,
+    rfc8599_apns_contact,
+    rfc8599_fcm_contact,
+    sipp_caller,
+    sipp_device,
+    stop_all_sipp,
+)
+from tests.test_kamailio_flows import asleep, register
+
+WAIT = 3.0
+
+
+@pytest.mark.parametrize(
+    ("cfg", "defines"),
+    [
+        (KAMAILIO_CFG, {}),
+        (KAMAILIO_CFG, {"WITH_PUSHER": None}),
+        (KAMAILIO_CFG, {"WITH_PUSHER": None, "WITH_AUTH": None, "WITH_EXTERNAL_DISPATCHER": None}),
+        (KAMAILIO_CFG, {"WITH_PUSHER": None, "WITH_AUTH": None, "WITH_TLS": None,
+                        "TLS_CFG": '"/etc/kamailio/tls.cfg"'}),
+        (NATIVE_HOST_CFG, {}),
+        (NATIVE_HOST_CFG, {"WITH_EXTERNAL_DISPATCHER": None}),
+    ],
+    ids=["kemi-plain", "kemi-pusher", "kemi-auth-external", "kemi-tls", "role", "role-external"],
+)
+def test_kamailio_check_passes(cfg: Path, defines: dict[str, str | None]) -> None:
+    result = check_config(cfg, {"SIP_PORT": "5999", **defines})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with push_stack(auth=False, wait_window=WAIT, awake_window=10, cfg=NATIVE_HOST_CFG) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_sipp() -> Iterator[None]:
+    yield
+    stop_all_sipp()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_role_mode_sleeping_device_is_pushed_woken_and_answers(stack: Stack, tmp_path: Path,
+                                                                transport: str) -> None:
+    user, tok = "n" + uuid.uuid4().hex[:10], apns_token()
+    dev = sipp_device(tmp_path, transport)
+    contact = rfc8599_apns_contact(dev.port, tok, transport, instance=str(uuid.uuid4()))
+    r = register(stack, user, contact, transport)
+    assert r.status == 200 and r.header("Feature-Caps") == ['*;+sip.pns="apns"']
+    asleep(stack, user)
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, transport)
+    pushes = stack.wait_pushes(tok, 1)
+    assert [(p["push_type"], p["topic"], push_kind(p)) for p in pushes] == [
+        ("voip", "com.example.phone.voip", "incomingCall")]
+    assert register(stack, user, contact, transport).status == 200
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert dev.wait(15) == 0 and dev.received("INVITE") == 1
+
+
+def test_role_mode_timeout_and_cancel(stack: Stack, tmp_path: Path) -> None:
+    user, tok = "n" + uuid.uuid4().hex[:10], fcm_token()
+    assert register(stack, user, rfc8599_fcm_contact(5960, tok), "udp").status == 200
+    assert register(stack, user, rfc8599_fcm_contact(5961, "x" + tok), "udp").status == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp")
+    assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [480]
+    assert sorted(push_kind(p) for p in stack.wait_pushes(tok, 3)) == [
+        "cancelIncomingCall", "incomingCall", "missedCall"]
+    canceller = sipp_caller(tmp_path, stack.kamailio.port, user, "tcp", scenario="caller-cancel.xml",
+                            args=["-d", "500"])
+    assert canceller.wait(20) == 0, canceller.logs()
+    got = stack.wait_pushes(tok, 6)
+    assert len(got) == 6 and "Alice Caller" in json.dumps(got[-1]["payload"])
