@@ -8,12 +8,14 @@ Connection failures raise `StoreUnavailable`, as in the sync store.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from pushlib import keys
 from pushlib.logutil import token_prefix
@@ -56,6 +58,56 @@ end
 return 0
 """
 
+# A job's target devices and, for each, whether the provider already accepted this job's push to
+# it: one round trip instead of SMEMBERS + HGETALL pipeline + one EXISTS per device.
+# KEYS[1]: the AOR's device set. ARGV[1]: device key prefix, ARGV[2]: the job's sent-mark prefix
+# (both under the AOR's hash tag, so every key is in KEYS[1]'s slot, also on Redis Cluster),
+# ARGV[3..]: the wanted device ids (none: all). Returns one JSON string
+# `[[id, {field: value...}, sent 0|1], ...]`: parsing one string is far cheaper for redis-py than
+# a nested reply of ~25 bulk strings per device. Ids whose hash expired are removed from the set
+# on the way (as `devices` does).
+_JOB_DEVICES = """
+local wanted = nil
+if #ARGV > 2 then
+  wanted = {}
+  for i = 3, #ARGV do wanted[ARGV[i]] = true end
+end
+local out, stale = {}, {}
+for _, id in ipairs(redis.call('smembers', KEYS[1])) do
+  if wanted == nil or wanted[id] then
+    local h = redis.call('hgetall', ARGV[1] .. id)
+    if #h == 0 then
+      stale[#stale + 1] = id
+    else
+      local fields = {}
+      for i = 1, #h, 2 do fields[h[i]] = h[i + 1] end
+      out[#out + 1] = cjson.encode({id, fields, redis.call('exists', ARGV[2] .. id)})
+    end
+  elseif redis.call('exists', ARGV[1] .. id) == 0 then
+    stale[#stale + 1] = id
+  end
+end
+if #stale > 0 then redis.call('srem', KEYS[1], unpack(stale)) end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
+# XREADGROUP without blocking, answered as one JSON string `[[id, {field: value...}], ...]`:
+# redis-py parses the plain reply (~16 bulk strings per entry) about five times slower. Same
+# effect on the group as XREADGROUP (entries enter the consumer's pending list). Scripts cannot
+# block, so the dispatcher only uses this while a backlog is likely. KEYS[1]: the stream.
+# ARGV: group, consumer, count.
+_READ_NOWAIT = """
+local reply = redis.call('xreadgroup', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not reply then return '[]' end
+local out = {}
+for _, entry in ipairs(reply[1][2]) do
+  local fields, flat = {}, entry[2]
+  for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+  out[#out + 1] = cjson.encode({entry[1], fields})
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+
 
 class AsyncStore:
     """Async twin of SyncStore plus the dispatcher's stream and outcome operations."""
@@ -68,6 +120,8 @@ class AsyncStore:
         )
         self._remove_token = self._r.register_script(_REMOVE_TOKEN)
         self._set_if_exists = self._r.register_script(_SET_IF_EXISTS)
+        self._job_devices = self._r.register_script(_JOB_DEVICES)
+        self._read_nowait = self._r.register_script(_READ_NOWAIT)
 
     async def aclose(self) -> None:
         await self._r.aclose()
@@ -144,6 +198,49 @@ class AsyncStore:
         ]
         return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
 
+    async def job_devices(
+        self, aor: str, job_id: str, device_ids: Sequence[str] = ()
+    ) -> list[tuple[Device, bool]]:
+        """The job's target devices (`device_ids`, or all of the AOR's when empty) ordered by
+        registered_at, each with True when `mark_sent` was called for (job, device). One round
+        trip (EVALSHA); expired ids are cleaned from the AOR set as in `devices`."""
+        return (await self.job_devices_many([(aor, job_id, device_ids)]))[0]
+
+    async def job_devices_many(
+        self, requests: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[list[tuple[Device, bool]]]:
+        """`job_devices` for several (aor, job_id, device_ids) in one round trip (pipelined
+        EVALSHA, not atomic across requests); answers in request order."""
+        with _unavailable_on_connection_errors("job_devices"):
+            replies = await self._eval_job_devices(requests)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                # Redis restarted or its script cache was flushed: load it once and ask again
+                # (the script only reads, and drops already-expired ids: safe to repeat).
+                await self._r.script_load(_JOB_DEVICES)
+                replies = await self._eval_job_devices(requests)
+        answers: list[list[tuple[Device, bool]]] = []
+        for (aor, _, _), reply in zip(requests, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            found: list[tuple[Device, bool]] = []
+            for device_id, raw, sent in json.loads(reply):
+                device = _decode_or_log(keys.decode_device, raw, aor, str(device_id))
+                if device is not None:
+                    found.append((device, bool(sent)))
+            found.sort(key=lambda pair: pair[0].registered_at)
+            answers.append(found)
+        return answers
+
+    async def _eval_job_devices(self, requests: Sequence[tuple[str, str, Sequence[str]]]) -> list[Any]:
+        # Plain EVALSHA in the pipeline: a registered Script object would add a SCRIPT EXISTS
+        # round trip to every execute().
+        pipe = self._r.pipeline(transaction=False)
+        for aor, job_id, device_ids in requests:
+            pipe.evalsha(self._job_devices.sha, 1, keys.devices_key(aor),
+                         keys.device_key(aor, ""), keys.sent_key(aor, job_id, ""), *device_ids)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
     async def enqueue(self, job: PushJob) -> str:
         with _unavailable_on_connection_errors("enqueue"):
             entry_id = await self._r.xadd(
@@ -200,14 +297,22 @@ class AsyncStore:
             log.warning("store: device quarantined aor=%s device=%s until=%.0f", aor, device_id, until)
         return bool(done)
 
-    async def is_sent(self, job_id: str, device_id: str) -> bool:
+    async def is_sent(self, aor: str, job_id: str, device_id: str) -> bool:
         with _unavailable_on_connection_errors("is_sent"):
-            return bool(await self._r.exists(keys.sent_key(job_id, device_id)))
+            return bool(await self._r.exists(keys.sent_key(aor, job_id, device_id)))
 
-    async def mark_sent(self, job_id: str, device_id: str, ttl: int = SENT_MARK_TTL) -> None:
+    async def mark_sent(self, aor: str, job_id: str, device_id: str, ttl: int = SENT_MARK_TTL) -> None:
         """Record that the provider accepted this (job, device) push, so a reclaimed job skips it."""
+        await self.mark_sent_many([(aor, job_id, device_id)], ttl)
+
+    async def mark_sent_many(self, marks: Iterable[tuple[str, str, str]], ttl: int = SENT_MARK_TTL) -> None:
+        """`mark_sent` for several (aor, job_id, device_id) in one round trip; all are written
+        when this returns (not atomically: each mark stands alone)."""
         with _unavailable_on_connection_errors("mark_sent"):
-            await self._r.set(keys.sent_key(job_id, device_id), "1", ex=ttl)
+            pipe = self._r.pipeline(transaction=False)
+            for aor, job_id, device_id in marks:
+                pipe.set(keys.sent_key(aor, job_id, device_id), "1", ex=ttl)
+            await pipe.execute()
 
     async def record_outcome(
         self, provider: str, app_id: str, outcome: Outcome, now: float | None = None
@@ -216,30 +321,59 @@ class AsyncStore:
         Returns True when this call flagged the app's environment as likely wrong (most recent
         pushes got BadDeviceToken: Apple answers that when sandbox/production are mixed up)."""
         now = time.time() if now is None else now
-        skey, wkey = keys.app_status_key(provider, app_id), keys.app_window_key(provider, app_id)
         bad = outcome is Outcome.DEVICE_SUSPECT
+        app = (provider, app_id)
+        flagged = await self.record_outcomes(
+            {(provider, app_id, outcome.value): 1}, {app: [keys.window_entry(now, bad)]},
+            check=[app] if bad else [], now=now,
+        )
+        return app in flagged
+
+    async def record_outcomes(
+        self,
+        counts: Mapping[tuple[str, str, str], int],
+        windows: Mapping[tuple[str, str], Iterable[str]],
+        check: Collection[tuple[str, str]] = (),
+        now: float | None = None,
+    ) -> list[tuple[str, str]]:
+        """Batched `record_outcome`: add `counts` ((provider, app_id, outcome value) -> n) to the
+        apps' counters, push `windows` ((provider, app_id) -> `keys.window_entry`s, oldest first)
+        onto their sliding windows, then evaluate the environment suspicion of the apps in
+        `check` (those that just got a BadDeviceToken). One round trip (plus one per newly
+        flagged app); returns the apps this call flagged."""
+        now = time.time() if now is None else now
+        # Not MULTI: the apps' keys live in different slots on a cluster, and nothing here
+        # needs all-or-nothing (a counter or window entry more or less is harmless).
         with _unavailable_on_connection_errors("record_outcome"):
-            pipe = self._r.pipeline(transaction=True)
-            pipe.hincrby(skey, f"count:{outcome.value}", 1)
-            pipe.lpush(wkey, f"{now!r}:{int(bad)}")
-            pipe.ltrim(wkey, 0, ENV_WINDOW_PUSHES - 1)
-            pipe.expire(wkey, keys.ENV_WINDOW_SECONDS)
-            if bad:
-                pipe.lrange(wkey, 0, -1)
+            pipe = self._r.pipeline(transaction=False)
+            for (provider, app_id, outcome), n in counts.items():
+                pipe.hincrby(keys.app_status_key(provider, app_id), f"count:{outcome}", n)
+            for (provider, app_id), entries in windows.items():
+                newest = list(entries)[-ENV_WINDOW_PUSHES:]  # older ones would be trimmed anyway
+                if not newest:
+                    continue
+                wkey = keys.app_window_key(provider, app_id)
+                pipe.lpush(wkey, *newest)
+                pipe.ltrim(wkey, 0, ENV_WINDOW_PUSHES - 1)
+                pipe.expire(wkey, keys.ENV_WINDOW_SECONDS)
+            checked = list(dict.fromkeys(check))
+            for provider, app_id in checked:
+                pipe.lrange(keys.app_window_key(provider, app_id), 0, -1)
             results = await pipe.execute()
-            if not bad:
-                return False
-            total, n_bad = keys.env_suspicious(results[-1], now)
-            if n_bad < ENV_SUSPECT_MIN_BAD or n_bad * 2 <= total:
-                return False
-            message = (f"{n_bad} of the last {total} pushes got BadDeviceToken: the app's APNs "
-                       f"environment (sandbox/production) is probably wrong")
-            flagged = bool(await self._r.hsetnx(skey, "env_suspect", message))
-            if flagged:
-                await self._r.hset(skey, "env_suspect_at", repr(now))
-        if flagged:
+            flagged: list[tuple[tuple[str, str], str]] = []
+            for (provider, app_id), window in zip(checked, results[len(results) - len(checked):], strict=True):
+                total, n_bad = keys.env_suspicious(window, now)
+                if n_bad < ENV_SUSPECT_MIN_BAD or n_bad * 2 <= total:
+                    continue
+                message = (f"{n_bad} of the last {total} pushes got BadDeviceToken: the app's APNs "
+                           f"environment (sandbox/production) is probably wrong")
+                skey = keys.app_status_key(provider, app_id)
+                if await self._r.hsetnx(skey, "env_suspect", message):
+                    await self._r.hset(skey, "env_suspect_at", repr(now))
+                    flagged.append(((provider, app_id), message))
+        for (provider, app_id), message in flagged:
             log.warning("store: app %s:%s %s", provider, app_id, message)
-        return flagged
+        return [app for app, _ in flagged]
 
     async def record_app_error(self, provider: str, app_id: str, text: str, now: float | None = None) -> None:
         """Keep the app's last configuration error (text + time) for operators."""
@@ -275,6 +409,16 @@ class AsyncStore:
                 self.settings.group, consumer, {self.settings.stream: ">"}, count=count, block=block_ms,
             )
         return [(eid, fields or {}) for _, entries in (reply or []) for eid, fields in entries]
+
+    async def read_new_nowait(self, consumer: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        """`read_new` without blocking (an empty list when nothing is waiting); cheaper to
+        parse, for when a backlog is likely."""
+        with _unavailable_on_connection_errors("read_new"):
+            reply: str = await self._read_nowait(
+                keys=[self.settings.stream], args=[self.settings.group, consumer, count],
+            )
+        # cjson encodes an entry without fields as an empty object: still a dict.
+        return [(str(eid), fields) for eid, fields in json.loads(reply)]
 
     async def reclaim(
         self, consumer: str, min_idle_ms: int, start: str, count: int

@@ -5,8 +5,15 @@ reached a final outcome; a dispatcher that dies leaves its entries pending, and 
 dispatcher takes them over with XAUTOCLAIM after `Settings.reclaim_idle_ms`. Live dispatchers
 keep their own in-flight entries fresh (XCLAIM JUSTID every reclaim_idle_ms/3) so a sweep
 never steals work that is still progressing. Each (job, device) push the provider accepted is
-marked `pn:sent:<job>:<device>` right away, so a reclaimed job skips it; a push accepted by the
-provider but not yet marked when the process died is sent again (the duplicate window).
+marked `pn:{<aor>}:sent:<job>:<device>` right away, so a reclaimed job skips it; a push accepted
+by the provider but not yet marked when the process died is sent again (the duplicate window).
+
+Redis work per job is kept to about two round trips: one script returns the job's devices with
+their sent marks, and the marks and acks of concurrent jobs are coalesced (`_Batcher`: whatever
+was submitted while the previous batch was in flight goes out as one pipeline; an entry is
+acked only after its marks are written). Per-app outcome counters and environment-window entries
+are buffered in memory and flushed every OUTCOME_FLUSH_SECONDS; a BadDeviceToken flushes its
+app's buffer at once so the suspicion check sees the totals.
 
 Runs standalone (`python -m pushlib.dispatcher`, console script `pushlib-dispatcher`) or
 inside Kamailio (`asyncio.run(Dispatcher(Settings.from_env()).run(stop))` in an evrexec
@@ -25,11 +32,13 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Generic, TypeVar
 
 from pushlib import keys
-from pushlib.astore import AsyncStore
+from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
 from pushlib.logutil import token_prefix
 from pushlib.models import (
     ApnsRequest,
@@ -58,6 +67,13 @@ BACKOFF_CAP = 30.0
 APP_CACHE_SECONDS = 5.0
 READ_BLOCK_MS = 500
 READ_BATCH = 100
+# Counters and environment-window entries of an app may lag this much behind its pushes.
+OUTCOME_FLUSH_SECONDS = 1.0
+# Outcomes whose log line is INFO (the rest are WARNING: an operator may have to act).
+_QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped", "no_token"))
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_AppKey = tuple[str, str]  # (provider, app_id)
 
 _Builder = Callable[
     [PushKind, Device, dict[str, str], float, float, Settings], ApnsRequest | FcmMessage | None
@@ -74,6 +90,79 @@ def backoff_delay(attempt: int, retry_after: float | None, rng: random.Random | 
 
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Batcher(Generic[_T, _R]):
+    """Coalesces concurrent `submit` calls into few `run(items)` calls (`run` answers one
+    result per item, in order): items submitted in the same loop turn, or while the previous
+    batch was in flight, go out together. `submit` returns its item's result once `run`
+    succeeded, and raises what `run` raised. At most one `run` is in flight, so an idle system
+    pays no extra round trip and a busy one pays one per batch instead of one per item."""
+
+    def __init__(self, run: Callable[[list[_T]], Awaitable[Sequence[_R]]]) -> None:
+        self._run = run
+        self._queue: list[tuple[_T, asyncio.Future[_R]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: _T) -> _R:
+        future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self._run([item for item, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():  # a cancelled submitter no longer waits
+                            future.set_exception(exc)
+                else:
+                    for (_, future), result in zip(batch, results, strict=True):
+                        if not future.done():
+                            future.set_result(result)
+        finally:
+            self._task = None
+
+    async def aclose(self) -> None:
+        """Wait until everything submitted so far was run."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+class _OutcomeBuffer:
+    """Per-app outcome counters and environment-window entries not yet written to Redis.
+    Bounded: counters are per (app, outcome) and each app keeps its ENV_WINDOW_PUSHES most
+    recent window entries (older ones would be trimmed from the Redis window anyway)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.windows: dict[_AppKey, deque[str]] = {}
+
+    def add(self, provider: str, app_id: str, outcome: Outcome, now: float) -> None:
+        key = (provider, app_id, outcome.value)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        window = self.windows.get((provider, app_id))
+        if window is None:
+            window = self.windows[(provider, app_id)] = deque(maxlen=ENV_WINDOW_PUSHES)
+        window.append(keys.window_entry(now, outcome is Outcome.DEVICE_SUSPECT))
+
+    def take(self) -> tuple[dict[tuple[str, str, str], int], dict[_AppKey, deque[str]]]:
+        taken = self.counts, self.windows
+        self.counts, self.windows = {}, {}
+        return taken
+
+    def put_back(self, counts: dict[tuple[str, str, str], int], windows: dict[_AppKey, deque[str]]) -> None:
+        """Return what a failed flush took; it is older than anything added since."""
+        for key, n in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        for app, older in windows.items():
+            newer = self.windows.get(app, ())
+            self.windows[app] = deque([*older, *newer], maxlen=ENV_WINDOW_PUSHES)
 
 
 class Dispatcher:
@@ -97,8 +186,11 @@ class Dispatcher:
         self._pool = pool
         self._owns_pool = pool is None
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._apps: dict[tuple[str, str], tuple[float, AppCredentials | None]] = {}
+        self._apps: dict[_AppKey, tuple[float, AppCredentials | None]] = {}
+        self._app_reads: dict[_AppKey, asyncio.Future[AppCredentials | None]] = {}
         self._redis_down = False
+        self._outcomes = _OutcomeBuffer()
+        self._flush_lock = asyncio.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -107,6 +199,20 @@ class Dispatcher:
         `stop_timeout` seconds to finish (unfinished ones stay pending for another dispatcher),
         and close the provider pool and Redis."""
         self._store = AsyncStore(self.settings.redis_url, self.settings)
+        store = self._store
+
+        async def mark(marks: list[tuple[str, str, str]]) -> list[None]:
+            await store.mark_sent_many(marks)
+            return [None] * len(marks)
+
+        async def ack(entry_ids: list[str]) -> list[None]:
+            await store.finish(entry_ids)
+            return [None] * len(entry_ids)
+
+        self._lookups: _Batcher[tuple[str, str, Sequence[str]], list[tuple[Device, bool]]] = _Batcher(
+            store.job_devices_many)
+        self._marks: _Batcher[tuple[str, str, str], None] = _Batcher(mark)
+        self._acks: _Batcher[str, None] = _Batcher(ack)
         self._pool_in_use = self._pool or ProviderPool()
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency))
         log.info("dispatcher %s: starting stream=%s group=%s concurrency=%d reclaim_idle_ms=%d",
@@ -121,6 +227,7 @@ class Dispatcher:
                     asyncio.create_task(self._every(stop, idle_s / 3, self._refresh)),
                     asyncio.create_task(self._every(stop, idle_s / 2, self._reclaim)),
                     asyncio.create_task(self._every(stop, self.stats_interval, self._log_stats)),
+                    asyncio.create_task(self._every(stop, OUTCOME_FLUSH_SECONDS, self._flush_outcomes)),
                 ]
                 await self._read_loop(stop)
         finally:
@@ -139,6 +246,12 @@ class Dispatcher:
             if unfinished:
                 log.warning("dispatcher %s: %d jobs unfinished at stop, left for reclaim",
                             self.consumer, len(unfinished))
+        for batcher in (self._lookups, self._marks, self._acks):
+            await batcher.aclose()
+        try:
+            await self._flush_outcomes()
+        except StoreUnavailable as exc:
+            log.warning("dispatcher %s: app outcome counters not written at stop: %s", self.consumer, exc)
         if self._owns_pool:
             await self._pool_in_use.aclose()
         await self._store.aclose()
@@ -176,14 +289,22 @@ class Dispatcher:
     # --- reading and reclaiming -----------------------------------------------------------------
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
+        backlog = False  # the last read filled its count, so more are probably waiting
         while not stop.is_set():
             free = self.settings.concurrency - len(self._inflight)
             if free <= 0:
                 await asyncio.wait(list(self._inflight.values()), timeout=1.0,
                                    return_when=asyncio.FIRST_COMPLETED)
                 continue
+            count = min(free, READ_BATCH)
             try:
-                entries = await self._store.read_new(self.consumer, min(free, READ_BATCH), READ_BLOCK_MS)
+                # The cheap non-blocking read only under a backlog: when idle, an extra read
+                # racing the job's own Redis calls costs latency for nothing.
+                if backlog:
+                    entries = await self._store.read_new_nowait(self.consumer, count)
+                else:
+                    entries = await self._store.read_new(self.consumer, count, READ_BLOCK_MS)
+                backlog = len(entries) >= count
                 self._redis_up()
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
@@ -235,22 +356,23 @@ class Dispatcher:
             except keys.DecodeError as exc:
                 self.stats["malformed"] += 1
                 log.error("dispatcher: malformed stream entry %s dropped: %s", entry_id, exc)
-                await self._store.finish([entry_id])
+                await self._acks.submit(entry_id)
                 return
             if job.deadline <= time.time():
                 self.stats["deadline_dropped"] += 1
                 log.info("push job=%s kind=%s aor=%s outcome=deadline_dropped (late by %.1fs when read)",
                          job.job_id, job.kind.value, job.aor, time.time() - job.deadline)
-                await self._store.finish([entry_id])
+                await self._acks.submit(entry_id)
                 return
-            devices = await self._store.devices(job.aor)
-            if job.device_ids:
-                wanted = set(job.device_ids)
-                devices = [d for d in devices if d.device_id in wanted]
-            if not devices:
+            targets = await self._lookups.submit((job.aor, job.job_id, job.device_ids))
+            if not targets:
                 log.info("push job=%s kind=%s aor=%s outcome=no_device", job.job_id, job.kind.value, job.aor)
-            await asyncio.gather(*(self._push(job, d) for d in devices))
-            await self._store.finish([entry_id])
+            elif len(targets) == 1:  # the common case: no gather() wrapper task
+                await self._push(job, *targets[0])
+            else:
+                await asyncio.gather(*(self._push(job, d, sent) for d, sent in targets))
+            # After every mark of the job is written: an ack never outruns a mark.
+            await self._acks.submit(entry_id)
         except StoreUnavailable as exc:
             self._redis_failed(exc)
         except asyncio.CancelledError:
@@ -259,20 +381,29 @@ class Dispatcher:
             self.stats["failed"] += 1
             log.exception("dispatcher: job entry %s failed unexpectedly; dropped", entry_id)
             with contextlib.suppress(StoreUnavailable):
-                await self._store.finish([entry_id])
+                await self._acks.submit(entry_id)
 
     async def _app(self, provider: str, app_id: str) -> AppCredentials | None:
-        """App credentials, cached for APP_CACHE_SECONDS (saves a Redis read per push)."""
+        """App credentials, cached for APP_CACHE_SECONDS (saves a Redis read per push). Pushes
+        that miss the cache together share one read instead of each reading the app."""
         now = time.monotonic()
-        cached = self._apps.get((provider, app_id))
+        key = (provider, app_id)
+        cached = self._apps.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        app = await self._store.app(provider, app_id)
-        self._apps[(provider, app_id)] = (now + APP_CACHE_SECONDS, app)
+        pending = self._app_reads.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._store.app(provider, app_id))
+            self._app_reads[key] = pending
+            pending.add_done_callback(lambda _f: self._app_reads.pop(key, None))
+        # shield: one cancelled push must not cancel the read the others wait for
+        app = await asyncio.shield(pending)
+        self._apps[key] = (time.monotonic() + APP_CACHE_SECONDS, app)
         return app
 
-    async def _push(self, job: PushJob, device: Device) -> None:
-        """Push one device to a final outcome, retrying RETRYABLE results until the deadline."""
+    async def _push(self, job: PushJob, device: Device, sent: bool) -> None:
+        """Push one device to a final outcome, retrying RETRYABLE results until the deadline.
+        `sent`: the (job, device) mark existed when the job's devices were read."""
         provider, app_id = device.params.provider.value, device.params.app_id
         if device.quarantined_until > time.time():
             return self._final_line(job, device, "quarantined_skipped", None, "device quarantined")
@@ -280,7 +411,7 @@ class Dispatcher:
         if app is None:
             await self._store.record_app_error(provider, app_id, "no credentials stored for this app")
             return self._final_line(job, device, "config_error", None, "no credentials for app")
-        if await self._store.is_sent(job.job_id, device.device_id):
+        if sent:
             return self._final_line(job, device, "already_sent", None, "provider accepted it before")
         build: _Builder = build_apns if device.params.provider is Provider.APNS else build_fcm
         attempt = 0
@@ -316,7 +447,8 @@ class Dispatcher:
         provider, app_id = device.params.provider.value, device.params.app_id
         outcome = result.outcome
         if outcome is Outcome.DELIVERED:
-            await self._store.mark_sent(job.job_id, device.device_id)  # first: shrinks the duplicate window
+            # First, before anything else: this is the duplicate window.
+            await self._marks.submit((job.aor, job.job_id, device.device_id))
         elif outcome is Outcome.TOKEN_DEAD:
             await self._store.remove_token(device.aor, device.device_id, request.token)
         elif outcome is Outcome.DEVICE_SUSPECT:
@@ -324,21 +456,42 @@ class Dispatcher:
         elif outcome is Outcome.CONFIG_ERROR:
             await self._store.record_app_error(provider, app_id, f"{result.status} {result.reason}".strip())
             self._apps.pop((provider, app_id), None)  # pick up fixed credentials at once
-        await self._store.record_outcome(provider, app_id, outcome)
-        name = {Outcome.DEVICE_SUSPECT: "suspect"}.get(outcome, outcome.value)
-        self._final_line(job, device, name, request, f"{result.status} {result.reason}".strip())
+        self._outcomes.add(provider, app_id, outcome, time.time())
+        if outcome is Outcome.DEVICE_SUSPECT:
+            # The suspicion check compares bad pushes with all recent ones: write the app's
+            # buffered outcomes with this one, now.
+            await self._flush_outcomes((provider, app_id))
+        name = "suspect" if outcome is Outcome.DEVICE_SUSPECT else outcome.value
+        self._final_line(job, device, name, request, result.status, result.reason)
+
+    async def _flush_outcomes(self, check: _AppKey | None = None) -> None:
+        """Write the buffered per-app outcomes (one round trip) and, for `check`, evaluate the
+        environment suspicion. Serialised, so a check never misses entries of a flush still in
+        flight; on a Redis outage the entries stay buffered (bounded) for the next flush."""
+        async with self._flush_lock:
+            counts, windows = self._outcomes.take()
+            if not counts and check is None:
+                return
+            try:
+                await self._store.record_outcomes(counts, windows, [check] if check else [])
+            except StoreUnavailable:
+                self._outcomes.put_back(counts, windows)
+                raise
 
     def _final_line(self, job: PushJob, device: Device, outcome: str,
-                    request: ApnsRequest | FcmMessage | None, detail: str) -> None:
-        """Count and log one final outcome of one device push (one line, token prefix only)."""
+                    request: ApnsRequest | FcmMessage | None, status: object, detail: str = "") -> None:
+        """Count and log one final outcome of one device push (one line, token prefix only).
+        `status` and `detail` are joined by a space in the line (either may be empty); the line
+        costs nothing beyond a level check when its level is disabled."""
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        level = logging.INFO if outcome in _QUIET_OUTCOMES else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         params = device.params
         token = request.token if request is not None else (params.voip_token or params.alert_token)
-        quiet = outcome in ("delivered", "already_sent", "quarantined_skipped", "no_token")
-        level = logging.INFO if quiet else logging.WARNING
         log.log(level, "push job=%s kind=%s aor=%s device=%s provider=%s outcome=%s status=%s token=%s",
-                job.job_id, job.kind.value, job.aor, device.device_id, device.params.provider.value,
-                outcome, detail, token_prefix(token))
+                job.job_id, job.kind.value, job.aor, device.device_id, params.provider.value,
+                outcome, f"{status} {detail}".strip(), token_prefix(token))
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:

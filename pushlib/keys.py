@@ -11,7 +11,8 @@ Layout:
 - `pn:appstatus:{<provider>:<app_id>}`  hash, operator status: last error, env suspicion, counters
 - `pn:appwin:{<provider>:<app_id>}`     list, recent push outcomes of the app (sliding window)
 - `pn:uamap`                    hash, UA mapping name -> JSON
-- `pn:sent:<job_id>:<device_id>` string, idempotency mark: the provider accepted this push
+- `pn:{<aor>}:sent:<job_id>:<device_id>` string, idempotency mark: the provider accepted this
+  push. Under the AOR's hash tag so one script reads a job's devices and their marks in one slot.
 - the job stream is `Settings.stream` (flat string fields, see `encode_job`).
 """
 
@@ -57,8 +58,13 @@ def app_window_key(provider: str, app_id: str) -> str:
 APP_STATUS_RESET_FIELDS = ("last_error", "last_error_at", "env_suspect", "env_suspect_at")
 
 
-def sent_key(job_id: str, device_id: str) -> str:
-    return f"pn:sent:{job_id}:{device_id}"
+def sent_key(aor: str, job_id: str, device_id: str) -> str:
+    return f"pn:{{{aor}}}:sent:{job_id}:{device_id}"
+
+
+def window_entry(ts: float, bad: bool) -> str:
+    """One entry of an app's environment window list (read back by `env_suspicious`)."""
+    return f"{ts!r}:{int(bad)}"
 
 
 # --- devices -------------------------------------------------------------------------------

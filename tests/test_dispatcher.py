@@ -172,7 +172,7 @@ def test_every_kind_arrives_on_both_platforms(env: tuple[SandboxHandle, SyncStor
         if fcm_priority is not None:
             assert msg["payload"]["android"]["priority"] == fcm_priority, kind
     r = raw(cfg)
-    assert all(r.exists(keys.sent_key(j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
+    assert all(r.exists(keys.sent_key(aor, j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
 
 
 def test_job_for_chosen_devices_only(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
@@ -411,13 +411,13 @@ def test_crash_mid_flight_loses_nothing_and_duplicates_only_in_the_window(
     sandbox, store, cfg = env
     cfg = Settings(redis_url=cfg.redis_url, reclaim_idle_ms=1000, concurrency=40)
     tokens = [apns_token() for _ in range(200)]
-    job_of: dict[str, tuple[str, str]] = {}
+    job_of: dict[str, tuple[str, str, str]] = {}
     for i, tok in enumerate(tokens):
         aor = f"sip:user{i}@example.com"
         store.save_device(ios(aor, "iphone", alert=tok))
         sandbox.control.set_behaviour(tok, 200, delay=0.4)  # slow successes: many in flight at the kill
         j = job(PushKind.MESSAGE, aor, ttl=600)
-        job_of[tok] = (j.job_id, "iphone")
+        job_of[tok] = (aor, j.job_id, "iphone")
         store.enqueue(j)
 
     workdir = Path(tempfile.mkdtemp(prefix="pn-dispatch-"))

@@ -347,12 +347,61 @@ def test_idempotency_marks(redis_url: str) -> None:
     async def scenario() -> None:
         store = AsyncStore(redis_url, Settings())
         try:
-            assert await store.is_sent("j1", "d1") is False
-            await store.mark_sent("j1", "d1")
-            assert await store.is_sent("j1", "d1") is True
-            assert await store.is_sent("j1", "d2") is False
+            assert await store.is_sent("sip:a@b", "j1", "d1") is False
+            await store.mark_sent("sip:a@b", "j1", "d1")
+            assert await store.is_sent("sip:a@b", "j1", "d1") is True
+            assert await store.is_sent("sip:a@b", "j1", "d2") is False
         finally:
             await store.aclose()
 
     asyncio.run(scenario())
-    assert 0 < raw_client(redis_url).ttl(keys.sent_key("j1", "d1")) <= 24 * 3600
+    assert 0 < raw_client(redis_url).ttl(keys.sent_key("sip:a@b", "j1", "d1")) <= 24 * 3600
+
+
+def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> None:
+    sync = SyncStore(redis_url, Settings())
+    aor = "sip:alice@example.com"
+    for i in range(3):
+        sync.save_device(make_device(i, aor=aor))
+    r = raw_client(redis_url)
+    r.sadd(keys.devices_key(aor), "expired")  # its hash is gone: cleaned on the way
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            await store.mark_sent(aor, "j1", "dev1")
+            every = await store.job_devices(aor, "j1")
+            assert [(d.device_id, sent) for d, sent in every] == [("dev0", False), ("dev1", True), ("dev2", False)]
+            assert every[0][0] == sync.device(aor, "dev0")  # decoded like the sync store does
+            chosen = await store.job_devices(aor, "j1", ("dev2", "dev1", "nope"))
+            assert [(d.device_id, sent) for d, sent in chosen] == [("dev1", True), ("dev2", False)]
+            other_job = await store.job_devices_many([(aor, "j2", ()), ("sip:nobody@x", "j2", ())])
+            assert [[s for _, s in found] for found in other_job] == [[False, False, False], []]
+            r.script_flush()  # e.g. Redis restarted: the script is loaded again
+            assert len(await store.job_devices(aor, "j1")) == 3
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
+    assert not r.sismember(keys.devices_key(aor), "expired")
+
+
+def test_batched_outcomes_count_and_feed_the_window(redis_url: str) -> None:
+    async def scenario() -> list[tuple[str, str]]:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            now = time.time()
+            window = [keys.window_entry(now, False)] * 4 + [keys.window_entry(now, True)] * 5
+            counts = {("apns", "com.x", "delivered"): 4, ("apns", "com.x", "device_suspect"): 5,
+                      ("fcm", "p", "delivered"): 2}
+            windows = {("apns", "com.x"): window, ("fcm", "p"): [keys.window_entry(now, False)] * 2}
+            return await store.record_outcomes(counts, windows, check=[("apns", "com.x")])
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(scenario()) == [("apns", "com.x")]  # 5 bad of 9
+    sync = SyncStore(redis_url, Settings())
+    status = sync.app_status("apns", "com.x")
+    assert status["counters"] == {"delivered": 4, "device_suspect": 5}
+    assert status["recent"] == {"pushes": 9, "bad_device_token": 5} and status["env_suspect"]
+    assert sync.app_status("fcm", "p")["recent"] == {"pushes": 2, "bad_device_token": 0}
