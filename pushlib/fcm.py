@@ -3,7 +3,7 @@
 The OAuth2 access token is cached and refreshed `refresh_margin` seconds before it expires,
 once for all concurrent pushes (an asyncio.Lock) and off the event loop (google-auth is
 synchronous: it runs in a worker thread). The token endpoint is the service account's
-`token_uri`; for a custom host (the sandbox) it is verified against app.ca_pem. A 401 means
+`token_uri`; for a custom host (the sandbox) it is verified against app.ca_pem only. A 401 means
 the token went stale early: refresh once and retry once.
 
 `send` never raises for provider or network trouble: it returns a PushResult.
@@ -14,18 +14,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
-import shutil
-import tempfile
+import ssl
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import google.auth.exceptions
-import google.auth.transport.requests
+import google.auth.transport
 import httpx
-import requests
-import requests.adapters
 from google.oauth2 import service_account
 
 from pushlib.h2transport import H2Transport, client_ssl_context, origin_url
@@ -45,34 +40,43 @@ class FcmConfigError(ValueError):
     """The app's service account JSON is missing or unusable."""
 
 
-class _TokenRequest(google.auth.transport.requests.Request):
-    """google-auth's requests transport with a bounded timeout (its default is 120 s)."""
+class _TokenResponse(google.auth.transport.Response):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def data(self) -> bytes:
+        return self._response.content
+
+
+class _TokenRequest(google.auth.transport.Request):
+    """google-auth's token fetch over httpx, so the trust store is ours to choose: the sandbox CA
+    for a custom host, the system store otherwise (no temp files, no REQUESTS_CA_BUNDLE surprises)."""
+
+    def __init__(self, verify: ssl.SSLContext | bool) -> None:
+        self._client = httpx.Client(verify=verify, trust_env=False, timeout=TOKEN_TIMEOUT)
 
     def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                 timeout: float | None = None, **kwargs: Any) -> Any:
-        return super().__call__(  # type: ignore[no-untyped-call]
-            url, method, body, headers, timeout or TOKEN_TIMEOUT, **kwargs
-        )
+                 timeout: float | None = None, **kwargs: Any) -> google.auth.transport.Response:
+        try:
+            response = self._client.request(method, url, content=body, headers=headers,
+                                            timeout=timeout or TOKEN_TIMEOUT)
+        except httpx.HTTPError as exc:
+            raise google.auth.exceptions.TransportError(  # type: ignore[no-untyped-call]
+                f"token endpoint: {exc.__class__.__name__}"
+            ) from exc
+        return _TokenResponse(response)
 
-
-class _PinnedCaAdapter(requests.adapters.HTTPAdapter):
-    """Verifies against one CA file whatever the environment says (REQUESTS_CA_BUNDLE would
-    otherwise replace a session's `verify`)."""
-
-    def __init__(self, ca_path: str) -> None:
-        super().__init__()
-        self._ca_path = ca_path
-
-    def send(
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: float | tuple[float, float] | tuple[float, None] | None = None,
-        verify: bool | str = True,
-        cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
-        proxies: Mapping[str, str] | None = None,
-    ) -> requests.Response:
-        return super().send(request, stream, timeout, self._ca_path, cert, proxies)
+    def close(self) -> None:
+        self._client.close()
 
 
 def _utcnow() -> datetime.datetime:
@@ -103,17 +107,8 @@ class FcmClient:
         except (ValueError, KeyError, TypeError) as exc:
             raise FcmConfigError(f"unusable FCM service account: {exc.__class__.__name__}") from None
         self._lock = asyncio.Lock()
-        self._session = requests.Session()
-        self._ca_dir: Path | None = None
-        if app.custom_host and app.ca_pem:
-            # requests verifies against a CA *file*; the CA is public, the dir is private anyway.
-            self._ca_dir = Path(tempfile.mkdtemp(prefix="pn-fcm-ca-"))
-            ca_path = self._ca_dir / "ca.pem"
-            fd = os.open(ca_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(app.ca_pem)
-            self._session.mount("https://", _PinnedCaAdapter(str(ca_path)))
-        self._auth_request = _TokenRequest(self._session)
+        custom_ca = app.ca_pem if app.custom_host else None
+        self._auth_request = _TokenRequest(ssl.create_default_context(cadata=custom_ca) if custom_ca else True)
         self._transport = H2Transport(client_ssl_context(app.ca_pem if app.custom_host else None))
         self._origin = httpx.URL(origin_url(host))
         self._path = f"/v1/projects/{self.project_id}/messages:send".encode()
@@ -186,7 +181,4 @@ class FcmClient:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
-        self._session.close()
-        if self._ca_dir is not None:
-            shutil.rmtree(self._ca_dir, ignore_errors=True)
-            self._ca_dir = None
+        self._auth_request.close()
