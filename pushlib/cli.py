@@ -7,6 +7,7 @@ Credentials are validated before they are stored and are never printed back.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import re
 import sys
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pushlib.callstate import CallStateUnavailable, Subscribers
 from pushlib.keys import describe_app
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
 from pushlib.settings import Settings
@@ -160,6 +163,45 @@ def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
         )
 
 
+def _split_aor(aor: str) -> tuple[str, str]:
+    user, sep, domain = aor.partition("@")
+    if not sep or not user or not domain:
+        raise CliError(f"want user@domain, got {aor!r}")
+    return user, domain
+
+
+def _read_password(given: str | None) -> str:
+    # A password on the command line shows in the process list: prefer the prompt or stdin.
+    if given is not None:
+        password = given
+    elif sys.stdin.isatty():
+        password = getpass.getpass("SIP password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CliError("empty password")
+    return password
+
+
+def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
+    """SIP digest credentials (stored as HA1 only) used when the proxy runs WITH_AUTH."""
+    user, domain = _split_aor(args.aor)
+    client = redis.Redis.from_url(args.redis_url or store.settings.redis_url, decode_responses=True,
+                                  socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        subscribers = Subscribers(client)
+        if args.cmd == "set":
+            subscribers.set_password(user, domain, _read_password(args.password), realm=args.realm)
+            print(f"saved credentials of {user}@{domain}")
+        else:
+            subscribers.remove([(user, domain)])
+            print(f"removed credentials of {user}@{domain}")
+    except CallStateUnavailable as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    finally:
+        client.close()
+
+
 def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
     data = parse_data(args.data)
     for name in ("title", "body"):
@@ -216,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_parser("list")
     ua.add_parser("remove").add_argument("name")
 
+    subs = sub.add_parser("subscriber", help="SIP credentials for WITH_AUTH").add_subparsers(dest="cmd", required=True)
+    p = subs.add_parser("set", help="set a password (read from the terminal or stdin)")
+    p.add_argument("aor", help="user@domain")
+    p.add_argument("--realm", help="digest realm (default: the domain)")
+    p.add_argument("--password", help="avoid: visible in the process list")
+    subs.add_parser("remove").add_argument("aor", help="user@domain")
+
     sub.add_parser("devices", help="a user's push devices").add_argument("aor", help="user@domain")
 
     p = sub.add_parser("push", help="send a notification to a user's devices")
@@ -232,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
     store = SyncStore(args.redis_url or settings.redis_url, settings)
-    handlers = {"app": cmd_app, "uamap": cmd_uamap, "devices": cmd_devices, "push": cmd_push}
+    handlers = {
+        "app": cmd_app, "uamap": cmd_uamap, "subscriber": cmd_subscriber, "devices": cmd_devices, "push": cmd_push,
+    }
     try:
         handlers[args.area](store, args)
     except CliError as exc:
