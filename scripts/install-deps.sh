@@ -29,7 +29,12 @@ STAMP="$VENV/.installed"
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "install-deps: building the venv"
   /usr/bin/python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[dev]'
+  log="$VENV/install.log"
+  # pip and setuptools are chatty; keep their output in a log and show it only on failure.
+  if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e '.[dev]'; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "install-deps: pip failed (full log: $log)" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
