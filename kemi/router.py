@@ -30,6 +30,11 @@ if str(_ROOT) not in sys.path:
 import KSR  # noqa: E402
 
 from pushlib import calls, callstate, params  # noqa: E402
+
+# Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
+# libssl's state in shared memory, so code that touches libssl (Python's _ssl under httpx) must be
+# mapped at the same address in every process, or the TLS workers jump into unmapped memory.
+from pushlib.dispatcher import Dispatcher  # noqa: E402
 from pushlib.models import Device, PushJob, UaMapping  # noqa: E402
 from pushlib.store import StoreUnavailable, SyncStore  # noqa: E402
 
@@ -39,6 +44,8 @@ NEXT = False  # the route did not apply: the next route of the pipeline runs
 LOCATION = "location"
 WAIT_TABLE = "pnwait"
 PEND_TABLE = "pnpend"  # "<aor>|<device id>" of devices pushed for a call parked on this node
+FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
+WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
 PARK_PREFIX = "pn-park-"
 _MAPPING_TTL = 10.0
@@ -84,8 +91,19 @@ class Router:
 
     def child_init(self, rank: int) -> int:
         if rank > 0:
+            if self.cfg.pusher:
+                self._warm_up()
             _log(KSR.info, "ready", rank=rank, pusher=self.cfg.pusher, auth=self.cfg.auth)
         return 0
+
+    def _warm_up(self) -> None:
+        """Open this worker's Redis connections now, so the first call it routes does not pay for
+        them; Redis being down here is not an error (requests retry and fail fast on their own)."""
+        try:
+            self.store.ping()
+            self.state.ping()
+        except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
+            _log(KSR.warn, "redis-unavailable-at-start", error=exc)
 
     def _connect(self) -> None:
         import os
@@ -448,17 +466,19 @@ class Router:
                 KSR.tm.t_reply(480, "Temporarily Unavailable")
             return
         window = max(1, int(self.cfg.settings.wait_window))
-        KSR.htable.sht_setxs(WAIT_TABLE, key, aor, window)
+        KSR.htable.sht_setxs(WAIT_TABLE, key, aor, window + WINDOW_BACKSTOP)
         for device_id in pushed:
             KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}", key, window + 5)
         _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
         # Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
         # (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
-        # pending until its fr timer (wait window + 5 s), so failed awake branches do not end
-        # the call while pushed devices may still wake, and tsilo can append the woken device's
-        # branch; the htable timer answers 480 at the window's end (tm fakes a 487 for it).
-        fr_ms = (window + 5) * 1000
-        KSR.tm.t_set_fr(max(fr_ms, 120_000), fr_ms)
+        # pending until its fr timer, which IS the wait window: failed awake branches do not
+        # end the call while pushed devices may still wake, tsilo can append the woken device's
+        # branch, and when it times out with every other branch ended, tm runs the failure
+        # route, the one place where the call can still be relayed (to FALLBACK_URI) or get
+        # its 480. Devices still ringing then are ended by the htable backstop (pnwait).
+        fr_ms = max(1000, int(self.cfg.settings.wait_window * 1000))
+        KSR.tm.t_set_fr(max(fr_ms + 5000, 120_000), fr_ms)
         park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
         KSR.pv.sets("$ru", park_uri)
         KSR.pv.sets("$du", park_uri)
@@ -533,7 +553,7 @@ class Router:
         KSR.htable.sht_rm(WAIT_TABLE, key)
         self._finish(str(aor), key, reason, reply, answered)
 
-    def _finish(self, aor: str, key: str, reason: str, reply: int, answered: bool) -> None:
+    def _finish(self, aor: str, key: str, reason: str, reply: int, answered: bool, cancel: bool = False) -> None:
         try:
             call = self.state.finish(aor, key)
         except callstate.CallStateUnavailable as exc:
@@ -541,8 +561,18 @@ class Router:
             return
         if call is None:
             return
+        for device_id in call.pushed:
+            # a device waking after the end must not join the transaction (tsilo would still
+            # append it while the fallback branch rings); a newer call's entry is left alone
+            pend_key = f"{aor}|{device_id}"
+            if KSR.htable.sht_get(PEND_TABLE, pend_key) == key:
+                KSR.htable.sht_rm(PEND_TABLE, pend_key)
         if reply:
             KSR.tmx.t_reply_callid(call.call_id, call.cseq, reply, calls.reason_phrase(reply))
+        elif cancel:
+            # no final reply: tm cancels the open branches and, once they end, runs the
+            # failure route, where the call can still be relayed (to the fallback URI)
+            KSR.tmx.t_cancel_callid(call.call_id, call.cseq, 0)
         now = time.time()
         if answered:
             notify = tuple(d for d in call.pushed if d not in call.woken)
@@ -567,13 +597,38 @@ class Router:
     def ksr_failure_route(self, msg: object) -> int:
         key = calls.call_key(_pv("$ci"))
         code = KSR.pv.geti("$T_reply_code") or 0
-        parked = KSR.htable.sht_get(WAIT_TABLE, key) is not None
-        action = calls.failure_action(code, parked, KSR.tm.t_is_canceled() > 0)
-        if action is calls.FailureAction.END_ALL:
-            if parked:
-                self._end_parked(key, reason=f"rejected-{code}")
-            return 1
+        aor = KSR.htable.sht_get(WAIT_TABLE, key)
+        fallback_aor = KSR.htable.sht_get(FALLBACK_TABLE, key)
+        if fallback_aor is not None:
+            KSR.htable.sht_rm(FALLBACK_TABLE, key)
+        action = calls.failure_route_action(
+            code, aor is not None, KSR.tm.t_is_canceled() > 0, fallback_aor is not None
+        )
+        if action is calls.FailureRouteAction.END_ALL:
+            self._end_parked(key, reason=f"rejected-{code}")
+        elif action is not calls.FailureRouteAction.RELAY:
+            if action is calls.FailureRouteAction.WINDOW_END:
+                self._end_parked(key, reason="timeout")  # (the fallback was set up by the timer)
+            if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
+                KSR.tm.t_reply(480, calls.reason_phrase(480))
         return 1
+
+    def _to_fallback(self, aor: str) -> bool:
+        """Relay the unanswered call to FALLBACK_URI as a new branch (failure route only).
+
+        No failure route is armed for it: if the fallback fails too, tm sends its reply upstream.
+        """
+        uri = calls.fallback_target(self.cfg.fallback_uri, aor)
+        if not uri:
+            return False
+        KSR.pv.sets("$ru", uri)
+        KSR.pv.unset("$du")
+        KSR.hdr.append(f"Diversion: {calls.diversion_header(aor)}\r\n")
+        if KSR.tm.t_relay() < 0:
+            _log(KSR.err, "fallback-relay-failed", aor=aor, ruri=uri)
+            return False
+        _log(KSR.info, "fallback", aor=aor, ruri=uri)
+        return True
 
     def ksr_onreply_route(self, msg: object) -> int:
         if not self.cfg.pusher or _pv("$rm") != "INVITE":
@@ -617,13 +672,17 @@ class Router:
         if key and aor:
             reply = int(code) if code.isdigit() else 480
             reason = "timeout" if reply == 480 else f"rejected-{reply}"
-            self._finish(aor, key, reason=reason, reply=reply, answered=False)
+            if reply == 480 and self.cfg.fallback_uri:
+                # the window is over but a device still rings (else the failure route had
+                # ended the call): cancel the branches, the failure route relays to the fallback
+                KSR.htable.sht_setxs(FALLBACK_TABLE, key, aor, 120)
+                self._finish(aor, key, reason=reason, reply=0, answered=False, cancel=True)
+            else:
+                self._finish(aor, key, reason=reason, reply=reply, answered=False)
         return 1
 
     def ksr_dispatcher(self, msg: object, idx: str = "0") -> int:
         """evrexec worker: run the push dispatcher's asyncio loop in this dedicated process."""
-        from pushlib.dispatcher import Dispatcher
-
         while True:
             try:
                 _log(KSR.info, "dispatcher-start", worker=idx)

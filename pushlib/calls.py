@@ -42,6 +42,9 @@ class ProxyConfig:
     external_dispatcher: bool = False
     awake_window: float = 10.0
     realm: str = ""
+    #: where a parked call goes when its wait window ends unanswered ("" = answer 480); one per
+    #: deployment for now (a per-user voicemail URI would come from the store)
+    fallback_uri: str = ""
     settings: Settings = field(default_factory=Settings)
 
 
@@ -59,7 +62,7 @@ def proxy_config(
 
     A define that is present but has no value (e.g. `#!define WITH_AUTH`) counts as on.
     Recognised: WITH_PUSHER, WITH_AUTH, WITH_EXTERNAL_DISPATCHER, REDIS_URL, WAIT_WINDOW,
-    AWAKE_WINDOW, AUTH_REALM, HIDE_CALLER.
+    AWAKE_WINDOW, AUTH_REALM, HIDE_CALLER, FALLBACK_URI.
     """
 
     def flag(name: str) -> bool:
@@ -86,6 +89,7 @@ def proxy_config(
         external_dispatcher=flag("WITH_EXTERNAL_DISPATCHER"),
         awake_window=10.0 if awake is None else float(awake),
         realm=text("AUTH_REALM") or "",
+        fallback_uri=text("FALLBACK_URI") or "",
         settings=settings,
     )
 
@@ -254,6 +258,50 @@ def failure_action(code: int, parked: bool, canceled: bool) -> FailureAction:
     if parked:
         return FailureAction.KEEP_WAITING
     return FailureAction.RELAY
+
+
+class FailureRouteAction(Enum):
+    """What tm's failure route does for an INVITE whose branches have all ended."""
+
+    RELAY = "relay"  # not (or no longer) a parked call: tm sends the best reply upstream
+    END_ALL = "end_all"  # busy/decline reached the failure route: end the parked call
+    WINDOW_END = "window_end"  # the parking branch timed out: the wait window is over
+    FALLBACK = "fallback"  # the window ended while branches rang; they were canceled for the fallback
+
+
+def failure_route_action(code: int, parked: bool, canceled: bool, fallback_due: bool) -> FailureRouteAction:
+    """Decide the failure route of a (possibly) parked INVITE.
+
+    The parking branch never answers and its fr timer is the wait window, so when the failure
+    route runs for a call that is still parked every branch has ended, the parking one by its
+    timeout: the window is over. `fallback_due` marks a call whose window ended while a device
+    still rang (the timer canceled its branches to send the call to the fallback URI).
+    """
+    if canceled:
+        return FailureRouteAction.RELAY
+    if parked:
+        return FailureRouteAction.END_ALL if code in END_ALL_CODES else FailureRouteAction.WINDOW_END
+    if fallback_due:
+        return FailureRouteAction.FALLBACK
+    return FailureRouteAction.RELAY
+
+
+def fallback_target(template: str, aor: str) -> str:
+    """The fallback R-URI for a call to `aor` ("" = none).
+
+    `{user}` and `{domain}` in the template are replaced by the callee's, so one voicemail
+    server can pick the mailbox from the R-URI (`sip:{user}@vm.example.com`); the router
+    also adds a Diversion header (RFC 5806, reason=no-answer) for servers that read that.
+    """
+    if not template:
+        return ""
+    user, _, domain = aor.removeprefix("sip:").partition("@")
+    return template.replace("{user}", user).replace("{domain}", domain)
+
+
+def diversion_header(aor: str) -> str:
+    """The Diversion header value for a call sent to the fallback because nobody answered."""
+    return f"<{aor}>;reason=no-answer;counter=1"
 
 
 # --------------------------------------------------------------------------- push jobs

@@ -97,6 +97,12 @@ class CallState:
         self._r = client
         self._wake = client.register_script(_WAKE_LUA)
 
+    def ping(self) -> None:
+        try:
+            self._r.ping()
+        except redis.RedisError as exc:
+            raise CallStateUnavailable(str(exc)) from exc
+
     def park(self, call: ParkedCall, now: float) -> bool:
         """Record a parked call and the devices pushed for it. False if it was already parked."""
         ttl = max(1, int(call.deadline - now) + _MARGIN)

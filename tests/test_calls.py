@@ -138,6 +138,33 @@ def test_proxy_config_from_defines() -> None:
     assert cfg.settings.redis_url == "redis://h:1/2" and cfg.settings.wait_window == 12.0
     assert cfg.awake_window == 0.0 and cfg.realm == "example.com"
     assert not calls.proxy_config(lambda name: None, env={}).pusher
+    assert cfg.fallback_uri == ""
+    with_vm = calls.proxy_config({"FALLBACK_URI": '"sip:{user}@vm.example.com"'}.get, env={})
+    assert with_vm.fallback_uri == "sip:{user}@vm.example.com"
+
+
+@pytest.mark.parametrize(
+    ("code", "parked", "canceled", "fallback_due", "action"),
+    [
+        (408, True, False, False, calls.FailureRouteAction.WINDOW_END),  # the parking branch timed out
+        (480, True, False, False, calls.FailureRouteAction.WINDOW_END),
+        (486, True, False, False, calls.FailureRouteAction.END_ALL),
+        (487, False, False, True, calls.FailureRouteAction.FALLBACK),  # ringing branches canceled by the timer
+        (487, True, True, False, calls.FailureRouteAction.RELAY),  # the caller hung up
+        (487, False, True, True, calls.FailureRouteAction.RELAY),
+        (408, False, False, False, calls.FailureRouteAction.RELAY),  # not a parked call
+    ],
+)
+def test_failure_route_action(code: int, parked: bool, canceled: bool, fallback_due: bool,
+                              action: calls.FailureRouteAction) -> None:
+    assert calls.failure_route_action(code, parked, canceled, fallback_due) is action
+
+
+def test_fallback_target_and_diversion() -> None:
+    assert calls.fallback_target("", "sip:bob@example.com") == ""
+    assert calls.fallback_target("sip:vm@10.0.0.9:5080", "sip:bob@example.com") == "sip:vm@10.0.0.9:5080"
+    assert calls.fallback_target("sip:{user}@vm.{domain}", "sip:bob@example.com") == "sip:bob@vm.example.com"
+    assert calls.diversion_header("sip:bob@example.com") == "<sip:bob@example.com>;reason=no-answer;counter=1"
 
 
 def test_end_of_call_jobs() -> None:

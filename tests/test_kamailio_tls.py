@@ -1,0 +1,251 @@
+"""Integration: the flagship flow with the phone on SIP over TLS (KEMI mode, auth on, WITH_TLS).
+
+A CA and a server certificate for 127.0.0.1 are generated in a temp dir (pushlib's sandbox PKI,
+`cryptography`), a Kamailio tls.cfg points at them, and Kamailio listens on a free SIPS port.
+The phone is a small Python SIP UA over `ssl` that verifies the proxy's certificate. Like an
+iOS app it has no listening socket: it registers, drops its connection and sleeps; woken by the
+push it opens a NEW TLS connection and re-REGISTERs, and the parked INVITE (then ACK and BYE) must
+reach it over that very connection (Kamailio's TCP/TLS connection reuse towards the Contact
+`127.0.0.1:<its local port>;transport=tls`). The caller is a SIPp UAC over UDP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pushlib.sandbox.certs import SandboxPki
+from tests.sip_support import (
+    DOMAIN,
+    Stack,
+    apns_token,
+    push_kind,
+    push_stack,
+    rfc8599_apns_contact,
+    sipp_caller,
+    stop_all_sipp,
+)
+from tests.support import free_port
+from tests.test_kamailio_flows import asleep
+
+TLS_CFG = """\
+# Kamailio tls module configuration (the tested one; see kamailio/README-section.md)
+[server:default]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+certificate = {cert}
+private_key = {key}
+
+[client:default]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pn-tls-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tls_dir: Path) -> SandboxPki:
+    return SandboxPki.load_or_create(tls_dir / "pki")
+
+
+@pytest.fixture(scope="module")
+def sips_port() -> int:
+    return free_port()
+
+
+@contextmanager
+def tls_stack(tls_dir: Path, pki: SandboxPki, sips_port: int) -> Iterator[Stack]:
+    cfg = tls_dir / "tls.cfg"
+    cfg.write_text(TLS_CFG.format(cert=pki.server_cert_path, key=pki.server_key_path))
+    defines: dict[str, str | None] = {"WITH_TLS": None, "SIPS_PORT": str(sips_port), "TLS_CFG": f'"{cfg}"'}
+    with push_stack(auth=True, wait_window=10, extra_defines=defines) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_sipp() -> Iterator[None]:
+    yield
+    stop_all_sipp()
+
+
+def _header(msg: str, name: str) -> list[str]:
+    head = msg.split("\r\n\r\n", 1)[0]
+    return [v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
+            if k.strip().lower() == name.lower()]
+
+
+class TlsPhone:
+    """A SIP UA on one client TLS connection: it sends requests and answers what arrives on it."""
+
+    def __init__(self, port: int, ca_file: Path) -> None:
+        ctx = ssl.create_default_context(cafile=str(ca_file))  # checks the proxy's cert and IP
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.local_port = int(self.sock.getsockname()[1])
+        self.proxy_port = port
+        self._buf = b""
+        self._requests: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def _read(self, timeout: float) -> str:
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self._buf:
+            chunk = self.sock.recv(65535)
+            if not chunk:
+                raise ConnectionError("the proxy closed the TLS connection")
+            self._buf += chunk
+        head, rest = self._buf.split(b"\r\n\r\n", 1)
+        m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+        length = int(m.group(1)) if m else 0
+        while len(rest) < length:
+            rest += self.sock.recv(65535)
+        self._buf = rest[length:]
+        return (head + b"\r\n\r\n" + rest[:length]).decode()
+
+    def response(self, timeout: float = 5.0) -> str:
+        """The next final response; requests arriving meanwhile are kept for `request()`."""
+        end = time.monotonic() + timeout
+        while True:
+            msg = self._read(max(0.01, end - time.monotonic()))
+            if not msg.startswith("SIP/2.0"):
+                self._requests.append(msg)
+            elif int(msg[8:11]) >= 200:
+                return msg
+
+    def request(self, method: str, timeout: float = 5.0) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            for i, msg in enumerate(self._requests):
+                if msg.startswith(method + " "):
+                    return self._requests.pop(i)
+            msg = self._read(max(0.01, end - time.monotonic()))
+            if not msg.startswith("SIP/2.0"):
+                self._requests.append(msg)
+
+    def register(self, user: str, password: str, contact: str, call_id: str) -> str:
+        uri, tag, auth = f"sip:{DOMAIN}", secrets.token_hex(4), ""
+        for cseq in (1, 2):
+            lines = [
+                f"REGISTER {uri} SIP/2.0",
+                f"Via: SIP/2.0/TLS 127.0.0.1:{self.local_port};branch=z9hG4bK{secrets.token_hex(8)};rport",
+                f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
+                f"To: <sip:{user}@{DOMAIN}>",
+                f"Call-ID: {call_id}",
+                f"CSeq: {cseq} REGISTER",
+                f"Contact: {contact}",
+                "Max-Forwards: 70",
+                "Expires: 600",
+                "User-Agent: PushTest-TLS/1.0",
+            ]
+            if auth:
+                lines.append(f"Authorization: {auth}")
+            self.send("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n")
+            resp = self.response()
+            if not resp.startswith("SIP/2.0 401") or auth:
+                return resp
+            fields = dict(re.findall(r'(\w+)="([^"]*)"', _header(resp, "WWW-Authenticate")[0]))
+            ha1 = hashlib.md5(f"{user}:{fields['realm']}:{password}".encode()).hexdigest()
+            ha2 = hashlib.md5(f"REGISTER:{uri}".encode()).hexdigest()
+            cnonce = secrets.token_hex(4)
+            digest = hashlib.md5(f"{ha1}:{fields['nonce']}:00000001:{cnonce}:auth:{ha2}".encode()).hexdigest()
+            auth = (f'Digest username="{user}", realm="{fields["realm"]}", nonce="{fields["nonce"]}", '
+                    f'uri="{uri}", response="{digest}", algorithm=MD5, qop=auth, nc=00000001, '
+                    f'cnonce="{cnonce}"')
+        return resp
+
+    def answer(self, req: str, code: int, reason: str, to_tag: str = "", body: str = "") -> None:
+        to = _header(req, "To")[0]
+        if to_tag and ";tag=" not in to:
+            to += f";tag={to_tag}"
+        lines = [f"SIP/2.0 {code} {reason}"]
+        lines += [f"Via: {v}" for v in _header(req, "Via")]
+        lines += [f"Record-Route: {r}" for r in _header(req, "Record-Route")]
+        lines += [f"From: {_header(req, 'From')[0]}", f"To: {to}", f"Call-ID: {_header(req, 'Call-ID')[0]}",
+                  f"CSeq: {_header(req, 'CSeq')[0]}",
+                  f"Contact: <sip:dev@127.0.0.1:{self.local_port};transport=tls>"]
+        if body:
+            lines.append("Content-Type: application/sdp")
+        self.send("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+
+
+SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
+
+
+def test_sleeping_tls_phone_is_pushed_woken_and_answers_over_its_own_connection(
+    tls_dir: Path, pki: SandboxPki, sips_port: int, tmp_path: Path
+) -> None:
+    with tls_stack(tls_dir, pki, sips_port) as stack:
+        _flagship_over_tls(stack, pki, sips_port, tmp_path)
+
+
+def _flagship_over_tls(stack: Stack, pki: SandboxPki, sips_port: int, tmp_path: Path) -> None:
+    user, tok, instance = "t" + uuid.uuid4().hex[:10], apns_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+
+    first = TlsPhone(sips_port, pki.ca_path)
+    try:
+        r = first.register(user, password, rfc8599_apns_contact(first.local_port, tok, "tls", instance),
+                           uuid.uuid4().hex)
+    finally:
+        first.close()  # the app goes to sleep: its connection is gone
+    assert r.startswith("SIP/2.0 200"), r
+    assert _header(r, "Feature-Caps") == ['*;+sip.pns="apns"']
+    asleep(stack, user)
+
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp", args=["-d", "300"])
+    pushes = stack.wait_pushes(tok, 1)
+    assert [(p["push_type"], p["topic"], push_kind(p)) for p in pushes] == [
+        ("voip", "com.example.phone.voip", "incomingCall")]
+
+    phone = TlsPhone(sips_port, pki.ca_path)  # woken: a new connection from a new port
+    try:
+        r = phone.register(user, password, rfc8599_apns_contact(phone.local_port, tok, "tls", instance),
+                           uuid.uuid4().hex)
+        assert r.startswith("SIP/2.0 200"), r
+        invite = phone.request("INVITE")
+        assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port};transport=tls")
+        assert _header(invite, "Via")[0].startswith(f"SIP/2.0/TLS 127.0.0.1:{sips_port}")
+        # double Record-Route (UDP in, TLS out): the phone's side names the TLS listener
+        route = ",".join(_header(invite, "Record-Route"))
+        assert f"127.0.0.1:{sips_port};transport=tls" in route, route
+        tag = secrets.token_hex(4)
+        phone.answer(invite, 180, "Ringing", tag)
+        phone.answer(invite, 200, "OK", tag, SDP)
+        ack = phone.request("ACK")  # in-dialog requests come over the same TLS connection
+        assert ack.startswith(f"ACK sip:dev@127.0.0.1:{phone.local_port};transport=tls")
+        bye = phone.request("BYE", timeout=10)
+        phone.answer(bye, 200, "OK")
+    finally:
+        phone.close()
+    assert caller.wait(20) == 0, caller.logs()
+    assert caller.final_codes() == [200]
+    assert len(stack.pushes(tok)) == 1  # answered by the pushed phone: no cancel push
+    [device] = stack.store.devices(f"sip:{user}@{DOMAIN}")  # the new binding replaced the old one
+    assert f":{phone.local_port};transport=tls" in device.contact
