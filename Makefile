@@ -18,4 +18,5 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 bench: deps
-	$(PY) bench/push_bench.py
+	$(PY) bench/push_bench.py --rounds 3
+	$(PY) bench/wake_bench.py --calls 200
