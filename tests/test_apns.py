@@ -7,7 +7,6 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -15,23 +14,11 @@ import pytest
 
 from pushlib.models import ApnsRequest, AppCredentials, Device, FcmMessage, Outcome, Provider, PushParams, PushResult
 from pushlib.providers import ProviderPool, credentials_fingerprint, provider_host
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushlib.sandbox.process import SandboxHandle
 
 pytestmark = pytest.mark.timeout(60)
 
 BUNDLE = "com.example.app"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxHandle]:
-    with sandbox_process() as handle:
-        yield handle
-
-
-@pytest.fixture()
-def sbx(sandbox: SandboxHandle) -> SandboxHandle:
-    sandbox.control.clear()
-    return sandbox
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from pushlib.models import (
     PushParams,
     PushResult,
 )
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushlib.sandbox.process import SandboxHandle
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
 from tests.support import ROOT, VENV_PYTHON, stop_process
@@ -43,12 +43,6 @@ BUNDLE = "com.example.phone"
 PROJECT = "example-phone"
 DATA = {"call_id": "call-1", "caller_name": "Bob", "caller_number": "+15550100", "title": "Hello",
         "body": "A message", "message": "hi there", "sender": "Bob"}
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxHandle]:
-    with sandbox_process() as handle:
-        yield handle
 
 
 @pytest.fixture()

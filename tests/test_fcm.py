@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -13,23 +12,11 @@ import pytest
 from pushlib.fcm import FcmClient
 from pushlib.models import AppCredentials, Device, FcmMessage, Outcome, Provider, PushParams, PushResult
 from pushlib.providers import ProviderPool
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushlib.sandbox.process import SandboxHandle
 
 pytestmark = pytest.mark.timeout(60)
 
 PROJECT = "demo-project"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxHandle]:
-    with sandbox_process() as handle:
-        yield handle
-
-
-@pytest.fixture()
-def sbx(sandbox: SandboxHandle) -> SandboxHandle:
-    sandbox.control.clear()
-    return sandbox
 
 
 @pytest.fixture(scope="module")
