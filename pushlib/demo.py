@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pushlib.localrun import stop_process
+from pushlib.localrun import group_members, stop_process
 from pushlib.localstack import BUNDLE, DOMAIN, TEAM, SippRun, Stack, push_stack, sipp_caller, sipp_device
 from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
 from pushlib.sipua import SipClient, apns_token, rfc8599_apns_contact
@@ -74,24 +74,6 @@ def say(line: str) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _pgid_members(pgids: set[int]) -> list[int]:
-    """Live (non-zombie) processes whose process group is one of `pgids`. Every process the
-    demo starts gets its own session, so its group id is its PID and its children share it."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
-        state, pgid = fields[0], int(fields[2])
-        if pgid in pgids and state != "Z":
-            found.append(int(entry))
-    return found
-
-
 def _socket_inodes(pids: list[int]) -> set[str]:
     inodes = set()
     for pid in pids:
@@ -112,7 +94,7 @@ def _socket_inodes(pids: list[int]) -> set[str]:
 def _tcp_ports_to(remote_port: int, pgid: int) -> set[int]:
     """Local ports of the TCP connections to 127.0.0.1:`remote_port` held by process group `pgid`:
     how the capture tells the dispatcher (a Kamailio child) from the demo's own sandbox polling."""
-    inodes = _socket_inodes(_pgid_members({pgid}))
+    inodes = _socket_inodes(group_members({pgid}))
     ports = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         cols = line.split()
@@ -356,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         error = f"interrupted ({exc.__class__.__name__} {exc})"
     except Exception as exc:  # a start-up failure (no kamailio, port trouble...) is still reported plainly
         error = f"{exc.__class__.__name__}: {exc}"
-    left = _pgid_members({pid for _, pid in started})
+    left = group_members({pid for _, pid in started})
     names = " ".join(f"{name}={pid}" for name, pid in started)
     say(f"processes (own process groups): {names}; " + (f"STILL ALIVE: {left}" if left else "all stopped"))
     if left and not error:

@@ -104,3 +104,21 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Live (non-zombie) processes whose process group is one of `pgids`. Every process the
+    demo and the tests start gets its own session, so its group id is its PID and its children share it."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+        state, pgid = fields[0], int(fields[2])
+        if pgid in pgids and state != "Z":
+            found.append(int(entry))
+    return found

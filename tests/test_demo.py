@@ -7,33 +7,16 @@ inspected: other tests run their own Kamailio/Redis in parallel)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 from pushlib.demo import EVENTS
+from pushlib.localrun import group_members
 from tests.support import ROOT
 
 TIMELINE = re.compile(r"^demo: t\+\s*(-?\d+\.\d+) ms  (.+?)\s{2,}")
 PROCESSES = re.compile(r"^demo: processes \(own process groups\): (.*?);")
-
-
-def _alive_in_groups(pgids: set[int]) -> list[str]:
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) in pgids and fields[0] != "Z":
-            alive.append(f"{entry} ({comm})")
-    return alive
 
 
 def test_demo_runs_the_flagship_call_and_leaves_nothing_behind() -> None:
@@ -57,4 +40,4 @@ def test_demo_runs_the_flagship_call_and_leaves_nothing_behind() -> None:
     pids = {int(pid) for pid in re.findall(r"=(\d+)", reported)}
     assert {"redis", "sandbox", "kamailio", "tshark", "sipp-device", "sipp-caller"} <= set(
         re.findall(r"([\w-]+)=\d+", reported))
-    assert _alive_in_groups(pids) == []
+    assert group_members(pids) == []
