@@ -60,8 +60,23 @@ def _get_def(name: str) -> str | None:
 
 
 def _pv(name: str) -> str:
-    value = KSR.pv.get(name)
+    try:
+        value = KSR.pv.get(name)
+    except UnicodeDecodeError:
+        return _pv_raw(name)
     return "" if value is None else str(value)
+
+
+def _pv_raw(name: str) -> str:
+    """A value that is not UTF-8 (a client sent raw bytes, e.g. in its Contact): fetched
+    hex-encoded and decoded with surrogateescape, so the pure parsers see and reject the bad
+    bytes (400) instead of the route dying with no reply. Loggers must sanitize it."""
+    inner = name[2:-1] if name.startswith("$(") else name[1:]
+    hexa = KSR.pv.get(f"$({inner}{{s.encode.hexa}})")
+    try:
+        return bytes.fromhex(str(hexa or "")).decode("utf-8", "surrogateescape")
+    except ValueError:
+        return ""
 
 
 def _log(level: Callable[[str], Any], event: str, **fields: object) -> None:
@@ -287,6 +302,10 @@ class Router:
                 self._forget_all_devices(aor)
             self._save()
             return STOP
+        if len(calls.contact_uri(contact)) > calls.MAX_CONTACT_URI:  # registrar would say only "Bad Request"
+            _log(KSR.notice, "register-rejected", code=400, aor=aor, reason="contact-uri-too-long")
+            KSR.sl.sl_send_reply(400, "Contact URI Too Long")
+            return STOP
         user_agent = _pv("$ua")
         mappings = self._ua_mappings()
         try:
@@ -351,8 +370,10 @@ class Router:
         return STOP
 
     def _save(self, reply: bool = True) -> bool:
-        if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:  # errors are answered by registrar
+        if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:
             _log(KSR.err, "save-failed", aor=_pv("$tu"), src=f"{_pv('$si')}:{_pv('$sp')}")
+            if not reply:  # with the no-reply flag the registrar left its error unanswered
+                KSR.registrar.reg_send_reply()
             return False
         return True
 
@@ -654,7 +675,21 @@ class Router:
         return 1
 
     def ksr_reply_route(self, msg: object) -> int:
+        self._alias_nated_reply()
         return self.ksr_onreply_route(msg)
+
+    @staticmethod
+    def _alias_nated_reply() -> None:
+        """A NATed callee's 1xx/2xx to an INVITE names its private address in Contact (another
+        port than the one the reply came from, or an RFC 1918 address): alias that Contact to
+        the reply's source, so the caller's in-dialog requests (ACK, BYE, re-INVITE) are sent
+        back there (handle_ruri_alias in route_withindlg), over the device's own connection
+        on TCP. Mode 1 of is_first_hop: on loopback the device's address is a local one too."""
+        code = KSR.pv.geti("$rs") or 0
+        if not (100 < code < 300) or _pv("$rm") != "INVITE" or not _pv("$ct"):
+            return
+        if KSR.siputils.is_first_hop_mode(1) > 0 and KSR.nathelper.nat_uac_test(129) > 0:
+            KSR.nathelper.set_contact_alias()
 
     def ksr_onsend_route(self, msg: object) -> int:
         return 1

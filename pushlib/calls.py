@@ -29,6 +29,8 @@ PUSH_URI_PARAMS = frozenset({"pn-provider", "pn-prid", "pn-param", "pn-tok", "pn
 #: Providers announced in Feature-Caps for plain (non-push) registrations.
 SERVED_PROVIDERS: tuple[str, ...] = (Provider.APNS.value, Provider.FCM.value)
 
+#: Longest Contact URI a REGISTER may bind (registrar's `contact_max_size`, default 512).
+MAX_CONTACT_URI = 512
 _MAX_REASON = 80
 _SAFE_REASON = re.compile(r"[^\x20-\x7e]")
 
