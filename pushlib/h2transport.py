@@ -411,7 +411,10 @@ class _Connection(asyncio.Protocol):
                     h2conn.send_data(stream_id, body, end_stream=True)  # the usual push: one frame
                 else:
                     await self._send_body(stream_id, stream, body)
-            self._schedule_flush()
+            if len(self._streams) == 1:
+                self._flush()  # alone on the connection: nothing to coalesce with, so no loop turn of delay
+            else:
+                self._schedule_flush()
             await stream.done
         except asyncio.CancelledError:
             self._abandon(stream_id, stream)
