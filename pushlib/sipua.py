@@ -1,5 +1,6 @@
 """A tiny SIP user agent for the demo, the tests and the benchmarks: REGISTERs with digest auth
-over UDP or TCP, raw requests, response parsing, and RFC 8599 Contact builders.
+over UDP, TCP or TLS, raw requests, answering requests, response parsing, and RFC 8599 Contact
+builders.
 
 It is deliberately not a SIP stack: one socket towards the proxy, one transaction at a time,
 responses matched by arrival order. That is all a simulated device's "REGISTER half" needs.
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Self
 
 DOMAIN = "127.0.0.1"
 BUNDLE = "com.example.phone"
@@ -68,72 +70,144 @@ def digest_authorization(method: str, uri: str, user: str, password: str, challe
             f'response="{resp}", algorithm=MD5')
 
 
-class SipClient:
-    """One SIP endpoint socket (UDP or TCP) towards the proxy, for REGISTERs and raw requests.
+def header_values(msg: str, name: str) -> list[str]:
+    """Every value of header `name` (case-insensitive) in a raw SIP request or response."""
+    head = msg.split("\r\n\r\n", 1)[0]
+    return [v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
+            if k.strip().lower() == name.lower()]
 
-    A TCP client connects in the constructor (raises OSError when nothing listens) and keeps
-    that one connection until `close()`."""
 
-    def __init__(self, proxy_port: int, transport: str = "udp", host: str = "127.0.0.1") -> None:
+def _recv_some(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65535)
+    if not chunk:
+        raise ConnectionError("the proxy closed the connection")
+    return chunk
+
+
+def read_sip_message(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    """One SIP message from a stream socket (TCP or TLS), framed by Content-Length; `buf` holds
+    bytes already read past the previous message. Returns (message, the new buffer); the socket's
+    own timeout applies to each read. Raises ConnectionError when the peer closes first."""
+    while b"\r\n\r\n" not in buf:
+        buf += _recv_some(sock)
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
+    length = int(m.group(1)) if m else 0
+    while len(rest) < length:
+        rest += _recv_some(sock)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+def open_sip_socket(proxy: tuple[str, int], transport: str = "udp") -> socket.socket:
+    """A UDP socket bound on the proxy's host, or a TCP connection to the proxy (raises OSError
+    when nothing listens); 5 s timeout. TLS callers wrap a "tcp" socket themselves."""
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((proxy[0], 0))
+    else:
+        sock = socket.create_connection(proxy, timeout=5)
+    sock.settimeout(5)
+    return sock
+
+
+class SipPhone:
+    """A SIP endpoint on one socket towards the proxy: a bound UDP socket, or a connected TCP
+    socket (or one the caller wrapped in TLS). It REGISTERs, sends raw messages and answers the
+    requests that arrive on that socket.
+
+    `transport` ("udp", "tcp", "tls") goes into Via and Contact; `via_port` is the port the phone
+    claims there (default: its real local port; a NATed phone claims another one)."""
+
+    # Requests arriving while a response is awaited are kept for `request()`; a client that never
+    # asks for requests turns this off so that keepalives do not pile up.
+    keep_requests = True
+
+    def __init__(self, sock: socket.socket, transport: str, proxy: tuple[str, int] | None = None,
+                 via_port: int | None = None) -> None:
+        if proxy is None:
+            if transport == "udp":
+                raise ValueError("a UDP phone needs the proxy's address to send to")
+            host, port = sock.getpeername()[:2]
+            proxy = (str(host), int(port))
+        self.sock = sock
         self.transport = transport
-        self.proxy = (host, proxy_port)
-        if transport == "udp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind((host, 0))
-        else:
-            self.sock = socket.create_connection(self.proxy, timeout=5)
-        self.sock.settimeout(5)
-        self.local_port = int(self.sock.getsockname()[1])
+        self.proxy = proxy
+        self.local_port = int(sock.getsockname()[1])
+        self.via_port = self.local_port if via_port is None else via_port
         self._buf = b""
+        self._requests: list[str] = []
 
     def close(self) -> None:
         with suppress(OSError):
             self.sock.close()
 
-    def __enter__(self) -> SipClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def send_raw(self, data: str) -> None:
+    def send(self, data: str) -> None:
         payload = data.encode("utf-8", "surrogateescape")
         if self.transport == "udp":
             self.sock.sendto(payload, self.proxy)
         else:
             self.sock.sendall(payload)
 
-    def recv_response(self, timeout: float = 5.0, skip_provisional: bool = True) -> SipResponse:
-        """The next response (final only unless `skip_provisional` is False); requests the
-        proxy sends meanwhile (keepalives) are dropped. Raises TimeoutError / ConnectionError."""
+    def _read(self, end: float) -> str:
+        """The next message, by monotonic deadline `end`; raises TimeoutError / ConnectionError."""
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no SIP message")
+        self.sock.settimeout(left)
+        if self.transport == "udp":
+            data, _ = self.sock.recvfrom(65535)
+        else:
+            data, self._buf = read_sip_message(self.sock, self._buf)
+        return data.decode("utf-8", "replace")
+
+    def response(self, timeout: float = 5.0, skip_provisional: bool = True) -> SipResponse:
+        """The next response (final only unless `skip_provisional` is False). Raises
+        TimeoutError / ConnectionError."""
         end = time.monotonic() + timeout
         while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no SIP response")
-            self.sock.settimeout(left)
-            if self.transport == "udp":
-                data, _ = self.sock.recvfrom(65535)
-                text = data.decode("utf-8", "replace")
-            else:
-                while b"\r\n\r\n" not in self._buf:
-                    chunk = self.sock.recv(65535)
-                    if not chunk:
-                        raise ConnectionError("proxy closed the TCP connection")
-                    self._buf += chunk
-                head, rest = self._buf.split(b"\r\n\r\n", 1)
-                m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
-                length = int(m.group(1)) if m else 0
-                while len(rest) < length:
-                    rest += self.sock.recv(65535)
-                self._buf = rest[length:]
-                text = (head + b"\r\n\r\n" + rest[:length]).decode("utf-8", "replace")
+            text = self._read(end)
             if not text.startswith("SIP/2.0"):
-                continue  # a request (e.g. OPTIONS keepalive): ignore
+                if self.keep_requests:
+                    self._requests.append(text)
+                continue
             resp = parse_response(text)
             if skip_provisional and resp.status < 200:
                 continue
             return resp
+
+    def request(self, method: str, timeout: float = 5.0) -> str:
+        """The next `method` request (raw text), including ones kept while awaiting responses;
+        other requests are kept, responses dropped."""
+        end = time.monotonic() + timeout
+        while True:
+            for i, msg in enumerate(self._requests):
+                if msg.startswith(method + " "):
+                    return self._requests.pop(i)
+            text = self._read(end)
+            if not text.startswith("SIP/2.0"):
+                self._requests.append(text)
+
+    def answer(self, req: str, code: int, reason: str, to_tag: str = "", body: str = "") -> None:
+        """Answer raw request `req`: Via and Record-Route copied, To tagged with `to_tag` unless it
+        already has a tag, Contact at the phone's claimed port; a `body` is sent as SDP."""
+        to = header_values(req, "To")[0]
+        if to_tag and ";tag=" not in to:
+            to += f";tag={to_tag}"
+        lines = [f"SIP/2.0 {code} {reason}"]
+        lines += [f"Via: {v}" for v in header_values(req, "Via")]
+        lines += [f"Record-Route: {r}" for r in header_values(req, "Record-Route")]
+        lines += [f"From: {header_values(req, 'From')[0]}", f"To: {to}",
+                  f"Call-ID: {header_values(req, 'Call-ID')[0]}", f"CSeq: {header_values(req, 'CSeq')[0]}",
+                  f"Contact: <sip:dev@127.0.0.1:{self.via_port};transport={self.transport}>"]
+        if body:
+            lines.append("Content-Type: application/sdp")
+        self.send("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n{body}")
 
     def register(
         self,
@@ -158,7 +232,7 @@ class SipClient:
             branch = "z9hG4bK" + secrets.token_hex(8)
             lines = [
                 f"REGISTER {uri} SIP/2.0",
-                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.local_port};branch={branch};rport",
+                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.via_port};branch={branch};rport",
                 f"From: <sip:{user}@{domain}>;tag={tag}",
                 f"To: <sip:{user}@{domain}>",
                 f"Call-ID: {call_id}",
@@ -172,14 +246,34 @@ class SipClient:
             if auth:
                 lines.append(f"Authorization: {auth}")
             lines += list(extra_headers)
-            self.send_raw("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n")
-            resp = self.recv_response(timeout)
+            self.send("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n")
+            resp = self.response(timeout)
             if resp.status == 401 and password is not None and auth is None:
                 auth = digest_authorization("REGISTER", uri, user, password,
                                             resp.header("WWW-Authenticate")[0], secrets.token_hex(4))
                 continue
             return resp
         return resp
+
+
+class SipClient(SipPhone):
+    """One SIP endpoint socket (UDP or TCP) towards the proxy, for REGISTERs and raw requests;
+    requests the proxy sends (keepalives) are dropped.
+
+    A TCP client connects in the constructor (raises OSError when nothing listens) and keeps
+    that one connection until `close()`."""
+
+    keep_requests = False
+
+    def __init__(self, proxy_port: int, transport: str = "udp", host: str = "127.0.0.1") -> None:
+        proxy = (host, proxy_port)
+        super().__init__(open_sip_socket(proxy, transport), transport, proxy)
+
+    def send_raw(self, data: str) -> None:
+        self.send(data)
+
+    def recv_response(self, timeout: float = 5.0, skip_provisional: bool = True) -> SipResponse:
+        return self.response(timeout, skip_provisional)
 
 
 def rfc8599_apns_contact(port: int, token: str, transport: str = "udp", instance: str | None = None,

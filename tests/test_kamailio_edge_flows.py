@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from pushlib.models import Provider, UaMapping
-from pushlib.sipua import digest_authorization
+from pushlib.sipua import SipPhone, digest_authorization, open_sip_socket
+from pushlib.sipua import header_values as _header
 from tests.sip_support import (
     BUNDLE,
     DOMAIN,
@@ -70,12 +71,6 @@ def _user() -> str:
 
 def _aor(user: str) -> str:
     return f"sip:{user}@{DOMAIN}"
-
-
-def _header(msg: str, name: str) -> list[str]:
-    head = msg.split("\r\n\r\n", 1)[0]
-    return [v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
-            if k.strip().lower() == name.lower()]
 
 
 def _call_ids(messages: str, method: str) -> list[str]:
@@ -161,111 +156,15 @@ def test_legacy_ua_mapped_device_registers_is_pushed_and_answers(
 # --------------------------------------------------------------------------- 3. NAT
 
 
-class NatPhone:
-    """A device behind NAT, in Python: its socket (UDP) or TCP connection is at local port X,
-    but its Via and Contact name port `via_port` (what the phone believes is its address).
-    It registers with digest auth and answers requests arriving on its own socket/connection;
-    requests arriving while it waits for a response are kept for `request()`."""
+def _nat_phone(proxy_port: int, transport: str, via_port: int) -> SipPhone:
+    """A device behind NAT: its socket (UDP) or TCP connection is at local port X, but its Via and
+    Contact name port `via_port` (what the phone believes is its address)."""
+    proxy = ("127.0.0.1", proxy_port)
+    return SipPhone(open_sip_socket(proxy, transport), transport, proxy, via_port=via_port)
 
-    def __init__(self, proxy_port: int, transport: str, via_port: int) -> None:
-        self.transport = transport
-        self.proxy = ("127.0.0.1", proxy_port)
-        if transport == "udp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind(("127.0.0.1", 0))
-        else:
-            self.sock = socket.create_connection(self.proxy, timeout=5)
-        self.port = int(self.sock.getsockname()[1])
-        self.via_port = via_port
-        self._buf = b""
-        self._requests: list[str] = []
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, text: str) -> None:
-        if self.transport == "udp":
-            self.sock.sendto(text.encode(), self.proxy)
-        else:
-            self.sock.sendall(text.encode())
-
-    def _read(self, timeout: float) -> str:
-        self.sock.settimeout(max(0.01, timeout))
-        if self.transport == "udp":
-            data, _ = self.sock.recvfrom(65535)
-            return data.decode()
-        while b"\r\n\r\n" not in self._buf:
-            chunk = self.sock.recv(65535)
-            if not chunk:
-                raise ConnectionError("the proxy closed the TCP connection")
-            self._buf += chunk
-        head, rest = self._buf.split(b"\r\n\r\n", 1)
-        m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
-        length = int(m.group(1)) if m else 0
-        while len(rest) < length:
-            rest += self.sock.recv(65535)
-        self._buf = rest[length:]
-        return (head + b"\r\n\r\n" + rest[:length]).decode()
-
-    def response(self, timeout: float = 5.0) -> str:
-        end = time.monotonic() + timeout
-        while True:
-            msg = self._read(end - time.monotonic())
-            if not msg.startswith("SIP/2.0"):
-                self._requests.append(msg)
-            elif int(msg[8:11]) >= 200:
-                return msg
-
-    def request(self, method: str, timeout: float = 5.0) -> str:
-        end = time.monotonic() + timeout
-        while True:
-            for i, msg in enumerate(self._requests):
-                if msg.startswith(method + " "):
-                    return self._requests.pop(i)
-            msg = self._read(end - time.monotonic())
-            if not msg.startswith("SIP/2.0"):
-                self._requests.append(msg)
-
-    def register(self, user: str, password: str, contact: str) -> str:
-        uri, tag, call_id, auth = f"sip:{DOMAIN}", secrets.token_hex(4), uuid.uuid4().hex, ""
-        resp = ""
-        for cseq in (1, 2):
-            lines = [
-                f"REGISTER {uri} SIP/2.0",
-                f"Via: SIP/2.0/{self.transport.upper()} 127.0.0.1:{self.via_port};"
-                f"branch=z9hG4bK{secrets.token_hex(8)};rport",
-                f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
-                f"To: <sip:{user}@{DOMAIN}>",
-                f"Call-ID: {call_id}",
-                f"CSeq: {cseq} REGISTER",
-                f"Contact: {contact}",
-                "Max-Forwards: 70",
-                "Expires: 600",
-                "User-Agent: PushTest-NAT/1.0",
-            ]
-            if auth:
-                lines.append(f"Authorization: {auth}")
-            self.send("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n")
-            resp = self.response()
-            if not resp.startswith("SIP/2.0 401") or auth:
-                return resp
-            auth = digest_authorization("REGISTER", uri, user, password,
-                                        _header(resp, "WWW-Authenticate")[0], secrets.token_hex(4))
-        return resp
-
-    def answer(self, req: str, code: int, reason: str, to_tag: str = "", body: str = "") -> None:
-        to = _header(req, "To")[0]
-        if to_tag and ";tag=" not in to:
-            to += f";tag={to_tag}"
-        lines = [f"SIP/2.0 {code} {reason}"]
-        lines += [f"Via: {v}" for v in _header(req, "Via")]
-        lines += [f"Record-Route: {r}" for r in _header(req, "Record-Route")]
-        lines += [f"From: {_header(req, 'From')[0]}", f"To: {to}", f"Call-ID: {_header(req, 'Call-ID')[0]}",
-                  f"CSeq: {_header(req, 'CSeq')[0]}",
-                  f"Contact: <sip:dev@127.0.0.1:{self.via_port};transport={self.transport}>"]
-        if body:
-            lines.append("Content-Type: application/sdp")
-        self.send("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+def _register(phone: SipPhone, user: str, password: str, contact: str) -> str:
+    return phone.register(user, contact, password=password, expires=600, user_agent="PushTest-NAT/1.0").raw
 
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
@@ -294,9 +193,9 @@ def test_natted_device_is_reached_where_its_new_register_came_from(
     via_port = int(decoy.getsockname()[1]) if decoy else _closed_tcp_port()
     contact = rfc8599_apns_contact(via_port, tok, transport, instance=instance)
     try:
-        first = NatPhone(stack.kamailio.port, transport, via_port)
+        first = _nat_phone(stack.kamailio.port, transport, via_port)
         try:
-            r = first.register(user, password, contact)
+            r = _register(first, user, password, contact)
         finally:
             first.close()  # the app sleeps; its NAT mapping is gone
         assert r.startswith("SIP/2.0 200"), r
@@ -305,10 +204,10 @@ def test_natted_device_is_reached_where_its_new_register_came_from(
         caller = sipp_caller(tmp, stack.kamailio.port, user, transport, args=["-d", "300"])
         [push] = stack.wait_pushes(tok, 1)
         assert push_kind(push) == "incomingCall" and push["push_type"] == "voip"
-        phone = NatPhone(stack.kamailio.port, transport, via_port)  # woken: new NAT port X
+        phone = _nat_phone(stack.kamailio.port, transport, via_port)  # woken: new NAT port X
         try:
-            assert phone.port != via_port
-            r = phone.register(user, password, contact)
+            assert phone.local_port != via_port
+            r = _register(phone, user, password, contact)
             assert r.startswith("SIP/2.0 200"), r
             invite = phone.request("INVITE")  # on X (UDP) / over the REGISTER's connection (TCP)
             assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{via_port};transport={transport}")

@@ -2,7 +2,7 @@
 
 A CA and a server certificate for 127.0.0.1 are generated in a temp dir (pushlib's sandbox PKI,
 `cryptography`), a Kamailio tls.cfg points at them, and Kamailio listens on a free SIPS port.
-The phone is a small Python SIP UA over `ssl` that verifies the proxy's certificate. Like an
+The phone is pushlib's small SIP UA (`SipPhone`) over `ssl` that verifies the proxy's certificate. Like an
 iOS app it has no listening socket: it registers, drops its connection and sleeps; woken by the
 push it opens a NEW TLS connection and re-REGISTERs, and the parked INVITE (then ACK and BYE) must
 reach it over that very connection (Kamailio's TCP/TLS connection reuse towards the Contact
@@ -11,14 +11,11 @@ reach it over that very connection (Kamailio's TCP/TLS connection reuse towards 
 
 from __future__ import annotations
 
-import hashlib
-import re
 import secrets
 import shutil
 import socket
 import ssl
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +24,8 @@ from pathlib import Path
 import pytest
 
 from pushlib.sandbox.certs import SandboxPki
+from pushlib.sipua import SipPhone
+from pushlib.sipua import header_values as _header
 from tests.sip_support import (
     DOMAIN,
     Stack,
@@ -90,109 +89,16 @@ def _no_stray_sipp() -> Iterator[None]:
     stop_all_sipp()
 
 
-def _header(msg: str, name: str) -> list[str]:
-    head = msg.split("\r\n\r\n", 1)[0]
-    return [v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])
-            if k.strip().lower() == name.lower()]
+def _tls_phone(port: int, ca_file: Path) -> SipPhone:
+    """A SIP UA on a new client TLS connection: it sends requests and answers what arrives on it."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))  # checks the proxy's cert and IP
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return SipPhone(ctx.wrap_socket(raw, server_hostname="127.0.0.1"), "tls")
 
 
-class TlsPhone:
-    """A SIP UA on one client TLS connection: it sends requests and answers what arrives on it."""
-
-    def __init__(self, port: int, ca_file: Path) -> None:
-        ctx = ssl.create_default_context(cafile=str(ca_file))  # checks the proxy's cert and IP
-        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        self.local_port = int(self.sock.getsockname()[1])
-        self.proxy_port = port
-        self._buf = b""
-        self._requests: list[str] = []
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode())
-
-    def _read(self, timeout: float) -> str:
-        self.sock.settimeout(timeout)
-        while b"\r\n\r\n" not in self._buf:
-            chunk = self.sock.recv(65535)
-            if not chunk:
-                raise ConnectionError("the proxy closed the TLS connection")
-            self._buf += chunk
-        head, rest = self._buf.split(b"\r\n\r\n", 1)
-        m = re.search(rb"(?im)^(?:content-length|l)\s*:\s*(\d+)", head)
-        length = int(m.group(1)) if m else 0
-        while len(rest) < length:
-            rest += self.sock.recv(65535)
-        self._buf = rest[length:]
-        return (head + b"\r\n\r\n" + rest[:length]).decode()
-
-    def response(self, timeout: float = 5.0) -> str:
-        """The next final response; requests arriving meanwhile are kept for `request()`."""
-        end = time.monotonic() + timeout
-        while True:
-            msg = self._read(max(0.01, end - time.monotonic()))
-            if not msg.startswith("SIP/2.0"):
-                self._requests.append(msg)
-            elif int(msg[8:11]) >= 200:
-                return msg
-
-    def request(self, method: str, timeout: float = 5.0) -> str:
-        end = time.monotonic() + timeout
-        while True:
-            for i, msg in enumerate(self._requests):
-                if msg.startswith(method + " "):
-                    return self._requests.pop(i)
-            msg = self._read(max(0.01, end - time.monotonic()))
-            if not msg.startswith("SIP/2.0"):
-                self._requests.append(msg)
-
-    def register(self, user: str, password: str, contact: str, call_id: str) -> str:
-        uri, tag, auth = f"sip:{DOMAIN}", secrets.token_hex(4), ""
-        for cseq in (1, 2):
-            lines = [
-                f"REGISTER {uri} SIP/2.0",
-                f"Via: SIP/2.0/TLS 127.0.0.1:{self.local_port};branch=z9hG4bK{secrets.token_hex(8)};rport",
-                f"From: <sip:{user}@{DOMAIN}>;tag={tag}",
-                f"To: <sip:{user}@{DOMAIN}>",
-                f"Call-ID: {call_id}",
-                f"CSeq: {cseq} REGISTER",
-                f"Contact: {contact}",
-                "Max-Forwards: 70",
-                "Expires: 600",
-                "User-Agent: PushTest-TLS/1.0",
-            ]
-            if auth:
-                lines.append(f"Authorization: {auth}")
-            self.send("\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n")
-            resp = self.response()
-            if not resp.startswith("SIP/2.0 401") or auth:
-                return resp
-            fields = dict(re.findall(r'(\w+)="([^"]*)"', _header(resp, "WWW-Authenticate")[0]))
-            ha1 = hashlib.md5(f"{user}:{fields['realm']}:{password}".encode()).hexdigest()
-            ha2 = hashlib.md5(f"REGISTER:{uri}".encode()).hexdigest()
-            cnonce = secrets.token_hex(4)
-            digest = hashlib.md5(f"{ha1}:{fields['nonce']}:00000001:{cnonce}:auth:{ha2}".encode()).hexdigest()
-            auth = (f'Digest username="{user}", realm="{fields["realm"]}", nonce="{fields["nonce"]}", '
-                    f'uri="{uri}", response="{digest}", algorithm=MD5, qop=auth, nc=00000001, '
-                    f'cnonce="{cnonce}"')
-        return resp
-
-    def answer(self, req: str, code: int, reason: str, to_tag: str = "", body: str = "") -> None:
-        to = _header(req, "To")[0]
-        if to_tag and ";tag=" not in to:
-            to += f";tag={to_tag}"
-        lines = [f"SIP/2.0 {code} {reason}"]
-        lines += [f"Via: {v}" for v in _header(req, "Via")]
-        lines += [f"Record-Route: {r}" for r in _header(req, "Record-Route")]
-        lines += [f"From: {_header(req, 'From')[0]}", f"To: {to}", f"Call-ID: {_header(req, 'Call-ID')[0]}",
-                  f"CSeq: {_header(req, 'CSeq')[0]}",
-                  f"Contact: <sip:dev@127.0.0.1:{self.local_port};transport=tls>"]
-        if body:
-            lines.append("Content-Type: application/sdp")
-        self.send("\r\n".join(lines) + f"\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+def _register(phone: SipPhone, user: str, password: str, contact: str, call_id: str) -> str:
+    return phone.register(user, contact, password=password, expires=600, user_agent="PushTest-TLS/1.0",
+                          call_id=call_id).raw
 
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
@@ -209,10 +115,10 @@ def _flagship_over_tls(stack: Stack, pki: SandboxPki, sips_port: int, tmp_path: 
     user, tok, instance = "t" + uuid.uuid4().hex[:10], apns_token(), str(uuid.uuid4())
     password = stack.add_user(user)
 
-    first = TlsPhone(sips_port, pki.ca_path)
+    first = _tls_phone(sips_port, pki.ca_path)
     try:
-        r = first.register(user, password, rfc8599_apns_contact(first.local_port, tok, "tls", instance),
-                           uuid.uuid4().hex)
+        r = _register(first, user, password, rfc8599_apns_contact(first.local_port, tok, "tls", instance),
+                      uuid.uuid4().hex)
     finally:
         first.close()  # the app goes to sleep: its connection is gone
     assert r.startswith("SIP/2.0 200"), r
@@ -224,10 +130,10 @@ def _flagship_over_tls(stack: Stack, pki: SandboxPki, sips_port: int, tmp_path: 
     assert [(p["push_type"], p["topic"], push_kind(p)) for p in pushes] == [
         ("voip", "com.example.phone.voip", "incomingCall")]
 
-    phone = TlsPhone(sips_port, pki.ca_path)  # woken: a new connection from a new port
+    phone = _tls_phone(sips_port, pki.ca_path)  # woken: a new connection from a new port
     try:
-        r = phone.register(user, password, rfc8599_apns_contact(phone.local_port, tok, "tls", instance),
-                           uuid.uuid4().hex)
+        r = _register(phone, user, password, rfc8599_apns_contact(phone.local_port, tok, "tls", instance),
+                      uuid.uuid4().hex)
         assert r.startswith("SIP/2.0 200"), r
         invite = phone.request("INVITE")
         assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port};transport=tls")
