@@ -112,11 +112,13 @@ class Router:
         return 0
 
     def _warm_up(self) -> None:
-        """Open this worker's Redis connections now, so the first call it routes does not pay for
-        them; Redis being down here is not an error (requests retry and fail fast on their own)."""
+        """Open this worker's Redis connections, load its scripts and UA mappings now, so the first
+        call it routes does not pay for them; Redis being down here is not an error (requests retry
+        and fail fast on their own)."""
         try:
             self.store.ping()
-            self.state.ping()
+            self.state.warm_up()
+            self._ua_mappings()
         except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
             _log(KSR.warn, "redis-unavailable-at-start", error=exc)
 

@@ -97,9 +97,10 @@ class CallState:
         self._r = client
         self._wake = client.register_script(_WAKE_LUA)
 
-    def ping(self) -> None:
+    def warm_up(self) -> None:
+        """Open the connection and load the wake script now, so the first call does not pay for it."""
         try:
-            self._r.ping()
+            self._r.script_load(_WAKE_LUA)
         except redis.RedisError as exc:
             raise CallStateUnavailable(str(exc)) from exc
 
