@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -33,7 +34,8 @@ _T = TypeVar("_T")
 
 
 class StoreUnavailable(ConnectionError):
-    """Redis could not be reached or did not answer in time. Callers fail fast (e.g. SIP 500/503)."""
+    """Redis could not be reached, did not answer in time, or (SyncStore) refused the command
+    (READONLY after a failover, OOM, ...). Callers fail fast (e.g. SIP 500/503)."""
 
 
 @contextmanager
@@ -42,6 +44,19 @@ def _unavailable_on_connection_errors(what: str) -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise StoreUnavailable(f"redis unavailable during {what}: {exc}") from exc
+
+
+@contextmanager
+def _store_errors(what: str) -> Iterator[None]:
+    """For SIP workers every Redis failure is the same event: answer fast and go on, so a server
+    error (READONLY, OOM, MISCONF) must not escape as something a route does not expect."""
+    with _unavailable_on_connection_errors(what):
+        try:
+            yield
+        except RedisError as exc:
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                raise
+            raise StoreUnavailable(f"redis refused {what}: {exc}") from exc
 
 
 def _redis_client(redis_url: str) -> Any:
@@ -71,7 +86,7 @@ class SyncStore:
 
     def ping(self) -> bool:
         """True when Redis answers; raises StoreUnavailable when it does not."""
-        with _unavailable_on_connection_errors("ping"):
+        with _store_errors("ping"):
             return bool(self._r.ping())
 
     # --- devices ------------------------------------------------------------------------------
@@ -106,7 +121,7 @@ class SyncStore:
             pipe.expire(skey, plan.set_ttl)
             return list(plan.evict)
 
-        with _unavailable_on_connection_errors("save_device"):
+        with _store_errors("save_device"):
             evicted: list[str] = self._r.transaction(txn, skey, value_from_callable=True)
         for i in evicted:
             log.info("store: evicted device aor=%s device=%s (over %d devices)",
@@ -115,7 +130,7 @@ class SyncStore:
 
     def remove_device(self, aor: str, device_id: str) -> bool:
         """Delete a device; True when it existed."""
-        with _unavailable_on_connection_errors("remove_device"):
+        with _store_errors("remove_device"):
             pipe = self._r.pipeline(transaction=True)
             pipe.delete(keys.device_key(aor, device_id))
             pipe.srem(keys.devices_key(aor), device_id)
@@ -123,7 +138,7 @@ class SyncStore:
         return bool(deleted)
 
     def device(self, aor: str, device_id: str) -> Device | None:
-        with _unavailable_on_connection_errors("device"):
+        with _store_errors("device"):
             raw = self._r.hgetall(keys.device_key(aor, device_id))
         return _decode_or_log(keys.decode_device, raw, aor, device_id) if raw else None
 
@@ -131,7 +146,7 @@ class SyncStore:
         """The AOR's live devices (ordered by registered_at); ids whose hash expired are
         removed from the AOR set on the way."""
         skey = keys.devices_key(aor)
-        with _unavailable_on_connection_errors("devices"):
+        with _store_errors("devices"):
             ids = sorted(self._r.smembers(skey))
             if not ids:
                 return []
@@ -152,7 +167,7 @@ class SyncStore:
     def enqueue(self, job: PushJob) -> str:
         """Append a job to the stream (approximate MAXLEN trim); returns the stream entry id."""
         fields = keys.encode_job(job)
-        with _unavailable_on_connection_errors("enqueue"):
+        with _store_errors("enqueue"):
             entry_id = self._r.xadd(
                 self.settings.stream, fields,
                 maxlen=self.settings.stream_maxlen, approximate=True,
@@ -164,7 +179,7 @@ class SyncStore:
     def save_app(self, app: AppCredentials) -> None:
         """Replace an app's credentials. Clears its recorded last error and environment suspicion
         (an operator saving credentials is fixing them); counters are kept."""
-        with _unavailable_on_connection_errors("save_app"):
+        with _store_errors("save_app"):
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(keys.app_key(app.provider, app.app_id))
             pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
@@ -173,34 +188,34 @@ class SyncStore:
         log.info("store: saved app %s", keys.describe_app(app))
 
     def app(self, provider: str, app_id: str) -> AppCredentials | None:
-        with _unavailable_on_connection_errors("app"):
+        with _store_errors("app"):
             raw = self._r.hgetall(keys.app_key(provider, app_id))
         return _decode_or_log(keys.decode_app, raw, provider, app_id) if raw else None
 
     def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
         """Operator view of an app's health (see keys.app_status_view)."""
-        with _unavailable_on_connection_errors("app_status"):
+        with _store_errors("app_status"):
             raw: dict[str, str] = self._r.hgetall(keys.app_status_key(provider, app_id))
             window: list[str] = self._r.lrange(keys.app_window_key(provider, app_id), 0, -1)
         return keys.app_status_view(raw, window, time.time())
 
     def remove_app(self, provider: str, app_id: str) -> bool:
-        with _unavailable_on_connection_errors("remove_app"):
+        with _store_errors("remove_app"):
             return bool(self._r.delete(keys.app_key(provider, app_id)))
 
     # --- UA mappings --------------------------------------------------------------------------
 
     def save_ua_mapping(self, m: UaMapping) -> None:
-        with _unavailable_on_connection_errors("save_ua_mapping"):
+        with _store_errors("save_ua_mapping"):
             self._r.hset(keys.UAMAP_KEY, m.name, keys.encode_ua_mapping(m))
 
     def remove_ua_mapping(self, name: str) -> bool:
-        with _unavailable_on_connection_errors("remove_ua_mapping"):
+        with _store_errors("remove_ua_mapping"):
             return bool(self._r.hdel(keys.UAMAP_KEY, name))
 
     def ua_mappings(self) -> list[UaMapping]:
         """All mappings, ordered by name (the order the parser tries them in)."""
-        with _unavailable_on_connection_errors("ua_mappings"):
+        with _store_errors("ua_mappings"):
             raw: dict[str, str] = self._r.hgetall(keys.UAMAP_KEY)
         found = [_decode_or_log(keys.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
         return [m for m in found if m is not None]
