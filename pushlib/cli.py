@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--service-account", required=True)
         p.add_argument("--sandbox", action="store_true", help="APNs development environment")
         p.add_argument("--host", help="custom host:port instead of Apple's or Google's (e.g. the sandbox)")
-        p.add_argument("--ca-file", help="extra CA trusted for --host only")
+        p.add_argument("--ca-file", help="the only CA trusted for --host (e.g. the sandbox CA)")
     for name in ("show", "enable", "disable", "remove"):
         p = app.add_parser(name)
         p.add_argument("provider", choices=[p.value for p in Provider])

@@ -59,7 +59,7 @@ class _TokenResponse(google.auth.transport.Response):
 
 class _TokenRequest(google.auth.transport.Request):
     """google-auth's token fetch over httpx, so the trust store is ours to choose: the sandbox CA
-    for a custom host, the system store otherwise (no temp files, no REQUESTS_CA_BUNDLE surprises)."""
+    for a custom host, httpx's default (certifi) otherwise (no temp files, no REQUESTS_CA_BUNDLE surprises)."""
 
     def __init__(self, verify: ssl.SSLContext | bool) -> None:
         self._client = httpx.Client(verify=verify, trust_env=False, timeout=TOKEN_TIMEOUT)

@@ -64,8 +64,8 @@ class AppCredentials:
     APNs uses either a token key (`apns_key_pem` + `apns_key_id` + `apns_team_id`)
     or a client certificate (`apns_cert_pem` + `apns_cert_key_pem`). FCM uses a
     service-account JSON (`fcm_service_account`), whose project id the v1 URL needs.
-    `custom_host` ("host:port") replaces Apple's or Google's host; `ca_pem` is an extra
-    CA trusted only for that custom host (the sandbox providers), never for the real ones.
+    `custom_host` ("host:port") replaces Apple's or Google's host; `ca_pem`, when set, is the only
+    CA trusted for that custom host (the sandbox providers); it never applies to the real hosts.
     """
 
     provider: Provider
