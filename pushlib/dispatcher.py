@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
 
+from redis.exceptions import RedisError
+
 from pushlib import keys
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
 from pushlib.logutil import token_prefix
@@ -285,6 +287,13 @@ class Dispatcher:
                 await op()
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
+            except RedisError as exc:  # READONLY, OOM...: passing server trouble, not a reason to stop
+                log.error("dispatcher %s: redis refused %s: %s (retrying)", self.consumer,
+                          getattr(op, "__name__", "a periodic task"), exc)
+            except Exception:
+                # The refresh, reclaim and flush loops must outlive any one failure: a stopped
+                # refresh would let other dispatchers reclaim (and resend) this one's live jobs.
+                log.exception("dispatcher %s: periodic task failed; it keeps running", self.consumer)
 
     # --- reading and reclaiming -----------------------------------------------------------------
 
@@ -309,6 +318,16 @@ class Dispatcher:
             except StoreUnavailable as exc:
                 self._redis_failed(exc)
                 await _sleep_or_stop(stop, 1.0)
+                continue
+            except RedisError as exc:
+                if "NOGROUP" in str(exc):
+                    # Redis came back empty (restart without persistence, flush): recreate the
+                    # group, or no job would ever be read again.
+                    log.warning("dispatcher %s: consumer group missing, recreating it", self.consumer)
+                    await self._until_ok(stop, self._store.ensure_group)
+                else:
+                    log.error("dispatcher %s: redis refused the read: %s (retrying)", self.consumer, exc)
+                    await _sleep_or_stop(stop, 1.0)
                 continue
             for entry_id, fields in entries:
                 self._start(entry_id, fields)
@@ -375,6 +394,10 @@ class Dispatcher:
             await self._acks.submit(entry_id)
         except StoreUnavailable as exc:
             self._redis_failed(exc)
+        except RedisError as exc:
+            # A server error (READONLY after a failover, OOM) is passing trouble: leave the entry
+            # pending for a later reclaim instead of dropping a push for it.
+            log.error("dispatcher: job entry %s left pending: redis refused a command: %s", entry_id, exc)
         except asyncio.CancelledError:
             raise
         except Exception:

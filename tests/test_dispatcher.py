@@ -39,6 +39,7 @@ from pushlib.settings import Settings
 from pushlib.store import SyncStore
 from tests.support import ROOT, VENV_PYTHON, stop_process
 
+READ_BLOCK_S = 0.5  # the dispatcher's blocking read
 BUNDLE = "com.example.phone"
 PROJECT = "example-phone"
 DATA = {"call_id": "call-1", "caller_name": "Bob", "caller_number": "+15550100", "title": "Hello",
@@ -360,6 +361,31 @@ def test_graceful_stop_finishes_in_flight_pushes(env: tuple[SandboxHandle, SyncS
     pool = SlowPool(delay=1.0)
     d = run_dispatcher(cfg, lambda: len(pool.calls) == 1, pool=pool)  # stop as soon as the push starts
     assert d.stats["delivered"] == 1 and stream_done(cfg)
+
+
+def test_redis_coming_back_empty_recreates_the_group(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    """A Redis restart without persistence loses the stream and its group: the running
+    dispatcher must recreate the group and go on delivering, not stop reading."""
+    sandbox, store, cfg = env
+    token = apns_token()
+    state = {"flushed": False}
+
+    def until() -> bool:
+        if not state["flushed"]:
+            r = raw(cfg)
+            r.flushall()  # what a restart without persistence looks like to the dispatcher
+            r.close()
+            state["flushed"] = True
+            store.save_app(sandbox.control.apns_token_app(BUNDLE))
+            store.save_device(ios("sip:eve@example.com", "iphone", alert=token))
+            time.sleep(READ_BLOCK_S + 0.5)  # let the blocked read fail with NOGROUP first
+            store.enqueue(job(PushKind.MISSED_CALL, "sip:eve@example.com"))
+            return False
+        return len(sandbox.control.pushes(token)) >= 1
+
+    run_dispatcher(cfg, until)
+    pushes = sandbox.control.pushes(token)
+    assert len(pushes) == 1 and pushes[0]["payload"]["type"] == "missedCall"
 
 
 def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
