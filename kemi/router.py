@@ -13,6 +13,8 @@ verdict back in `$var(pusher)` ("done" = replied/relayed, "next" = the host cont
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import site
 import sys
 import time
@@ -24,10 +26,12 @@ _ROOT = Path(__file__).resolve().parent.parent
 site.addsitedir(
     str(_ROOT / ".venv" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages")
 )
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+for _path in (_ROOT, _ROOT / "kemi"):  # pushlib, and this router's sibling modules (ksrlog)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import KSR  # noqa: E402
+import ksrlog  # noqa: E402
 
 from pushlib import calls, callstate, params  # noqa: E402
 
@@ -43,7 +47,7 @@ NEXT = False  # the route did not apply: the next route of the pipeline runs
 
 LOCATION = "location"
 WAIT_TABLE = "pnwait"
-PEND_TABLE = "pnpend"  # "<aor>|<device id>" of devices pushed for a call parked on this node
+PEND_TABLE = "pnpend"  # "<aor>|<device id>|<call key>": a device pushed for a call parked on this node
 FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
@@ -84,6 +88,30 @@ def _log(level: Callable[[str], Any], event: str, **fields: object) -> None:
     level(f"pusher: {event} {details}\n")
 
 
+_TOKENISH = re.compile(r"([A-Za-z0-9_-]{8})[A-Za-z0-9_:.-]{16,}")
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception for a log line: type and first line, cut, with every long token-like run
+    (a push token in a URL or Contact the message may quote) shortened to its first 8 chars."""
+    text = str(exc)
+    first = _TOKENISH.sub(r"\1…", text.splitlines()[0][:200] if text else "")
+    return f"{type(exc).__name__}: {first}"
+
+
+def _crashed(where: str, exc: Exception) -> None:
+    """One line for an exception a route did not expect (a bug, or a Redis error not mapped to
+    the *Unavailable types)."""
+    _log(KSR.err, "route-error", where=where, error=_error_text(exc))
+
+
+def _answer_500() -> None:
+    """Last-resort final reply: stateful when the request already has a transaction (a parked
+    INVITE), stateless otherwise; a request already answered just makes this fail."""
+    with contextlib.suppress(Exception):  # nothing more can be done for this request
+        KSR.sl.send_reply(500, "Server Internal Error")
+
+
 def mod_init() -> Router:
     return Router()
 
@@ -105,6 +133,8 @@ class Router:
     # ------------------------------------------------------------------ process-local clients
 
     def child_init(self, rank: int) -> int:
+        # every process (SIP workers, timers running the htable event): its logging goes to Kamailio
+        ksrlog.install(KSR, _get_def("LOG_LEVEL"))
         if rank > 0:
             if self.cfg.pusher:
                 self._warm_up()
@@ -165,6 +195,15 @@ class Router:
     # ------------------------------------------------------------------ request pipeline
 
     def ksr_request_route(self, msg: object) -> int:
+        try:
+            self._request_pipeline()
+        except Exception as exc:
+            # a held REGISTER or a parked INVITE must still get a final response
+            _crashed("request", exc)
+            _answer_500()
+        return 1
+
+    def _request_pipeline(self) -> None:
         pipeline = (
             self.route_parking,
             self.route_reqinit,
@@ -180,7 +219,6 @@ class Router:
         for step in pipeline:
             if step():
                 break
-        return 1
 
     def route_parking(self) -> bool:
         """Our own parking branches (see _park): swallowed, never answered. tm kills the branch
@@ -221,7 +259,7 @@ class Router:
         """The caller hung up: a parked INVITE is answered 487 by us (its unreplied parking
         branch would keep it open; tm cancels its real branches with that final reply)."""
         key = calls.call_key(_pv("$ci"))
-        if not self.cfg.pusher or KSR.htable.sht_get(WAIT_TABLE, key) is None:
+        if not self.cfg.pusher or calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key)) is None:
             return False
         self._end_parked(key, reason="canceled", reply=487)
         KSR.sl.sl_send_reply(200, "Canceling")
@@ -412,10 +450,11 @@ class Router:
         parked on this node (tsilo transactions are per node too), so the parked INVITE goes out
         before any Redis round trip; Redis then records the device as woken (for cancel pushes).
         """
-        pend_key = f"{aor}|{device_id}"
-        if KSR.htable.sht_get(PEND_TABLE, pend_key) is None:
+        # one entry per (device, call): the device joins every call still parked for it here
+        prefix = f"{aor}|{device_id}|"
+        if KSR.htable.sht_match_name(PEND_TABLE, "sw", prefix) <= 0:
             return
-        KSR.htable.sht_rm(PEND_TABLE, pend_key)
+        KSR.htable.sht_rm_name(PEND_TABLE, "sw", prefix)
         rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
         try:
             woken = self.state.wake(aor, device_id)
@@ -426,11 +465,15 @@ class Router:
 
     # ------------------------------------------------------------------ INVITE
 
-    def route_invite(self) -> bool:
+    def route_invite(self, role: bool = False) -> bool:
+        """Push-aware INVITE handling. In role mode (`role`) the host config keeps what the push
+        role has nothing to add to: INVITEs for other domains, and users with neither a push
+        device nor a binding (NEXT: its own routing runs); KEMI mode answers those itself."""
         if not KSR.is_INVITE() or not self.cfg.pusher:
             return NEXT
+        if role and KSR.is_myself_ruri() <= 0:
+            return NEXT
         aor = calls.aor_of(_pv("$rU"), _pv("$rd"))
-        KSR.rr.record_route()
         bindings = self._bindings(aor)
         devices: list[Device] | None
         try:
@@ -441,8 +484,13 @@ class Router:
         now = time.time()
         plan = calls.plan_invite(bindings, devices, now, self.cfg.awake_window)
         if plan.verdict is calls.Verdict.NOT_FOUND:
+            if role:
+                return NEXT
             KSR.sl.sl_send_reply(404, "Not Found")
             return STOP
+        if role and plan.verdict is calls.Verdict.RING and not devices:
+            return NEXT  # plain contacts only: the host's own lookup() does the same, with its features
+        KSR.rr.record_route()
         if plan.verdict is calls.Verdict.UNAVAILABLE:
             _log(KSR.notice, "unavailable", aor=aor, store="down" if devices is None else "up")
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
@@ -456,7 +504,9 @@ class Router:
     def _park(self, aor: str, plan: calls.InvitePlan, now: float) -> None:
         call_id = _pv("$ci")
         key = calls.call_key(call_id)
-        caller = calls.caller_identity(_pv("$hdr(From)"), _pv("$fU"))
+        caller = calls.pushed_caller(
+            calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")), self.cfg.settings.hide_caller
+        )
         if KSR.tm.t_newtran() < 0:
             _log(KSR.err, "park-newtran-failed", aor=aor, call=key)
             KSR.sl.sl_reply_error()
@@ -489,9 +539,10 @@ class Router:
                 KSR.tm.t_reply(480, "Temporarily Unavailable")
             return
         window = max(1, int(self.cfg.settings.wait_window))
-        KSR.htable.sht_setxs(WAIT_TABLE, key, aor, window + WINDOW_BACKSTOP)
+        entry = calls.WaitEntry(aor=aor, call_id=call_id, cseq=_pv("$cs"))
+        KSR.htable.sht_setxs(WAIT_TABLE, key, entry.encode(), window + WINDOW_BACKSTOP)
         for device_id in pushed:
-            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}", key, window + 5)
+            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}|{key}", key, window + 5)
         _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
         # Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
         # (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
@@ -563,39 +614,41 @@ class Router:
 
     def _relay(self) -> None:
         if KSR.tm.t_relay() < 0:
-            _log(KSR.err, "relay-failed", ruri=_pv("$ru"), method=_pv("$rm"))
+            # (never the R-URI: a push binding's carries the device token in pn-prid)
+            _log(KSR.err, "relay-failed", aor=_pv("$tu"), host=_pv("$rd"), method=_pv("$rm"))
             KSR.sl.sl_reply_error()
 
     # ------------------------------------------------------------------ ending parked calls
 
     def _end_parked(self, key: str, reason: str, reply: int = 0, answered: bool = False) -> None:
-        """End a parked call once: stop its timer, owe its pushes, optionally answer the caller."""
-        aor = KSR.htable.sht_get(WAIT_TABLE, key)
-        if not aor:
+        """End a parked call once: stop its timer, optionally answer the caller, owe its pushes."""
+        entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+        if entry is None:
             return
         KSR.htable.sht_rm(WAIT_TABLE, key)
-        self._finish(str(aor), key, reason, reply, answered)
+        self._finish(entry, key, reason, reply, answered)
 
-    def _finish(self, aor: str, key: str, reason: str, reply: int, answered: bool, cancel: bool = False) -> None:
+    def _finish(self, entry: calls.WaitEntry, key: str, reason: str, reply: int, answered: bool,
+                cancel: bool = False) -> None:
+        aor = entry.aor
+        # The transaction is ended from the shared-memory entry first: a caller's CANCEL gets
+        # its 487 (a timeout its 480) even while Redis is down; Redis only knows the pushes owed.
+        if reply:
+            KSR.tmx.t_reply_callid(entry.call_id, entry.cseq, reply, calls.reason_phrase(reply))
+        elif cancel:
+            # no final reply: tm cancels the open branches and, once they end, runs the
+            # failure route, where the call can still be relayed (to the fallback URI)
+            KSR.tmx.t_cancel_callid(entry.call_id, entry.cseq, 0)
+        # a device waking after the end must not join the transaction (tsilo would still append
+        # it while the fallback branch rings); other calls' entries for the device stay
+        KSR.htable.sht_rm_name_re(PEND_TABLE, f"\\|{key}$")
         try:
             call = self.state.finish(aor, key)
         except callstate.CallStateUnavailable as exc:
             _log(KSR.err, "end-state-unavailable", aor=aor, call=key, reason=reason, error=exc)
             return
         if call is None:
-            return
-        for device_id in call.pushed:
-            # a device waking after the end must not join the transaction (tsilo would still
-            # append it while the fallback branch rings); a newer call's entry is left alone
-            pend_key = f"{aor}|{device_id}"
-            if KSR.htable.sht_get(PEND_TABLE, pend_key) == key:
-                KSR.htable.sht_rm(PEND_TABLE, pend_key)
-        if reply:
-            KSR.tmx.t_reply_callid(call.call_id, call.cseq, reply, calls.reason_phrase(reply))
-        elif cancel:
-            # no final reply: tm cancels the open branches and, once they end, runs the
-            # failure route, where the call can still be relayed (to the fallback URI)
-            KSR.tmx.t_cancel_callid(call.call_id, call.cseq, 0)
+            return  # another process ended it and owes the pushes
         now = time.time()
         if answered:
             notify = tuple(d for d in call.pushed if d not in call.woken)
@@ -618,9 +671,18 @@ class Router:
     # ------------------------------------------------------------------ tm callbacks
 
     def ksr_failure_route(self, msg: object) -> int:
+        try:
+            self._failure_route()
+        except Exception as exc:
+            _crashed("failure", exc)
+            KSR.tm.t_reply(500, "Server Internal Error")  # every branch has ended: the caller waits
+        return 1
+
+    def _failure_route(self) -> None:
         key = calls.call_key(_pv("$ci"))
         code = KSR.pv.geti("$T_reply_code") or 0
-        aor = KSR.htable.sht_get(WAIT_TABLE, key)
+        entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+        aor = None if entry is None else entry.aor
         fallback_aor = KSR.htable.sht_get(FALLBACK_TABLE, key)
         if fallback_aor is not None:
             KSR.htable.sht_rm(FALLBACK_TABLE, key)
@@ -634,7 +696,6 @@ class Router:
                 self._end_parked(key, reason="timeout")  # (the fallback was set up by the timer)
             if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
                 KSR.tm.t_reply(480, calls.reason_phrase(480))
-        return 1
 
     def _to_fallback(self, aor: str) -> bool:
         """Relay the unanswered call to FALLBACK_URI as a new branch (failure route only).
@@ -654,30 +715,39 @@ class Router:
         return True
 
     def ksr_onreply_route(self, msg: object) -> int:
+        try:
+            self._onreply()
+        except Exception as exc:
+            _crashed("reply", exc)
+        return 1
+
+    def _onreply(self) -> None:
         if not self.cfg.pusher or _pv("$rm") != "INVITE":
-            return 1
+            return
         code = KSR.pv.geti("$rs") or 0
         if code < 200:
-            return 1
+            return
         key = calls.call_key(_pv("$ci"))
-        if KSR.htable.sht_get(WAIT_TABLE, key) is None:
-            return 1
+        entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+        if entry is None:
+            return
         if 200 <= code < 300:
             self._end_parked(key, reason="answered", answered=True)
         elif calls.failure_action(code, True, False) is calls.FailureAction.END_ALL:
             # busy/decline ends the call for everyone. tm cannot end the parking branch from
             # inside a reply route, so the wait-window timer is re-armed to fire now with this
             # code: the timer process answers the caller and tm cancels every other branch.
-            aor = KSR.htable.sht_get(WAIT_TABLE, key)
             KSR.htable.sht_rm(WAIT_TABLE, key)  # a replaced item would keep its old expiry
-            KSR.htable.sht_setxs(WAIT_TABLE, key, f"{aor}|{code}", 1)
+            KSR.htable.sht_setxs(WAIT_TABLE, key, entry.with_code(code).encode(), 1)
             _log(KSR.info, "end-all", call=key, code=code)
         else:
             _log(KSR.info, "keep-waiting", call=key, code=code)
-        return 1
 
     def ksr_reply_route(self, msg: object) -> int:
-        self._alias_nated_reply()
+        try:
+            self._alias_nated_reply()
+        except Exception as exc:
+            _crashed("reply", exc)
         return self.ksr_onreply_route(msg)
 
     @staticmethod
@@ -704,48 +774,64 @@ class Router:
     def ksr_htable_event(self, msg: object, evname: str) -> int:
         if evname != f"htable:expired:{WAIT_TABLE}":
             return 1
-        key = _pv("$shtrecord(key)")
-        aor, _, code = _pv("$shtrecord(value)").partition("|")
-        if key and aor:
-            reply = int(code) if code.isdigit() else 480
-            reason = "timeout" if reply == 480 else f"rejected-{reply}"
-            if reply == 480 and self.cfg.fallback_uri:
-                # the window is over but a device still rings (else the failure route had
-                # ended the call): cancel the branches, the failure route relays to the fallback
-                KSR.htable.sht_setxs(FALLBACK_TABLE, key, aor, 120)
-                self._finish(aor, key, reason=reason, reply=0, answered=False, cancel=True)
-            else:
-                self._finish(aor, key, reason=reason, reply=reply, answered=False)
+        try:
+            self._window_expired()
+        except Exception as exc:
+            _crashed("expired", exc)
         return 1
+
+    def _window_expired(self) -> None:
+        key = _pv("$shtrecord(key)")
+        entry = calls.WaitEntry.decode(_pv("$shtrecord(value)"))
+        if not key or entry is None:
+            return
+        reply = entry.code or 480
+        reason = "timeout" if reply == 480 else f"rejected-{reply}"
+        if reply == 480 and self.cfg.fallback_uri:
+            # the window is over but a device still rings (else the failure route had
+            # ended the call): cancel the branches, the failure route relays to the fallback
+            KSR.htable.sht_setxs(FALLBACK_TABLE, key, entry.aor, 120)
+            self._finish(entry, key, reason=reason, reply=0, answered=False, cancel=True)
+        else:
+            self._finish(entry, key, reason=reason, reply=reply, answered=False)
 
     def ksr_dispatcher(self, msg: object, idx: str = "0") -> int:
         """evrexec worker: run the push dispatcher's asyncio loop in this dedicated process."""
+        # evrexec processes get no child_init: the dispatcher's push outcome lines need this
+        ksrlog.install(KSR, _get_def("LOG_LEVEL"))
         while True:
             try:
                 _log(KSR.info, "dispatcher-start", worker=idx)
                 asyncio.run(Dispatcher(self.cfg.settings, consumer=f"kamailio-{idx}").run(asyncio.Event()))
             except Exception as exc:
-                _log(KSR.err, "dispatcher-crashed", worker=idx, error=repr(exc))
+                _log(KSR.err, "dispatcher-crashed", worker=idx, error=_error_text(exc))
             time.sleep(1.0)
 
     # ------------------------------------------------------------------ role mode (python_exec)
 
     @staticmethod
-    def _verdict(done: bool) -> int:
+    def _verdict(where: str, route: Callable[[], bool]) -> int:
+        try:
+            done = route()
+        except Exception as exc:
+            # answered here, and "done": the host must not route a request the role half handled
+            _crashed(where, exc)
+            _answer_500()
+            done = True
         KSR.pv.sets("$var(pusher)", "done" if done else "next")
         return 1
 
     def pusher_pre(self, msg: object) -> int:
-        return self._verdict(self.route_parking())
+        return self._verdict("pre", self.route_parking)
 
     def pusher_register(self, msg: object) -> int:
-        return self._verdict(self.route_register())
+        return self._verdict("register", self.route_register)
 
     def pusher_invite(self, msg: object) -> int:
-        return self._verdict(self.route_invite())
+        return self._verdict("invite", lambda: self.route_invite(role=True))
 
     def pusher_cancel(self, msg: object) -> int:
-        return self._verdict(self._cancel_parked())
+        return self._verdict("cancel", self._cancel_parked)
 
     def pusher_reply(self, msg: object) -> int:
         return self.ksr_onreply_route(msg)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from urllib.parse import quote, unquote
 
 from pushlib.models import Device, Provider, PushJob, PushKind
 from pushlib.settings import Settings
@@ -320,6 +321,12 @@ def caller_identity(from_header: str, from_user: str) -> tuple[str, str]:
     return name or from_user, from_user
 
 
+def pushed_caller(caller: tuple[str, str], hide_caller: bool) -> tuple[str, str]:
+    """The caller identity written to Redis (job stream, parked-call hash): nothing when
+    HIDE_CALLER is on, so the name never leaves Kamailio, not only the push payloads."""
+    return ("", "") if hide_caller else caller
+
+
 def call_key(call_id: str) -> str:
     """Key of a parked call (htable key, Redis key part): a short digest of the Call-ID."""
     return hashlib.sha1(call_id.encode("utf-8", "surrogateescape")).hexdigest()[:20]
@@ -332,15 +339,14 @@ def _job_id(kind: PushKind, key: str, salt: str = "") -> str:
 def incoming_call_job(
     aor: str, call_id: str, caller: tuple[str, str], device_ids: Sequence[str], now: float, wait_window: float
 ) -> PushJob:
-    deadline = now + wait_window
+    # (the payload's deadline comes from the job's own deadline, not from a data field)
     return PushJob(
         job_id=_job_id(PushKind.INCOMING_CALL, call_key(call_id)),
         kind=PushKind.INCOMING_CALL,
         aor=aor,
-        deadline=deadline,
+        deadline=now + wait_window,
         device_ids=tuple(device_ids),
-        data={"call_id": call_id, "caller_name": caller[0], "caller_number": caller[1],
-              "deadline": f"{deadline:.3f}"},
+        data={"call_id": call_id, "caller_name": caller[0], "caller_number": caller[1]},
         created_at=now,
     )
 
@@ -358,15 +364,15 @@ def cancel_call_job(aor: str, call_id: str, device_ids: Sequence[str], now: floa
 
 
 def missed_call_job(aor: str, call_id: str, caller: tuple[str, str], now: float, ttl: float) -> PushJob:
+    # title/body are built by the payload builders (which honour HIDE_CALLER): a copy here
+    # would only put the caller's name in the Redis stream
     name, number = caller
-    body = f"{name} ({number})" if name and name != number else number
     return PushJob(
         job_id=_job_id(PushKind.MISSED_CALL, call_key(call_id)),
         kind=PushKind.MISSED_CALL,
         aor=aor,
         deadline=now + ttl,
-        data={"call_id": call_id, "caller_name": name, "caller_number": number,
-              "title": "Missed Call", "body": body},
+        data={"call_id": call_id, "caller_name": name, "caller_number": number},
         created_at=now,
     )
 
@@ -393,5 +399,48 @@ def end_of_call_jobs(
     if others:
         jobs.append(cancel_call_job(aor, call_id, others, now, reason))
     if answered_by is None:
-        jobs.append(missed_call_job(aor, call_id, caller, now, float(settings.message_ttl)))
+        jobs.append(missed_call_job(aor, call_id, pushed_caller(caller, settings.hide_caller), now,
+                                    float(settings.message_ttl)))
     return jobs
+
+
+# --------------------------------------------------------------------------- parked-call entry
+
+
+@dataclass(frozen=True)
+class WaitEntry:
+    """The shared-memory (htable `pnwait`) record of a call parked on this node.
+
+    It holds everything needed to *end* the call's transaction (tmx t_reply_callid /
+    t_cancel_callid need Call-ID and CSeq number), so answering the caller never depends on
+    Redis; Redis only supplies the pushes owed at the end. `code` is the final reply the
+    wait-window timer sends (0 = the window ran out: 480 or the fallback).
+    """
+
+    aor: str
+    call_id: str
+    cseq: str
+    code: int = 0
+
+    def encode(self) -> str:
+        # every field percent-encoded, so no value (a hostile Call-ID, a repeated re-arm) can
+        # shift the separators
+        fields = (str(self.code), self.cseq, self.aor, self.call_id)
+        return "|".join(quote(f, safe="", errors="surrogateescape") for f in fields)
+
+    def with_code(self, code: int) -> WaitEntry:
+        return replace(self, code=code)
+
+    @staticmethod
+    def decode(value: object) -> WaitEntry | None:
+        """The entry of an htable value; None for an absent or malformed one."""
+        if value is None:
+            return None
+        parts = str(value).split("|")
+        if len(parts) != 4 or not parts[0].isdigit():
+            return None
+        code, cseq, aor, call_id = (unquote(p, errors="surrogateescape") for p in parts)
+        if not aor:
+            return None
+        return WaitEntry(aor=aor, call_id=call_id, cseq=cseq, code=int(code))
+

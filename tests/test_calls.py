@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from pushlib import calls, callstate
 from pushlib.models import Device, Provider, PushKind, PushParams
 from pushlib.settings import Settings
+
+# kemi/ is not a package: Kamailio loads router.py as a script that puts kemi/ on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kemi"))
+import ksrlog
 
 NOW = 1_800_000_000.0
 
@@ -173,9 +181,12 @@ def test_end_of_call_jobs() -> None:
     assert [j.kind for j in answered] == [PushKind.CANCEL_INCOMING_CALL]
     missed = calls.end_of_call_jobs("sip:b@h", "c1", ("A", "1"), ["d1"], None, NOW, s, "timeout")
     assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
-    assert missed[1].data["title"] == "Missed Call" and missed[1].deadline == NOW + s.message_ttl
+    assert missed[1].deadline == NOW + s.message_ttl
+    # the payload builders make title/body (honouring HIDE_CALLER): the job carries no copy
+    assert set(missed[1].data) == {"call_id", "caller_name", "caller_number"}
     job = calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW, 30)
     assert job.deadline == NOW + 30 and job.data["call_id"] == "c1" and job.device_ids == ("d1",)
+    assert "deadline" not in job.data  # the payload's deadline is the job's
     assert job.job_id == calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW + 1, 30).job_id
 
 
@@ -213,3 +224,80 @@ def test_callstate_unavailable_is_typed() -> None:
     st = callstate.CallState(callstate.connect("redis://127.0.0.1:1/0", timeout=0.2))
     with pytest.raises(callstate.CallStateUnavailable):
         st.wake("sip:b@h", "d1")
+
+
+def test_hide_caller_keeps_the_name_out_of_redis() -> None:
+    hidden = Settings(hide_caller=True)
+    missed = calls.end_of_call_jobs("sip:b@h", "c1", ("Alice", "100"), ["d1"], None, NOW, hidden, "timeout")
+    assert "Alice" not in repr(missed[-1].data) and "100" not in repr(missed[-1].data)
+    assert calls.pushed_caller(("Alice", "100"), True) == ("", "")
+    assert calls.pushed_caller(("Alice", "100"), False) == ("Alice", "100")
+
+
+# --------------------------------------------------------------------------- pnwait entry
+
+
+def test_wait_entry_round_trip_and_rearm() -> None:
+    entry = calls.WaitEntry("sip:bob@example.com", "abc@1.2.3.4", "7")
+    assert calls.WaitEntry.decode(entry.encode()) == entry and entry.code == 0
+    busy = calls.WaitEntry.decode(entry.with_code(486).encode())
+    assert busy is not None and busy.code == 486 and busy.aor == "sip:bob@example.com"
+    # a second busy re-arms with a replaced code, never "aor|486|486"
+    again = calls.WaitEntry.decode(busy.with_code(600).encode())
+    assert again == calls.WaitEntry("sip:bob@example.com", "abc@1.2.3.4", "7", 600)
+
+
+@pytest.mark.parametrize("call_id", ["a|b|c", "x%7Cy", "\udcff-raw", "sp ace;=@[]"])
+def test_wait_entry_separators_and_raw_bytes_survive(call_id: str) -> None:
+    entry = calls.WaitEntry("sip:odd|user@h", call_id, "1", 603)
+    encoded = entry.encode()
+    assert encoded.count("|") == 3 and encoded.isascii()
+    assert calls.WaitEntry.decode(encoded) == entry
+
+
+@pytest.mark.parametrize("value", [None, "", "sip:b@h", "sip:b@h|486", "x|1|sip:b@h|c", "0|1||c", "1|2|3"])
+def test_wait_entry_malformed_is_none(value: str | None) -> None:
+    assert calls.WaitEntry.decode(value) is None
+
+
+# --------------------------------------------------------------------------- kemi/ksrlog
+
+
+class _FakeKsr:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __getattr__(self, level: str) -> Callable[[str], None]:
+        return lambda text: self.lines.append((level, text))
+
+
+@pytest.mark.parametrize(("debug", "level"), [
+    ("3", logging.DEBUG), ("4", logging.DEBUG), ("2", logging.INFO), (None, logging.INFO),
+    ("1", ksrlog.NOTICE), ("0", logging.WARNING), ("-1", logging.ERROR), ("junk", logging.INFO),
+])
+def test_ksrlog_level_from_kamailio_debug(debug: str | None, level: int) -> None:
+    assert ksrlog.python_level(debug) == level
+
+
+def test_ksrlog_handler_one_line_per_record_by_level() -> None:
+    fake = _FakeKsr()
+    logger = logging.getLogger("pushlib.test-ksrlog")
+    handler = ksrlog.KsrHandler(fake)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        logger.debug("d")
+        logger.info("push outcome=%s", "delivered")
+        logger.log(ksrlog.NOTICE, "n")
+        logger.warning("w")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("e")
+    finally:
+        logger.removeHandler(handler)
+    assert [lvl for lvl, _ in fake.lines] == ["dbg", "info", "notice", "warn", "err"]
+    assert fake.lines[1][1] == "pushlib.test-ksrlog: push outcome=delivered\n"
+    assert all(text.count("\n") == 1 and text.endswith("\n") for _, text in fake.lines)
+    assert "ValueError: boom" in fake.lines[-1][1]

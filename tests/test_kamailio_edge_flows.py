@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from pushlib.models import Provider, UaMapping
+from pushlib.settings import Settings
 from pushlib.sipua import SipPhone, digest_authorization, open_sip_socket
 from pushlib.sipua import header_values as _header
+from pushlib.store import SyncStore
 from tests.sip_support import (
     BUNDLE,
     DOMAIN,
@@ -33,6 +35,7 @@ from tests.sip_support import (
     fcm_token,
     push_kind,
     push_stack,
+    redis_server,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
     sipp_caller,
@@ -50,10 +53,15 @@ KAZOO_MAPPING = UaMapping("kazoo-phone", r"^KazooPhone/", app_param="x-token-app
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with push_stack(auth=True, wait_window=WAIT, awake_window=10) as s:
-        # before any REGISTER: the workers cache the mappings for a few seconds
-        s.store.save_ua_mapping(KAZOO_MAPPING)
-        yield s
+    # before Kamailio starts: each worker loads the mappings at start and caches them for 10 s
+    with redis_server() as srv:
+        pre = SyncStore(srv.url, Settings(redis_url=srv.url))
+        try:
+            pre.save_ua_mapping(KAZOO_MAPPING)
+        finally:
+            pre.close()
+        with push_stack(auth=True, wait_window=WAIT, awake_window=10, redis=srv) as s:
+            yield s
 
 
 @pytest.fixture()

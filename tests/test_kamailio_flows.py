@@ -182,6 +182,10 @@ def test_sleeping_device_is_pushed_woken_and_answers(stack: Stack, tmp: Path, tr
     assert dev.received("INVITE") == 1 and dev.received("BYE") == 1
     time.sleep(0.3)
     assert len(stack.pushes(tok)) == 1  # no cancel push: the pushed device itself answered
+    # the in-process dispatcher's Python logging reaches Kamailio's log, without the token
+    line = wait_log(stack.kamailio, f"sip:{user}@{DOMAIN} device=")
+    assert "outcome=delivered" in line and "kind=incomingCall" in line
+    assert tok not in stack.kamailio.log()
 
 
 def test_awake_device_rings_at_once_without_push(stack: Stack, tmp: Path) -> None:
@@ -302,6 +306,25 @@ def test_second_call_is_parked_and_resumed_on_its_own(stack: Stack, tmp: Path) -
     assert len(set(incoming)) == 2
     cancelled = [payload_data(p)["call_id"] for p in pushes if push_kind(p) == "cancelIncomingCall"]
     assert cancelled == [incoming[0]]
+
+
+def test_newer_call_canceled_device_still_joins_the_older_one(stack: Stack, tmp: Path) -> None:
+    """Two calls parked for one device: ending the newer one must not forget the older one's
+    pending wake (one shared-memory entry per device and call)."""
+    user, tok = _user(), fcm_token()
+    phone = sipp_device(tmp, "udp")
+    contact = rfc8599_fcm_contact(phone.port, tok)
+    assert register(stack, user, contact, "udp").status == 200
+    asleep(stack, user)
+    first = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert len(stack.wait_pushes(tok, 1)) == 1
+    second = sipp_caller(tmp, stack.kamailio.port, user, "tcp", scenario="caller-cancel.xml",
+                         args=["-d", "300"])
+    assert len(stack.wait_pushes(tok, 2, kind="incomingCall")) == 2
+    assert second.wait(15) == 0, second.logs()  # the newer caller gave up: 487 for it only
+    assert register(stack, user, contact, "udp").status == 200
+    assert first.wait(30) == 0 and first.final_codes() == [200], first.logs()
+    assert phone.wait(15) == 0 and phone.received("INVITE") == 1
 
 
 def test_retransmitted_invite_pushes_once(stack: Stack) -> None:

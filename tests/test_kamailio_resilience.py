@@ -97,6 +97,23 @@ def test_redis_down_480_at_once_plain_contacts_still_called_then_recovery(stack:
     assert kinds == ["cancelIncomingCall", "incomingCall", "missedCall"]
 
 
+def test_redis_down_while_parked_caller_cancel_still_gets_487(stack: Stack, tmp_path: Path) -> None:
+    """Ending a parked call needs no Redis: Call-ID and CSeq are in the shared-memory entry."""
+    stack.store.save_app(stack.fcm_app)  # (again: the Redis of this module may have been restarted)
+    user, tok = _user(), fcm_token()
+    assert register(stack, user, rfc8599_fcm_contact(5972, tok)) == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp", scenario="caller-cancel.xml",
+                         args=["-d", "2500"])
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 1)] == ["incomingCall"]  # parked
+    stack.redis.stop()
+    try:
+        assert caller.wait(15) == 0, caller.logs() + caller.messages()[-3000:]  # 200 + 487
+        wait_log(stack.kamailio, "end-state-unavailable")
+    finally:
+        stack.redis.start_again()
+
+
 def test_sleeping_phone_survives_kamailio_restart(stack: Stack, tmp_path: Path) -> None:
     stack.store.save_app(stack.apns_app)  # (again: the Redis of this module may have been restarted)
     user, tok = _user(), apns_token()

@@ -13,6 +13,8 @@ import pytest
 from tests.sip_support import (
     KAMAILIO_CFG,
     NATIVE_HOST_CFG,
+    SipClient,
+    SipResponse,
     Stack,
     apns_token,
     check_config,
@@ -92,3 +94,30 @@ def test_role_mode_timeout_and_cancel(stack: Stack, tmp_path: Path) -> None:
     assert canceller.wait(20) == 0, canceller.logs()
     got = stack.wait_pushes(tok, 6)
     assert len(got) == 6 and "Alice Caller" in json.dumps(got[-1]["payload"])
+
+
+def _invite(stack: Stack, ruri: str) -> SipResponse:
+    with SipClient(stack.kamailio.port, "udp") as c:
+        tag, call_id = uuid.uuid4().hex[:8], uuid.uuid4().hex
+        c.send_raw(
+            f"INVITE {ruri} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};rport;branch=z9hG4bK{uuid.uuid4().hex[:12]}\r\n"
+            "Max-Forwards: 70\r\n"
+            f"From: <sip:caller@127.0.0.1>;tag={tag}\r\n"
+            f"To: <{ruri}>\r\n"
+            f"Call-ID: {call_id}\r\n"
+            "CSeq: 1 INVITE\r\n"
+            f"Contact: <sip:caller@127.0.0.1:{c.local_port}>\r\n"
+            "Content-Length: 0\r\n\r\n"
+        )
+        return c.recv_response()
+
+
+def test_role_mode_leaves_foreign_and_pushless_invites_to_the_host(stack: Stack) -> None:
+    """Only INVITEs the push role has something to do with are answered by it; the host's own
+    routing gets the rest (here: its recognisable replies from tests/native-host.cfg)."""
+    foreign = _invite(stack, "sip:bob@example.org")
+    assert (foreign.status, foreign.reason) == (403, "Host Outbound Route")
+    nobody = _invite(stack, f"sip:n{uuid.uuid4().hex[:10]}@127.0.0.1:{stack.kamailio.port}")
+    assert (nobody.status, nobody.reason) == (404, "Host Not Found")
+    assert "pusher: route-error" not in stack.kamailio.log()
