@@ -214,7 +214,9 @@ def main() -> None:
                     help="seconds between the bench's requests to the sandbox while waiting for the push")
     args = ap.parse_args()
 
-    with push_stack(auth=True, wait_window=30, awake_window=0) as st, \
+    # one device called back to back: the per-device call push limit (an abuse guard) is off here
+    with push_stack(auth=True, wait_window=30, awake_window=0,
+                    extra_defines={"MAX_CALL_PUSHES_PER_MINUTE": "0"}) as st, \
             tempfile.TemporaryDirectory(prefix="wake-bench-") as tmp:
         sip_port = st.kamailio.port
         user, tok = "bench", apns_token()

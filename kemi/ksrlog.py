@@ -11,9 +11,11 @@ define) sets the root logger's level, so a record is only formatted when Kamaili
     0 (warning) -> WARNING               < 0 (error and below) -> ERROR
 
 and each record goes to the KSR function of its level: DEBUG -> KSR.dbg, INFO -> KSR.info,
-NOTICE -> KSR.notice, WARNING -> KSR.warn, ERROR and CRITICAL -> KSR.err. Libraries whose INFO
-or DEBUG lines carry request URLs (httpx puts the APNs device token in its path) are held at
-WARNING whatever LOG_LEVEL says.
+NOTICE -> KSR.notice, WARNING -> KSR.warn, ERROR and CRITICAL -> KSR.err. The level policy is
+`pushlib.logutil.setup_logging`'s, shared with the standalone dispatcher and the CLI: libraries
+whose INFO or DEBUG lines carry request URLs or HTTP/2 headers (httpx puts the APNs device token
+in its path, hpack logs the bearer tokens) are held at WARNING whatever LOG_LEVEL says, and every
+record is one line with its control characters escaped (no forged log lines from SIP input).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pushlib.logutil import QUIET_LOGGERS, setup_logging
+
+__all__ = ["NOTICE", "QUIET_LOGGERS", "KsrHandler", "install", "python_level"]
+
 NOTICE = 25  # Kamailio's L_NOTICE has no Python counterpart: between INFO and WARNING
 logging.addLevelName(NOTICE, "NOTICE")
-
-#: loggers that would log full push URLs (device tokens) or HTTP/2 frames below WARNING
-QUIET_LOGGERS = ("httpx", "httpcore", "h2", "hpack")
 
 
 def python_level(kamailio_debug: str | None) -> int:
@@ -49,8 +52,10 @@ def python_level(kamailio_debug: str | None) -> int:
 class KsrHandler(logging.Handler):
     """Forward each record to Kamailio's log as one line: `<logger>: <message>`.
 
-    Multi-line messages (tracebacks) are folded onto that line, so a log reader keeps one
-    event per line. Nothing is added to the message but the logger name.
+    `install` gives it `pushlib.logutil.SingleLineFormatter`, which escapes control characters and
+    folds a traceback onto the line; a message that still holds line breaks (another formatter)
+    is folded here, so a log reader keeps one event per line. Nothing is added to the message but
+    the logger name.
     """
 
     def __init__(self, ksr: Any) -> None:
@@ -78,10 +83,6 @@ class KsrHandler(logging.Handler):
 
 
 def install(ksr: Any, kamailio_debug: str | None) -> None:
-    """Route the root logger to Kamailio (idempotent: once per process, re-entrant after fork)."""
-    root = logging.getLogger()
-    if not any(isinstance(h, KsrHandler) for h in root.handlers):
-        root.addHandler(KsrHandler(ksr))
-    root.setLevel(python_level(kamailio_debug))
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    """Route the root logger to Kamailio through the shared set-up (idempotent: once per process,
+    re-entrant after fork; a second call replaces the handler and re-applies the level)."""
+    setup_logging(python_level(kamailio_debug), KsrHandler(ksr), fmt="%(message)s")

@@ -33,12 +33,13 @@ for _path in (_ROOT, _ROOT / "kemi"):  # pushlib, and this router's sibling modu
 import KSR  # noqa: E402
 import ksrlog  # noqa: E402
 
-from pushlib import calls, callstate, params  # noqa: E402
+from pushlib import access, calls, callstate, params  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
 # libssl's state in shared memory, so code that touches libssl (Python's _ssl under httpx) must be
 # mapped at the same address in every process, or the TLS workers jump into unmapped memory.
 from pushlib.dispatcher import Dispatcher  # noqa: E402
+from pushlib.logutil import log_safe  # noqa: E402
 from pushlib.models import Device, PushJob, UaMapping  # noqa: E402
 from pushlib.store import StoreUnavailable, SyncStore  # noqa: E402
 
@@ -49,11 +50,15 @@ LOCATION = "location"
 WAIT_TABLE = "pnwait"
 PEND_TABLE = "pnpend"  # "<aor>|<device id>|<call key>": a device pushed for a call parked on this node
 FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
+PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
+PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
+BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
 PARK_PREFIX = "pn-park-"
 _MAPPING_TTL = 10.0
 _HA1_TTL = 5.0  # a changed password applies within this many seconds
+_APP_TTL = 10.0  # an app added, disabled or removed applies to REGISTERs within this many seconds
 
 
 def _get_def(name: str) -> str | None:
@@ -61,6 +66,16 @@ def _get_def(name: str) -> str | None:
         return None
     value = KSR.kx.get_def(name)
     return "" if value is None else str(value)
+
+
+def _unquoted_def(name: str) -> str | None:
+    value = _get_def(name)
+    return None if value is None else value.strip().strip('"')
+
+
+def _int_def(name: str, default: int) -> int:
+    value = (_unquoted_def(name) or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else default
 
 
 def _pv(name: str) -> str:
@@ -84,7 +99,8 @@ def _pv_raw(name: str) -> str:
 
 
 def _log(level: Callable[[str], Any], event: str, **fields: object) -> None:
-    details = " ".join(f"{k}={v}" for k, v in fields.items())
+    # every value may come from the SIP message: one line per event, whatever it holds
+    details = " ".join(f"{k}={log_safe(str(v))}" for k, v in fields.items())
     level(f"pusher: {event} {details}\n")
 
 
@@ -113,7 +129,12 @@ def _answer_500() -> None:
 
 
 def mod_init() -> Router:
-    return Router()
+    router = Router()
+    refusal = router.startup_refusal()
+    if refusal:
+        KSR.err(f"pusher: {refusal}\n")
+        raise SystemExit(refusal)  # app_python3 fails its mod_init: Kamailio does not start
+    return router
 
 
 class Router:
@@ -129,6 +150,22 @@ class Router:
         self._mappings_at = -_MAPPING_TTL
         self._legacy_logged: set[str] = set()
         self._ha1_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
+        self._app_cache: dict[tuple[str, str], tuple[bool | None, float]] = {}
+        self.limits = access.limits_from(_get_def)
+        self.served = access.served_domains(_unquoted_def("LOCAL_DOMAINS"))
+        self.role = KSR.kx.ifdef("PUSHER_ROLE") > 0
+        self.pike = _int_def("PIKE_DENSITY", 40) > 0
+        self.ban_time = _int_def("BAN_TIME", 300)
+        self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
+        self.fail_open_invite = KSR.kx.ifdef("AUTH_FAIL_OPEN_INVITE") > 0
+
+    def startup_refusal(self) -> str | None:
+        """Why this configuration must not run (auth off on a public address), or None."""
+        if self.role:
+            return None  # the host config authenticates, and owns its listen addresses
+        return access.insecure_start_refusal(
+            self.cfg.auth, _unquoted_def("LISTEN_IP"), KSR.kx.ifdef("ALLOW_INSECURE") > 0
+        )
 
     # ------------------------------------------------------------------ process-local clients
 
@@ -206,11 +243,13 @@ class Router:
     def _request_pipeline(self) -> None:
         pipeline = (
             self.route_parking,
+            self.route_flood,
             self.route_reqinit,
             self.route_natdetect,
             self.route_cancel,
             self.route_withindlg,
             self.route_retransmission,
+            self.route_domain,
             self.route_auth,
             self.route_register,
             self.route_invite,
@@ -226,6 +265,52 @@ class Router:
         if _pv("$rU").startswith(PARK_PREFIX) and KSR.is_myself_srcip() > 0:
             return STOP
         return NEXT
+
+    def route_flood(self) -> bool:
+        """Per-source request rate (pike): a source above PIKE_DENSITY is ignored for BAN_TIME.
+        Dropped without a reply, so a flood costs us one lookup and gets nothing back. The
+        proxy's own addresses are exempt (its parking branches, local tools)."""
+        if not self.pike or KSR.is_myself_srcip() > 0:
+            return NEXT
+        src = _pv("$si")
+        if KSR.htable.sht_get(BAN_TABLE, src) is not None:
+            return STOP
+        if KSR.pike.pike_check_req() < 0:
+            KSR.htable.sht_setxi(BAN_TABLE, src, 1, self.ban_time)
+            _log(KSR.warn, "source-banned", src=src, seconds=self.ban_time, method=_pv("$rm"))
+            return STOP
+        return NEXT
+
+    def route_domain(self) -> bool:
+        """Requests for domains we do not serve are refused before anything is read or stored:
+        a REGISTER by its To and request URI, other initial requests by their request URI."""
+        if KSR.is_REGISTER():
+            return self._refuse_register()
+        if KSR.is_ACK() or KSR.is_CANCEL():
+            return NEXT
+        if not self._served(_pv("$rd")):
+            _log(KSR.notice, "foreign-domain", method=_pv("$rm"), domain=_pv("$rd"), src=_pv("$si"))
+            KSR.sl.sl_send_reply(403, "Relaying Forbidden")
+            return STOP
+        return NEXT
+
+    def _refuse_register(self) -> bool:
+        """STOP (answered) a REGISTER this proxy must not take: a foreign domain, or not over TLS
+        when REGISTER_TLS_ONLY is set."""
+        if self.register_tls_only and _pv("$pr").lower() not in ("tls", "wss"):
+            _log(KSR.notice, "register-rejected", code=403, reason="not-tls", src=_pv("$si"))
+            KSR.sl.sl_send_reply(403, "REGISTER Requires TLS")
+            return STOP
+        for domain in (_pv("$td"), _pv("$rd")):
+            if not self._served(domain):
+                _log(KSR.notice, "register-rejected", code=403, reason="foreign-domain", domain=domain,
+                     src=_pv("$si"))
+                KSR.sl.sl_send_reply(403, "Domain Not Served")
+                return STOP
+        return NEXT
+
+    def _served(self, domain: str) -> bool:
+        return access.is_served(domain, self.served, lambda host: KSR.is_myself(f"sip:{host}") > 0)
 
     def route_reqinit(self) -> bool:
         if KSR.maxfwd.process_maxfwd(10) < 0:
@@ -292,26 +377,36 @@ class Router:
     def route_auth(self) -> bool:
         if not self.cfg.auth or not (KSR.is_REGISTER() or KSR.is_INVITE()):
             return NEXT
-        user, domain = (_pv("$tU"), _pv("$td")) if KSR.is_REGISTER() else (_pv("$fU"), _pv("$fd"))
-        try:
-            ha1 = self._ha1(user, domain)
-        except callstate.CallStateUnavailable as exc:
-            _log(KSR.err, "auth-store-unavailable", user=user, method=_pv("$rm"), error=exc)
-            if KSR.is_INVITE():
-                return NEXT  # calls to awake contacts keep working while Redis is down
+        register = KSR.is_REGISTER()
+        user, domain = (_pv("$tU"), _pv("$td")) if register else (_pv("$fU"), _pv("$fd"))
+        realm = self.cfg.realm or domain
+        from_served = register or self._served(domain)
+        ha1: str | None = None
+        store_up = True
+        if from_served:  # (credentials exist for served domains only: no lookup for others)
+            try:
+                ha1 = self._ha1(user, domain)
+            except callstate.CallStateUnavailable as exc:
+                _log(KSR.err, "auth-store-unavailable", user=user, method=_pv("$rm"), error=exc)
+                store_up = False
+        verdict = access.auth_precheck(register, ha1 is not None, store_up, from_served, self.fail_open_invite)
+        if verdict is None:
+            assert ha1 is not None
+            verdict = access.auth_result(KSR.auth.pv_auth_check(realm, ha1, 1, 1))
+        if verdict is access.AuthVerdict.PASS:
+            KSR.auth.consume_credentials()
+            return NEXT
+        if verdict is access.AuthVerdict.SKIP:
+            return NEXT
+        if verdict is access.AuthVerdict.UNAVAILABLE:
+            KSR.hdr.append_to_reply("Retry-After: 5\r\n")
             KSR.sl.sl_send_reply(503, "Credentials Store Unavailable")
             return STOP
-        if ha1 is None and KSR.is_INVITE():
-            return NEXT  # not a local user: an external caller
-        realm = self.cfg.realm or domain
-        rc = KSR.auth.pv_auth_check(realm, ha1 or "-", 1, 1)
-        if rc < 0:
-            if KSR.auth.has_credentials(realm) > 0:
-                _log(KSR.notice, "auth-failed", user=user, src=f"{_pv('$si')}:{_pv('$sp')}", rc=rc)
-            KSR.auth.auth_challenge(realm, 0)
-            return STOP
-        KSR.auth.consume_credentials()
-        return NEXT
+        if KSR.auth.has_credentials(realm) > 0:
+            # one line whether or not the user exists; the reply is the same challenge too
+            _log(KSR.notice, "auth-failed", user=user, src=f"{_pv('$si')}:{_pv('$sp')}", verdict=verdict.value)
+        KSR.auth.auth_challenge(realm, access.challenge_flags(verdict))
+        return STOP
 
     def _ha1(self, user: str, domain: str) -> str | None:
         """Subscriber HA1 (None: not a local user), cached per worker for a few seconds: the
@@ -331,6 +426,8 @@ class Router:
     def route_register(self) -> bool:
         if not KSR.is_REGISTER():
             return NEXT
+        if self.role and self._refuse_register():  # (KEMI mode checked it before auth)
+            return STOP
         if not self.cfg.pusher:
             self._save()
             return STOP
@@ -361,6 +458,10 @@ class Router:
             _log(KSR.notice, "register-rejected", code=400, aor=aor, reason=reason)
             KSR.sl.sl_send_reply(400, reason)
             return STOP
+        if push is not None and (refusal := self._app_refusal(push.provider.value, push.app_id)):
+            _log(KSR.notice, "register-rejected", code=555, aor=aor, app=push.app_id, reason=refusal)
+            KSR.sl.sl_send_reply(555, f"Push Notification Service Not Supported ({refusal})")
+            return STOP
         if push is None:
             if params.has_legacy_params(uri_params, mappings) and aor not in self._legacy_logged:
                 self._legacy_logged.add(aor)
@@ -371,7 +472,8 @@ class Router:
         contact_uri = calls.contact_uri(contact)
         instance = hdr_params.get("+sip.instance")
         device_id = params.device_id_for(push, instance)
-        expires = calls.register_expires(hdr_params.get("expires"), _pv("$hdr(Expires)") or None)
+        expires = calls.register_expires(hdr_params.get("expires"), _pv("$hdr(Expires)") or None,
+                                         minimum=self.limits.min_expires, maximum=self.limits.max_expires)
         if expires == 0:
             try:
                 self.store.remove_device(aor, device_id)
@@ -408,6 +510,24 @@ class Router:
         self._drop_stale_bindings(aor, device_id, contact_uri, evicted)
         KSR.registrar.reg_send_reply()
         return STOP
+
+    def _app_refusal(self, provider: str, app_id: str) -> str | None:
+        """Why a REGISTER naming this app is refused (None: configured and enabled), so nobody can
+        make us push for apps we do not serve. Cached per worker for _APP_TTL seconds; with Redis
+        down the REGISTER goes on (saving the device fails with 503 anyway)."""
+        now = time.monotonic()
+        cached = self._app_cache.get((provider, app_id))
+        if cached is None or cached[1] <= now:
+            try:
+                enabled = self.store.app_enabled(provider, app_id)
+            except StoreUnavailable as exc:
+                _log(KSR.warn, "app-check-unavailable", app=app_id, error=exc)
+                return None
+            if len(self._app_cache) > 1_000:
+                self._app_cache.clear()
+            cached = (enabled, now + _APP_TTL)
+            self._app_cache[(provider, app_id)] = cached
+        return access.app_refusal(cached[0] is not None, cached[0] is True)
 
     def _save(self, reply: bool = True) -> bool:
         if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:
@@ -471,7 +591,7 @@ class Router:
         device nor a binding (NEXT: its own routing runs); KEMI mode answers those itself."""
         if not KSR.is_INVITE() or not self.cfg.pusher:
             return NEXT
-        if role and KSR.is_myself_ruri() <= 0:
+        if role and not self._served(_pv("$rd")):
             return NEXT
         aor = calls.aor_of(_pv("$rU"), _pv("$rd"))
         bindings = self._bindings(aor)
@@ -498,8 +618,58 @@ class Router:
         if plan.verdict is calls.Verdict.RING:
             self._ring(plan.ring)
             return STOP
-        self._park(aor, plan, now)
+        # limits: calls parked for this user at once, then call pushes per device and minute
+        if not self._take_park_slot(aor):
+            if plan.ring:
+                self._ring(plan.ring)
+            else:
+                KSR.sl.sl_send_reply(486, "Busy Here")
+            return STOP
+        plan = self._limit_pushes(aor, plan, now)
+        if plan.verdict is calls.Verdict.PARK:
+            self._park(aor, plan, now)
+            return STOP
+        self._give_back_park_slot(aor)
+        if plan.ring:
+            self._ring(plan.ring)
+        else:
+            KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
         return STOP
+
+    def _limit_pushes(self, aor: str, plan: calls.InvitePlan, now: float) -> calls.InvitePlan:
+        """Leave out of the plan the devices already pushed MAX_CALL_PUSHES_PER_MINUTE times this
+        minute: a caller dialling in a loop cannot turn the user's phone into a pager."""
+        limit = self.limits.max_call_pushes_per_minute
+        if not limit:
+            return plan
+        allowed = []
+        for device in plan.push:
+            if (KSR.htable.sht_inc(PUSH_RATE_TABLE, access.push_bucket(aor, device.device_id, now)) or 0) <= limit:
+                allowed.append(device)
+            else:
+                _log(KSR.notice, "push-rate-limited", aor=aor, device=device.device_id, limit=limit)
+        if len(allowed) == len(plan.push):
+            return plan
+        if allowed:
+            return calls.InvitePlan(plan.verdict, plan.ring, tuple(allowed))
+        return calls.InvitePlan(calls.Verdict.RING if plan.ring else calls.Verdict.UNAVAILABLE, plan.ring)
+
+    def _take_park_slot(self, aor: str) -> bool:
+        """Count one more call parked for `aor` (given back in _finish); False over the limit."""
+        limit = self.limits.max_parked_per_user
+        if not limit:
+            return True
+        # (the table's initval=0 makes sht_inc create the counter; a negative return is an
+        # htable error: the call goes on rather than fail on our bookkeeping)
+        if (KSR.htable.sht_inc(PARKED_TABLE, aor) or 0) > limit:
+            KSR.htable.sht_dec(PARKED_TABLE, aor)
+            _log(KSR.notice, "park-limit", aor=aor, limit=limit)
+            return False
+        return True
+
+    def _give_back_park_slot(self, aor: str) -> None:
+        if self.limits.max_parked_per_user and (KSR.htable.sht_dec(PARKED_TABLE, aor) or 0) <= 0:
+            KSR.htable.sht_rm(PARKED_TABLE, aor)
 
     def _park(self, aor: str, plan: calls.InvitePlan, now: float) -> None:
         call_id = _pv("$ci")
@@ -509,6 +679,7 @@ class Router:
         )
         if KSR.tm.t_newtran() < 0:
             _log(KSR.err, "park-newtran-failed", aor=aor, call=key)
+            self._give_back_park_slot(aor)
             KSR.sl.sl_reply_error()
             return
         KSR.tm.t_save_lumps()
@@ -533,6 +704,7 @@ class Router:
             self.state.park(parked, now)
         except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            self._give_back_park_slot(aor)
             if plan.ring:
                 self._ring(plan.ring)
             else:
@@ -631,6 +803,7 @@ class Router:
     def _finish(self, entry: calls.WaitEntry, key: str, reason: str, reply: int, answered: bool,
                 cancel: bool = False) -> None:
         aor = entry.aor
+        self._give_back_park_slot(aor)
         # The transaction is ended from the shared-memory entry first: a caller's CANCEL gets
         # its 487 (a timeout its 480) even while Redis is down; Redis only knows the pushes owed.
         if reply:

@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from pushlib import keys
 from pushlib.logutil import token_prefix
 from pushlib.models import AppCredentials, Device, Outcome, PushJob, UaMapping
-from pushlib.settings import Settings
+from pushlib.settings import Settings, redis_connection_options
 from pushlib.store import StoreUnavailable, _decode_or_log, _unavailable_on_connection_errors
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,11 @@ class AsyncStore:
 
     def __init__(self, redis_url: str, settings: Settings) -> None:
         self.settings = settings
-        # socket_timeout must exceed the XREADGROUP block time used by the dispatcher.
+        # socket_timeout must exceed the XREADGROUP block time used by the dispatcher. A rediss://
+        # URL verifies the server's certificate and host name (redis_connection_options).
         self._r: Any = aredis.Redis.from_url(
             redis_url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=2.0,
+            **redis_connection_options(redis_url),
         )
         self._remove_token = self._r.register_script(_REMOVE_TOKEN)
         self._set_if_exists = self._r.register_script(_SET_IF_EXISTS)
@@ -263,6 +265,8 @@ class AsyncStore:
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(keys.app_key(app.provider, app.app_id))
             pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
+            pipe.hset(keys.APP_INDEX_KEY, keys.app_index_field(app.provider, app.app_id),
+                      keys.app_index_value(app.enabled))
             pipe.hdel(keys.app_status_key(app.provider, app.app_id), *keys.APP_STATUS_RESET_FIELDS)
             await pipe.execute()
         log.info("store: saved app %s", keys.describe_app(app))
@@ -356,6 +360,8 @@ class AsyncStore:
             pipe = self._r.pipeline(transaction=False)
             for (provider, app_id, outcome), n in counts.items():
                 pipe.hincrby(keys.app_status_key(provider, app_id), f"count:{outcome}", n)
+            for provider, app_id in dict.fromkeys((p, a) for p, a, _ in counts):
+                pipe.expire(keys.app_status_key(provider, app_id), keys.APP_STATUS_TTL)
             for (provider, app_id), entries in windows.items():
                 newest = list(entries)[-ENV_WINDOW_PUSHES:]  # older ones would be trimmed anyway
                 if not newest:
@@ -378,17 +384,22 @@ class AsyncStore:
                 skey = keys.app_status_key(provider, app_id)
                 if await self._r.hsetnx(skey, "env_suspect", message):
                     await self._r.hset(skey, "env_suspect_at", repr(now))
+                    await self._r.expire(skey, keys.APP_STATUS_TTL)
                     flagged.append(((provider, app_id), message))
         for (provider, app_id), message in flagged:
             log.warning("store: app %s:%s %s", provider, app_id, message)
         return [app for app, _ in flagged]
 
     async def record_app_error(self, provider: str, app_id: str, text: str, now: float | None = None) -> None:
-        """Keep the app's last configuration error (text + time) for operators."""
+        """Keep the app's last configuration error (text + time) for operators (the status hash's
+        TTL is refreshed: see keys.APP_STATUS_TTL)."""
         now = time.time() if now is None else now
+        skey = keys.app_status_key(provider, app_id)
         with _unavailable_on_connection_errors("record_app_error"):
-            await self._r.hset(keys.app_status_key(provider, app_id),
-                               mapping={"last_error": text[:500], "last_error_at": repr(now)})
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hset(skey, mapping={"last_error": text[:500], "last_error_at": repr(now)})
+            pipe.expire(skey, keys.APP_STATUS_TTL)
+            await pipe.execute()
 
     async def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
         """Operator view: last_error (+_at), env_suspect (+_at), counters per outcome, and the

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from urllib.parse import quote, unquote
 
+from pushlib import keys
 from pushlib.models import Device, Provider, PushJob, PushKind
 from pushlib.settings import Settings
 
@@ -81,7 +82,7 @@ def proxy_config(
     if (url := text("REDIS_URL")) is not None:
         overrides["redis_url"] = url
     if (wait := text("WAIT_WINDOW")) is not None:
-        overrides["wait_window"] = float(wait)
+        overrides["wait_window"] = keys.finite_float(wait, "WAIT_WINDOW")
     if get_def("HIDE_CALLER") is not None:
         overrides["hide_caller"] = flag("HIDE_CALLER")
     settings = replace(settings, **overrides)  # type: ignore[arg-type]
@@ -90,7 +91,7 @@ def proxy_config(
         pusher=flag("WITH_PUSHER"),
         auth=flag("WITH_AUTH"),
         external_dispatcher=flag("WITH_EXTERNAL_DISPATCHER"),
-        awake_window=10.0 if awake is None else float(awake),
+        awake_window=10.0 if awake is None else keys.finite_float(awake, "AWAKE_WINDOW"),
         realm=text("AUTH_REALM") or "",
         fallback_uri=text("FALLBACK_URI") or "",
         settings=settings,
@@ -120,16 +121,27 @@ def aor_of(user: str, domain: str) -> str:
     return f"sip:{user}@{domain}"
 
 
-def register_expires(contact_expires: str | None, header_expires: str | None, default: int = 3600) -> int:
-    """Effective expiry of the first binding of a REGISTER (contact param beats the Expires header)."""
+_EXPIRES = re.compile(r"[0-9]{1,10}")
+
+
+def register_expires(contact_expires: str | None, header_expires: str | None, default: int = 3600,
+                     minimum: int = 0, maximum: int = 3600) -> int:
+    """Effective expiry of the first binding of a REGISTER, clamped like the registrar clamps the
+    binding: 0 stays 0 (unregister), anything else lands in [minimum, maximum].
+
+    The contact's `expires` param beats the Expires header; only ASCII digits count (no sign, no
+    Unicode digits, no `1_0`): a param that is not digits means `default`, as for the registrar."""
+    value = default
     for raw in (contact_expires, header_expires):
-        if raw is None or raw == "":
+        if raw is None:
             continue
-        try:
-            return max(0, int(raw.strip()))
-        except ValueError:
-            continue
-    return default
+        text = raw.strip(" \t")
+        if _EXPIRES.fullmatch(text):
+            value = int(text)
+        break
+    if value == 0:
+        return 0
+    return max(minimum, min(maximum, value)) if maximum else max(minimum, value)
 
 
 def uri_params(uri: str) -> dict[str, str]:
@@ -346,7 +358,7 @@ def incoming_call_job(
         aor=aor,
         deadline=now + wait_window,
         device_ids=tuple(device_ids),
-        data={"call_id": call_id, "caller_name": caller[0], "caller_number": caller[1]},
+        data={"call_id": call_id, "callee": aor, "caller_name": caller[0], "caller_number": caller[1]},
         created_at=now,
     )
 
@@ -358,7 +370,7 @@ def cancel_call_job(aor: str, call_id: str, device_ids: Sequence[str], now: floa
         aor=aor,
         deadline=now + 60.0,
         device_ids=tuple(device_ids),
-        data={"call_id": call_id, "reason": reason},
+        data={"call_id": call_id, "callee": aor, "reason": reason},
         created_at=now,
     )
 
@@ -372,7 +384,7 @@ def missed_call_job(aor: str, call_id: str, caller: tuple[str, str], now: float,
         kind=PushKind.MISSED_CALL,
         aor=aor,
         deadline=now + ttl,
-        data={"call_id": call_id, "caller_name": name, "caller_number": number},
+        data={"call_id": call_id, "callee": aor, "caller_name": name, "caller_number": number},
         created_at=now,
     )
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import redis
 
+from pushlib.settings import redis_connection_options
+
 _MARGIN = 60
 
 
@@ -67,7 +69,8 @@ def _pend_key(aor: str, device_id: str) -> str:
 def connect(redis_url: str, timeout: float = 0.5) -> redis.Redis:
     """A synchronous client with short timeouts, for Kamailio SIP worker processes."""
     return redis.Redis.from_url(
-        redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True,
+        **redis_connection_options(redis_url),
     )
 
 

@@ -1,7 +1,9 @@
 """Operator CLI (`pushlib-admin`): apps and credentials, User-Agent mappings, devices, custom pushes.
 
-Every command talks to the Redis store the proxy uses (`--redis-url`, default from PUSHLIB_REDIS_URL).
-Credentials are validated before they are stored and are never printed back.
+Every command talks to the Redis store the proxy uses: `--redis-url-file PATH`, `--redis-url URL`, or
+by default PUSHLIB_REDIS_URL / PUSHLIB_REDIS_URL_FILE (prefer a file or the environment when the URL
+holds a password: a command line shows in `ps`). Credentials are validated before they are stored
+and are never printed back.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import re
 import sys
 import time
@@ -24,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pushlib.callstate import CallStateUnavailable, Subscribers
 from pushlib.keys import describe_app
+from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
-from pushlib.settings import Settings
+from pushlib.settings import Settings, read_redis_url_file, redis_connection_options
 from pushlib.store import StoreUnavailable, SyncStore
 
 
@@ -117,6 +121,9 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
         store.save_app(app)
         print(f"saved {describe_app(app)}")
         return
+    if args.cmd == "reindex":
+        print(f"app index rebuilt: {store.reindex_apps()} apps")
+        return
     found = store.app(args.provider, args.app_id)
     if found is None:
         raise CliError(f"no app {args.provider}:{args.app_id}")
@@ -184,10 +191,11 @@ def _read_password(given: str | None) -> str:
 
 
 def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
-    """SIP digest credentials (stored as HA1 only) used when the proxy runs WITH_AUTH."""
+    """SIP digest credentials (stored as HA1 only) for the proxy's digest auth."""
     user, domain = _split_aor(args.aor)
-    client = redis.Redis.from_url(args.redis_url or store.settings.redis_url, decode_responses=True,
-                                  socket_timeout=2.0, socket_connect_timeout=2.0)
+    url = store.settings.redis_url
+    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                  **redis_connection_options(url))
     try:
         subscribers = Subscribers(client)
         if args.cmd == "set":
@@ -219,7 +227,14 @@ def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushlib-admin", description=__doc__)
-    parser.add_argument("--redis-url", default=None, help="default: PUSHLIB_REDIS_URL or redis://127.0.0.1:6379/0")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--redis-url", default=None,
+                       help="default: PUSHLIB_REDIS_URL, PUSHLIB_REDIS_URL_FILE or redis://127.0.0.1:6379/0. "
+                            "Visible in `ps`: when the URL holds a password use --redis-url-file or the environment")
+    where.add_argument("--redis-url-file", default=None, metavar="PATH",
+                       help="read the Redis URL from this file (stripped): keeps a password out of `ps`")
+    parser.add_argument("--log-level", default=os.environ.get("PUSHLIB_LOG_LEVEL", "WARNING"),
+                        help="Python logging level (default: PUSHLIB_LOG_LEVEL or WARNING)")
     sub = parser.add_subparsers(dest="area", required=True)
 
     app = sub.add_parser("app", help="push apps and their credentials").add_subparsers(dest="cmd", required=True)
@@ -243,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sandbox", action="store_true", help="APNs development environment")
         p.add_argument("--host", help="custom host:port instead of Apple's or Google's (e.g. the sandbox)")
         p.add_argument("--ca-file", help="the only CA trusted for --host (e.g. the sandbox CA)")
+    app.add_parser("reindex", help="rebuild the list of configured apps the SIP workers check REGISTERs against")
     for name in ("show", "enable", "disable", "remove"):
         p = app.add_parser(name)
         p.add_argument("provider", choices=[p.value for p in Provider])
@@ -258,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_parser("list")
     ua.add_parser("remove").add_argument("name")
 
-    subs = sub.add_parser("subscriber", help="SIP credentials for WITH_AUTH").add_subparsers(dest="cmd", required=True)
+    subs = sub.add_parser("subscriber", help="SIP digest credentials").add_subparsers(dest="cmd", required=True)
     p = subs.add_parser("set", help="set a password (read from the terminal or stdin)")
     p.add_argument("aor", help="user@domain")
     p.add_argument("--realm", help="digest realm (default: the domain)")
@@ -277,20 +293,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """PUSHLIB_* settings with the Redis URL of `--redis-url-file` or `--redis-url` when given.
+    Raises SettingsError (a ValueError)."""
+    settings = Settings.from_env()
+    if args.redis_url_file:
+        return replace(settings, redis_url=read_redis_url_file(args.redis_url_file))
+    if args.redis_url:
+        return replace(settings, redis_url=args.redis_url)
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    store = SyncStore(args.redis_url or settings.redis_url, settings)
     handlers = {
         "app": cmd_app, "uamap": cmd_uamap, "subscriber": cmd_subscriber, "devices": cmd_devices, "push": cmd_push,
     }
+    try:
+        setup_logging(args.log_level)
+        settings = settings_from_args(args)
+        store = SyncStore(settings.redis_url, settings)
+    except ValueError as exc:  # SettingsError (unreadable URL file, refused rediss options), bad level
+        print(f"pushlib-admin: {exc}", file=sys.stderr)
+        return 2
     try:
         handlers[args.area](store, args)
     except CliError as exc:
         print(f"pushlib-admin: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
-        print(f"pushlib-admin: Redis unavailable: {exc}", file=sys.stderr)
+        print(f"pushlib-admin: Redis unavailable at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()

@@ -30,9 +30,10 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
@@ -41,7 +42,7 @@ from redis.exceptions import RedisError
 
 from pushlib import keys
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
-from pushlib.logutil import token_prefix
+from pushlib.logutil import redact_url, setup_logging, token_prefix
 from pushlib.models import (
     ApnsRequest,
     AppCredentials,
@@ -55,7 +56,7 @@ from pushlib.models import (
 )
 from pushlib.payloads import build_apns, build_fcm
 from pushlib.providers import ProviderPool
-from pushlib.settings import Settings
+from pushlib.settings import Settings, read_redis_url_file
 from pushlib.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ STAT_NAMES = (
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 APP_CACHE_SECONDS = 5.0
+# How many apps' credentials (or their absence) the dispatcher keeps cached: app ids come from
+# device records, which a REGISTER can fill with invented ones; the least recently used go first.
+APP_CACHE_MAX = 1024
 READ_BLOCK_MS = 500
 READ_BATCH = 100
 # Counters and environment-window entries of an app may lag this much behind its pushes.
@@ -188,7 +192,7 @@ class Dispatcher:
         self._pool = pool
         self._owns_pool = pool is None
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._apps: dict[_AppKey, tuple[float, AppCredentials | None]] = {}
+        self._apps: OrderedDict[_AppKey, tuple[float, AppCredentials | None]] = OrderedDict()
         self._app_reads: dict[_AppKey, asyncio.Future[AppCredentials | None]] = {}
         self._redis_down = False
         self._outcomes = _OutcomeBuffer()
@@ -217,9 +221,9 @@ class Dispatcher:
         self._acks: _Batcher[str, None] = _Batcher(ack)
         self._pool_in_use = self._pool or ProviderPool()
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency))
-        log.info("dispatcher %s: starting stream=%s group=%s concurrency=%d reclaim_idle_ms=%d",
-                 self.consumer, self.settings.stream, self.settings.group, self.settings.concurrency,
-                 self.settings.reclaim_idle_ms)
+        log.info("dispatcher %s: starting redis=%s stream=%s group=%s concurrency=%d reclaim_idle_ms=%d",
+                 self.consumer, redact_url(self.settings.redis_url), self.settings.stream, self.settings.group,
+                 self.settings.concurrency, self.settings.reclaim_idle_ms)
         background: list[asyncio.Task[None]] = []
         try:
             if await self._until_ok(stop, self._store.ensure_group):
@@ -413,6 +417,7 @@ class Dispatcher:
         key = (provider, app_id)
         cached = self._apps.get(key)
         if cached is not None and cached[0] > now:
+            self._apps.move_to_end(key)
             return cached[1]
         pending = self._app_reads.get(key)
         if pending is None:
@@ -422,6 +427,9 @@ class Dispatcher:
         # shield: one cancelled push must not cancel the read the others wait for
         app = await asyncio.shield(pending)
         self._apps[key] = (time.monotonic() + APP_CACHE_SECONDS, app)
+        self._apps.move_to_end(key)
+        while len(self._apps) > APP_CACHE_MAX:
+            self._apps.popitem(last=False)
         return app
 
     async def _push(self, job: PushJob, device: Device, sent: bool) -> None:
@@ -527,15 +535,37 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
 # --- standalone entry point ---------------------------------------------------------------------
 
 
+REDIS_URL_HELP = (
+    "Redis URL (default: PUSHLIB_REDIS_URL, PUSHLIB_REDIS_URL_FILE, or redis://127.0.0.1:6379/0). "
+    "A URL given here is visible in `ps`: when it holds a password use --redis-url-file or the "
+    "environment instead"
+)
+REDIS_URL_FILE_HELP = (
+    "read the Redis URL from this file (stripped; like PUSHLIB_REDIS_URL_FILE): keeps a password "
+    "out of `ps` and of the environment"
+)
+
+
 def parse_args(argv: list[str] | None, defaults: Settings) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pushlib-dispatcher", description="Send queued SIP push jobs to APNs and FCM."
     )
-    parser.add_argument("--redis-url", default=defaults.redis_url)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
+    where.add_argument("--redis-url-file", default=None, metavar="PATH", help=REDIS_URL_FILE_HELP)
     parser.add_argument("--consumer", default=None, help="consumer name (default: host-pid-random)")
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--log-level", default=os.environ.get("PUSHLIB_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("PUSHLIB_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (default: PUSHLIB_LOG_LEVEL or INFO); "
+                             "httpx/httpcore/h2/hpack stay at WARNING whatever it is")
     return parser.parse_args(argv)
+
+
+def redis_url_from_args(args: argparse.Namespace, defaults: Settings) -> str:
+    """`--redis-url-file`, else `--redis-url`, else the URL of the environment's settings."""
+    if args.redis_url_file:
+        return read_redis_url_file(args.redis_url_file)
+    return str(args.redis_url or defaults.redis_url)
 
 
 async def _serve(settings: Settings, consumer: str | None) -> None:
@@ -548,12 +578,14 @@ async def _serve(settings: Settings, consumer: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script: settings from PUSHLIB_* variables, overridden by the flags."""
-    defaults = Settings.from_env()
-    args = parse_args(argv, defaults)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = replace(defaults, redis_url=args.redis_url, concurrency=args.concurrency)
+    try:
+        defaults = Settings.from_env()
+        args = parse_args(argv, defaults)
+        setup_logging(args.log_level)
+        settings = replace(defaults, redis_url=redis_url_from_args(args, defaults), concurrency=args.concurrency)
+    except ValueError as exc:  # SettingsError (bad variable, unreadable URL file), unknown log level
+        print(f"pushlib-dispatcher: {exc}", file=sys.stderr)
+        sys.exit(2)
     asyncio.run(_serve(settings, args.consumer))
 
 

@@ -8,7 +8,13 @@ Layout:
 - `pn:{<aor>}:dev:<device_id>`  hash, one device (expires with its contact)
 - `pn:{<aor>}:devs`             set of the AOR's device ids (cleaned lazily of expired ids)
 - `pn:app:<provider>:<app_id>`  hash, app credentials (secrets live here by design)
-- `pn:appstatus:{<provider>:<app_id>}`  hash, operator status: last error, env suspicion, counters
+- `pn:apps`                     hash, `<provider>:<app_id>` -> `enabled`/`disabled`: which apps exist,
+  without their secrets (the SIP workers refuse REGISTERs naming an app not here, and need no
+  access to the credentials to do so). Written with the app, removed with it.
+- `pn:appstatus:{<provider>:<app_id>}`  hash, operator status: last error, env suspicion, counters.
+  Expires APP_STATUS_TTL after its last write (every write refreshes it: an app that still pushes
+  keeps its status, one nobody pushes to any more, or an app id invented by a REGISTER, goes away);
+  removed with its app.
 - `pn:appwin:{<provider>:<app_id>}`     list, recent push outcomes of the app (sliding window)
 - `pn:uamap`                    hash, UA mapping name -> JSON
 - `pn:{<aor>}:sent:<job_id>:<device_id>` string, idempotency mark: the provider accepted this
@@ -19,6 +25,7 @@ Layout:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,12 +33,28 @@ from typing import Any
 from pushlib.models import AppCredentials, Device, Provider, PushJob, PushKind, PushParams, UaMapping
 
 UAMAP_KEY = "pn:uamap"
+APP_INDEX_KEY = "pn:apps"
+APP_KEY_PATTERN = "pn:app:*"
 # How far back the per-app BadDeviceToken window looks.
 ENV_WINDOW_SECONDS = 600
+# An app's status hash lives this long after its last write (each write refreshes it).
+APP_STATUS_TTL = 30 * 24 * 3600
 
 
 class DecodeError(ValueError):
     """A stored record or a stream entry that cannot be turned back into a model object."""
+
+
+def finite_float(raw: str | float, what: str) -> float:
+    """`raw` as a finite float; ValueError for NaN, +/-inf and anything that is not a number
+    (a NaN deadline would compare False with every time, an infinite one would never pass)."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is not a number: {str(raw)[:40]!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is not a finite number: {value!r}")
+    return value
 
 
 def device_key(aor: str, device_id: str) -> str:
@@ -44,6 +67,14 @@ def devices_key(aor: str) -> str:
 
 def app_key(provider: str, app_id: str) -> str:
     return f"pn:app:{provider}:{app_id}"
+
+
+def app_index_field(provider: str, app_id: str) -> str:
+    return f"{provider}:{app_id}"
+
+
+def app_index_value(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
 
 
 def app_status_key(provider: str, app_id: str) -> str:
@@ -113,9 +144,9 @@ def decode_device(raw: Mapping[str, str]) -> Device:
             params=params,
             contact=raw.get("contact", ""),
             user_agent=raw.get("user_agent", ""),
-            registered_at=float(raw.get("registered_at", "0")),
-            expires_at=float(raw.get("expires_at", "0")),
-            quarantined_until=float(raw.get("quarantined_until", "0")),
+            registered_at=finite_float(raw.get("registered_at", "0"), "registered_at"),
+            expires_at=finite_float(raw.get("expires_at", "0"), "expires_at"),
+            quarantined_until=finite_float(raw.get("quarantined_until", "0"), "quarantined_until"),
         )
     except (KeyError, ValueError) as exc:
         raise DecodeError(f"bad device record: {exc!r}") from exc
@@ -194,7 +225,10 @@ def decode_ua_mapping(raw: str) -> UaMapping:
 
 
 def encode_job(job: PushJob) -> dict[str, str]:
-    """A job as flat string stream fields. Device ids must not contain commas."""
+    """A job as flat string stream fields. Device ids must not contain commas; the deadline and
+    creation time must be finite numbers (ValueError otherwise, as `decode_job` would refuse them)."""
+    finite_float(job.deadline, "deadline")
+    finite_float(job.created_at, "created_at")
     for device_id in job.device_ids:
         if "," in device_id:
             raise ValueError(f"device id with a comma cannot be queued: {device_id!r}")
@@ -210,7 +244,8 @@ def encode_job(job: PushJob) -> dict[str, str]:
 
 
 def decode_job(raw: Mapping[str, str]) -> PushJob:
-    """Inverse of `encode_job`; raises DecodeError on anything malformed."""
+    """Inverse of `encode_job`; raises DecodeError on anything malformed, including a deadline or
+    creation time that is not a finite number."""
     try:
         data = json.loads(raw.get("data", "{}"))
         if not isinstance(data, dict) or not all(
@@ -226,12 +261,12 @@ def decode_job(raw: Mapping[str, str]) -> PushJob:
             job_id=job_id,
             kind=PushKind(raw["kind"]),
             aor=aor,
-            deadline=float(raw["deadline"]),
+            deadline=finite_float(raw["deadline"], "deadline"),
             device_ids=device_ids,
             data=data,
-            created_at=float(raw.get("created_at", "0")),
+            created_at=finite_float(raw.get("created_at", "0"), "created_at"),
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise DecodeError(f"bad job entry: {exc!r}") from exc
 
 

@@ -147,8 +147,8 @@ def pusher_defines(
         "CHILDREN": "2",
         "LOG_LEVEL": "2",
     }
-    if auth:
-        defines["WITH_AUTH"] = None
+    if not auth:
+        defines["WITHOUT_AUTH"] = None
     if external_dispatcher:
         defines["WITH_EXTERNAL_DISPATCHER"] = None
     defines.update(extra or {})

@@ -1,7 +1,10 @@
 """Shared value types: providers, push kinds, devices, apps, jobs and outcomes.
 
 These are plain dataclasses with no I/O so every module (store, parser, clients,
-dispatcher, KEMI router) speaks the same language.
+dispatcher, KEMI router) speaks the same language. Fields that hold a push token, a credential or
+something that contains one (a push binding's Contact URI carries `pn-prid`, an FCM body carries
+the token, APNs headers may carry the bearer JWT) are left out of the reprs (`field(repr=False)`),
+so a `%r` in a log line or a traceback's locals never leaks them; equality is unchanged.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class PushParams:
 
     provider: Provider
     app_id: str
-    voip_token: str | None = None
-    alert_token: str | None = None
+    voip_token: str | None = field(default=None, repr=False)
+    alert_token: str | None = field(default=None, repr=False)
     team_id: str | None = None
     sandbox: bool = False
 
@@ -50,7 +53,7 @@ class Device:
     aor: str
     device_id: str
     params: PushParams
-    contact: str = ""
+    contact: str = field(default="", repr=False)  # a push binding's URI: its pn-prid is the token
     user_agent: str = ""
     registered_at: float = 0.0
     expires_at: float = 0.0
@@ -136,8 +139,8 @@ class UaMapping:
 class ApnsRequest:
     """One APNs push ready to send: `POST /3/device/<token>` with these headers and body."""
 
-    token: str
-    headers: Mapping[str, str]
+    token: str = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False)  # may hold `authorization: bearer <JWT>`
     payload: bytes
 
 
@@ -145,5 +148,5 @@ class ApnsRequest:
 class FcmMessage:
     """One FCM v1 push ready to send: the JSON body of `messages:send` (it holds the token)."""
 
-    token: str
-    body: bytes
+    token: str = field(repr=False)
+    body: bytes = field(repr=False)  # holds the token

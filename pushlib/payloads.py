@@ -8,9 +8,11 @@ treat it as rejected, do not retry). Lone surrogates in any input become U+FFFD.
 
 Fields by kind (APNs: top-level keys next to `aps`; FCM: `message.data`, all strings):
 - every kind: `type` (the PushKind value), `sent_at` (epoch seconds of `now`);
-- incomingCall: `call_id`, `deadline`, `caller_name`, `caller_number`;
-- cancelIncomingCall: `call_id`;
-- missedCall: `call_id`, `caller_name`, `caller_number`, `title`, `body`;
+- incomingCall: `call_id`, `callee`, `deadline`, `caller_name`, `caller_number`;
+- cancelIncomingCall: `call_id`, `callee`;
+- missedCall: `call_id`, `callee`, `caller_name`, `caller_number`, `title`, `body`;
+`callee` is the address of record the call was for (`sip:user@domain`): an app signed in to
+several accounts, or to another one since it registered, refuses a call push not for its own.
 - messageReceived: `message_id`, `sender`, `title` (= sender), `body` (= message);
 - voicemailReceived: `call_id`, `message_id`, `caller_name`, `caller_number`, `title`, `body`;
 - custom: `title`, `body` and every other data field except the reserved ones.
@@ -79,9 +81,9 @@ _WIRE = {
 }
 _CALL_KINDS = {PushKind.INCOMING_CALL, PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL}
 _ID_FIELDS = {
-    PushKind.INCOMING_CALL: ("call_id",),
-    PushKind.CANCEL_INCOMING_CALL: ("call_id",),
-    PushKind.MISSED_CALL: ("call_id",),
+    PushKind.INCOMING_CALL: ("call_id", "callee"),
+    PushKind.CANCEL_INCOMING_CALL: ("call_id", "callee"),
+    PushKind.MISSED_CALL: ("call_id", "callee"),
     PushKind.VOICEMAIL: ("call_id", "message_id"),
     PushKind.MESSAGE: ("message_id",),
 }

@@ -1,10 +1,33 @@
-"""Runtime settings, read from PUSHLIB_* environment variables with safe defaults."""
+"""Runtime settings, read from PUSHLIB_* environment variables with safe defaults.
+
+The Redis URL may hold a password (or an ACL user and its password): it is a secret. It comes from
+`PUSHLIB_REDIS_URL`, or from a file named by `PUSHLIB_REDIS_URL_FILE` (the file holds the URL;
+surrounding white space is stripped), never only from a command line, where `ps` would show it.
+`redis_connection_options` gives the options every pushlib Redis client is built with: a
+`rediss://` URL always verifies the server certificate and host name.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from pushlib.logutil import redact_url
+
+REDIS_URL_ENV = "PUSHLIB_REDIS_URL"
+REDIS_URL_FILE_ENV = "PUSHLIB_REDIS_URL_FILE"
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+# URL query options that would turn off the checks of a rediss:// connection
+_WEAKENING_TLS_OPTIONS = {"ssl_cert_reqs": ("required",), "ssl_check_hostname": ("true", "1", "yes", "y", "on")}
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used (unreadable URL file, bad number...): one line, no secret in it."""
 
 
 @dataclass(frozen=True)
@@ -23,22 +46,84 @@ class Settings:
     concurrency: int = 256
     reclaim_idle_ms: int = 30_000
 
+    def __repr__(self) -> str:  # the URL may hold a password: shown redacted
+        shown = (
+            f"{f.name}={redact_url(self.redis_url) if f.name == 'redis_url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from `PUSHLIB_<FIELD>` variables (e.g. PUSHLIB_REDIS_URL)."""
+        """Build settings from `PUSHLIB_<FIELD>` variables (e.g. PUSHLIB_REDIS_URL), plus
+        PUSHLIB_REDIS_URL_FILE (see module doc; giving both is an error). Raises SettingsError."""
         env = os.environ if env is None else env
         overrides: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get("PUSHLIB_" + f.name.upper())
+            name = "PUSHLIB_" + f.name.upper()
+            raw = env.get(name)
             if raw is None:
                 continue
             default = getattr(cls, f.name)
-            if isinstance(default, bool):
-                overrides[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int):
-                overrides[f.name] = int(raw)
-            elif isinstance(default, float):
-                overrides[f.name] = float(raw)
-            else:
-                overrides[f.name] = raw
+            try:
+                if isinstance(default, bool):
+                    overrides[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    overrides[f.name] = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                    if not math.isfinite(value):
+                        raise ValueError("not a finite number")
+                    overrides[f.name] = value
+                else:
+                    overrides[f.name] = raw
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from exc
+        url_file = env.get(REDIS_URL_FILE_ENV)
+        if url_file:
+            if env.get(REDIS_URL_ENV) is not None:
+                raise SettingsError(f"set {REDIS_URL_ENV} or {REDIS_URL_FILE_ENV}, not both")
+            overrides["redis_url"] = read_redis_url_file(url_file)
         return replace(cls(), **overrides)  # type: ignore[arg-type]
+
+
+def read_redis_url_file(path: str | os.PathLike[str]) -> str:
+    """The Redis URL held in the file at `path` (stripped). Raises SettingsError when the file
+    cannot be read, is empty, or does not hold a redis://, rediss:// or unix:// URL; the message
+    never shows the file's content."""
+    try:
+        url = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc.__class__.__name__
+        raise SettingsError(f"cannot read the Redis URL file {path}: {reason}") from exc
+    if not url:
+        raise SettingsError(f"the Redis URL file {path} is empty")
+    if "\n" in url or urlsplit(url).scheme not in _REDIS_SCHEMES:
+        raise SettingsError(f"the Redis URL file {path} does not hold one redis://, rediss:// or unix:// URL")
+    return url
+
+
+def redis_connection_options(url: str) -> dict[str, Any]:
+    """Keyword arguments for `Redis.from_url(url, ...)` that every pushlib client adds (and a check
+    that the URL parses, with an error that never quotes it unredacted): for a
+    `rediss://` URL, certificate verification and host-name checking, explicitly (redis-py >= 6
+    defaults to both; saying so keeps them on whatever the installed version). A rediss URL whose
+    query turns either off (`ssl_cert_reqs=none`, `ssl_check_hostname=false`) is refused with
+    SettingsError: trust a private CA with `?ssl_ca_certs=/path/ca.pem` instead."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed here so redis-py's error (it quotes the "port") never shows a secret
+    except ValueError:
+        raise SettingsError(f"bad Redis URL {redact_url(url)} (a password with `/`, `#`, `?` or `@` must be "
+                            "percent-encoded)") from None
+    if parts.scheme != "rediss":
+        return {}
+    query = {k.lower(): v for k, v in parse_qs(parts.query).items()}
+    for option, allowed in _WEAKENING_TLS_OPTIONS.items():
+        for value in query.get(option, ()):
+            if value.strip().lower() not in allowed:
+                raise SettingsError(
+                    f"{redact_url(url)}: {option}={value} would skip verifying the Redis server; "
+                    "trust a private CA with ?ssl_cert_reqs=required&ssl_ca_certs=<file> instead"
+                )
+    return {"ssl_cert_reqs": "required", "ssl_check_hostname": True}

@@ -98,14 +98,15 @@ def read_sip_message(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n" + rest[:length], rest[length:]
 
 
-def open_sip_socket(proxy: tuple[str, int], transport: str = "udp") -> socket.socket:
-    """A UDP socket bound on the proxy's host, or a TCP connection to the proxy (raises OSError
-    when nothing listens); 5 s timeout. TLS callers wrap a "tcp" socket themselves."""
+def open_sip_socket(proxy: tuple[str, int], transport: str = "udp", source: str | None = None) -> socket.socket:
+    """A UDP socket bound on the proxy's host (or on `source`), or a TCP connection to the proxy
+    from `source` if given (raises OSError when nothing listens); 5 s timeout. TLS callers wrap a
+    "tcp" socket themselves. Another loopback `source` (127.0.0.2, ...) plays another host."""
     if transport == "udp":
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((proxy[0], 0))
+        sock.bind((source or proxy[0], 0))
     else:
-        sock = socket.create_connection(proxy, timeout=5)
+        sock = socket.create_connection(proxy, timeout=5, source_address=(source, 0) if source else None)
     sock.settimeout(5)
     return sock
 
@@ -265,9 +266,10 @@ class SipClient(SipPhone):
 
     keep_requests = False
 
-    def __init__(self, proxy_port: int, transport: str = "udp", host: str = "127.0.0.1") -> None:
+    def __init__(self, proxy_port: int, transport: str = "udp", host: str = "127.0.0.1",
+                 source: str | None = None) -> None:
         proxy = (host, proxy_port)
-        super().__init__(open_sip_socket(proxy, transport), transport, proxy)
+        super().__init__(open_sip_socket(proxy, transport, source), transport, proxy)
 
     def send_raw(self, data: str) -> None:
         self.send(data)

@@ -24,7 +24,7 @@ from redis.retry import Retry
 
 from pushlib import keys
 from pushlib.models import AppCredentials, Device, PushJob, UaMapping
-from pushlib.settings import Settings
+from pushlib.settings import Settings, redis_connection_options
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def _redis_client(redis_url: str) -> Any:
     # Typed as Any: redis-py's annotations return unions of bytes/str/awaitables that say
     # nothing useful with decode_responses=True; results are converted at the call sites.
     # One retry without backoff: enough to replace a socket the server closed (restart),
-    # never long enough to stall a SIP worker.
+    # never long enough to stall a SIP worker. A rediss:// URL verifies the server's
+    # certificate and host name (redis_connection_options).
     return redis.Redis.from_url(
         redis_url,
         decode_responses=True,
@@ -71,6 +72,7 @@ def _redis_client(redis_url: str) -> Any:
         socket_connect_timeout=SOCKET_TIMEOUT,
         retry=Retry(NoBackoff(), 1),
         retry_on_timeout=False,
+        **redis_connection_options(redis_url),
     )
 
 
@@ -183,9 +185,35 @@ class SyncStore:
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(keys.app_key(app.provider, app.app_id))
             pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
+            pipe.hset(keys.APP_INDEX_KEY, keys.app_index_field(app.provider, app.app_id),
+                      keys.app_index_value(app.enabled))
             pipe.hdel(keys.app_status_key(app.provider, app.app_id), *keys.APP_STATUS_RESET_FIELDS)
             pipe.execute()
         log.info("store: saved app %s", keys.describe_app(app))
+
+    def app_enabled(self, provider: str, app_id: str) -> bool | None:
+        """Whether an app is configured (None: it is not) and enabled, from the app index alone:
+        no credentials are read (the SIP workers' Redis user cannot read them)."""
+        with _store_errors("app_enabled"):
+            value = self._r.hget(keys.APP_INDEX_KEY, keys.app_index_field(provider, app_id))
+        return None if value is None else value == keys.app_index_value(True)
+
+    def reindex_apps(self) -> int:
+        """Rebuild the app index from the stored credentials (apps saved before the index existed);
+        returns how many apps it lists."""
+        with _store_errors("reindex_apps"):
+            found: dict[str, str] = {}
+            for key in self._r.scan_iter(match=keys.APP_KEY_PATTERN, count=500):
+                raw = self._r.hgetall(key)
+                app = _decode_or_log(keys.decode_app, raw, "app", str(key)) if raw else None
+                if app is not None:
+                    found[keys.app_index_field(app.provider, app.app_id)] = keys.app_index_value(app.enabled)
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(keys.APP_INDEX_KEY)
+            if found:
+                pipe.hset(keys.APP_INDEX_KEY, mapping=found)
+            pipe.execute()
+        return len(found)
 
     def app(self, provider: str, app_id: str) -> AppCredentials | None:
         with _store_errors("app"):
@@ -200,8 +228,16 @@ class SyncStore:
         return keys.app_status_view(raw, window, time.time())
 
     def remove_app(self, provider: str, app_id: str) -> bool:
+        """Delete an app's credentials with its status and outcome window; True when the app
+        existed. (Separate DELs: the keys live in different Redis Cluster slots.)"""
         with _store_errors("remove_app"):
-            return bool(self._r.delete(keys.app_key(provider, app_id)))
+            pipe = self._r.pipeline(transaction=False)
+            pipe.delete(keys.app_key(provider, app_id))
+            pipe.delete(keys.app_status_key(provider, app_id))
+            pipe.delete(keys.app_window_key(provider, app_id))
+            pipe.hdel(keys.APP_INDEX_KEY, keys.app_index_field(provider, app_id))
+            existed, _, _, _ = pipe.execute()
+        return bool(existed)
 
     # --- UA mappings --------------------------------------------------------------------------
 

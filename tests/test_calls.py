@@ -123,6 +123,19 @@ def test_contact_uri_and_expires() -> None:
     assert calls.register_expires("junk", None) == 3600
 
 
+@pytest.mark.parametrize(
+    ("param", "header", "expected"),
+    [
+        (None, "99999999999", 3600), (None, "5", 60), ("0", "300", 0), (None, "0", 0),
+        ("\u0661\u0662\u0660", "300", 3600), ("+120", "300", 3600), ("1_200", None, 3600), ("-5", None, 3600),
+        (" 120\t", None, 120), (None, "\u00b2", 3600), ("", "300", 3600),
+    ],
+)
+def test_register_expires_ascii_digits_only_and_clamped(param: str | None, header: str | None,
+                                                        expected: int) -> None:
+    assert calls.register_expires(param, header, minimum=60, maximum=3600) == expected
+
+
 def test_stale_bindings_same_device_other_uri() -> None:
     old = calls.Binding("sip:d@1.2.3.4:1111;pn-prid=abab", ruid="r1")
     new = calls.Binding("sip:d@1.2.3.4:2222;pn-prid=abab", ruid="r2")
@@ -183,7 +196,8 @@ def test_end_of_call_jobs() -> None:
     assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
     assert missed[1].deadline == NOW + s.message_ttl
     # the payload builders make title/body (honouring HIDE_CALLER): the job carries no copy
-    assert set(missed[1].data) == {"call_id", "caller_name", "caller_number"}
+    assert set(missed[1].data) == {"call_id", "callee", "caller_name", "caller_number"}
+    assert {j.data["callee"] for j in [*answered, *missed]} == {"sip:b@h"}  # apps refuse pushes not for them
     job = calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW, 30)
     assert job.deadline == NOW + 30 and job.data["call_id"] == "c1" and job.device_ids == ("d1",)
     assert "deadline" not in job.data  # the payload's deadline is the job's

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ from pushlib.cli import main
 from pushlib.models import Device, Provider, PushParams
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """main() sets up logging (pushlib.logutil): put the root logger back as pytest had it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def _pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
@@ -119,3 +133,48 @@ def test_subscriber_password_from_stdin_is_stored_as_ha1(redis_url: str, monkeyp
     assert main(["--redis-url", redis_url, "subscriber", "remove", "alice@example.com"]) == 0
     assert Subscribers(client).ha1("alice", "example.com") is None
     assert main(["--redis-url", redis_url, "subscriber", "set", "no-domain"]) == 2
+
+
+def test_redis_url_from_a_file_or_its_variable(redis_url: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    url_file = tmp_path / "redis-url"
+    url_file.write_text(redis_url + "\n")
+    monkeypatch.delenv("PUSHLIB_REDIS_URL", raising=False)
+    assert main(["--redis-url-file", str(url_file), "uamap", "set", "acme", "^Acme/"]) == 0
+    monkeypatch.setenv("PUSHLIB_REDIS_URL_FILE", str(url_file))
+    assert main(["uamap", "list"]) == 0
+    assert "acme\t^Acme/" in capsys.readouterr().out
+    assert main(["--redis-url-file", str(tmp_path / "missing"), "uamap", "list"]) == 2
+    assert "cannot read the Redis URL file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one or the other, not both
+        main(["--redis-url-file", str(url_file), "--redis-url", redis_url, "uamap", "list"])
+
+
+def test_redis_down_message_never_shows_the_password(capsys) -> None:
+    rc = main(["--redis-url", "redis://pn-admin:s3cret@127.0.0.1:1/0", "uamap", "list"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "Redis unavailable at redis://pn-admin:***@127.0.0.1:1/0" in err and "s3cret" not in err
+
+
+def test_app_remove_takes_its_status_along(redis_url: str, tmp_path: Path, capsys) -> None:
+    key = _pem(ec.generate_private_key(ec.SECP256R1()))
+    (tmp_path / "k.p8").write_text(key)
+    assert main(["--redis-url", redis_url, "app", "set-apns", "com.example.gone",
+                 "--key-file", str(tmp_path / "k.p8"), "--key-id", "K", "--team-id", "T"]) == 0
+    store = SyncStore(redis_url, Settings())
+    store._r.hset("pn:appstatus:{apns:com.example.gone}", "last_error", "403")
+    assert main(["--redis-url", redis_url, "app", "remove", "apns", "com.example.gone"]) == 0
+    assert store._r.exists("pn:app:apns:com.example.gone", "pn:appstatus:{apns:com.example.gone}") == 0
+
+
+def test_app_reindex_lists_apps_saved_before_the_index(redis_url: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "k.p8").write_text(_pem(ec.generate_private_key(ec.SECP256R1())))
+    assert main(["--redis-url", redis_url, "app", "set-apns", "com.example.old",
+                 "--key-file", str(tmp_path / "k.p8"), "--key-id", "K", "--team-id", "T"]) == 0
+    store = SyncStore(redis_url, Settings())
+    store._r.delete("pn:apps")  # as an install from before the index
+    assert store.app_enabled("apns", "com.example.old") is None
+    capsys.readouterr()
+    assert main(["--redis-url", redis_url, "app", "reindex"]) == 0
+    assert "app index rebuilt:" in capsys.readouterr().out
+    assert store.app_enabled("apns", "com.example.old") is True

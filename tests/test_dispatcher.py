@@ -308,6 +308,24 @@ def test_malformed_entries_are_acked_and_the_loop_goes_on(
     assert len(sandbox.control.pushes(tok)) == 1
 
 
+def test_non_finite_deadlines_are_malformed_entries_never_pushed(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:ivan@example.com"
+    tok = fcm_token()
+    store.save_device(android(aor, "pixel", tok))
+    r = raw(cfg)
+    for deadline in ("nan", "inf", "-inf"):  # NaN never compares as late; inf would never expire
+        r.xadd(cfg.stream, {"job_id": f"x-{deadline}", "kind": "messageReceived", "aor": aor,
+                            "deadline": deadline, "data": "{}"})
+    r.xadd(cfg.stream, {"job_id": "y", "kind": "messageReceived", "aor": aor,
+                        "deadline": repr(time.time() + 30), "created_at": "nan", "data": "{}"})
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d.stats["malformed"] == 4 and d.stats["delivered"] == 0
+    assert sandbox.control.pushes(tok) == []
+
+
 # --- claims, stop, crash ------------------------------------------------------------------------
 
 

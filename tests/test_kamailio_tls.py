@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pushlib.sandbox.certs import SandboxPki
-from pushlib.sipua import SipPhone
+from pushlib.sipua import SipClient, SipPhone
 from pushlib.sipua import header_values as _header
 from tests.sip_support import (
     DOMAIN,
@@ -50,8 +51,9 @@ private_key = {key}
 
 [client:default]
 method = TLSv1.2+
-verify_certificate = no
-require_certificate = no
+verify_certificate = yes
+require_certificate = yes
+ca_list = {ca}
 """
 
 
@@ -77,7 +79,7 @@ def sips_port() -> int:
 @contextmanager
 def tls_stack(tls_dir: Path, pki: SandboxPki, sips_port: int) -> Iterator[Stack]:
     cfg = tls_dir / "tls.cfg"
-    cfg.write_text(TLS_CFG.format(cert=pki.server_cert_path, key=pki.server_key_path))
+    cfg.write_text(TLS_CFG.format(cert=pki.server_cert_path, key=pki.server_key_path, ca=pki.ca_path))
     defines: dict[str, str | None] = {"WITH_TLS": None, "SIPS_PORT": str(sips_port), "TLS_CFG": f'"{cfg}"'}
     with push_stack(auth=True, wait_window=10, extra_defines=defines) as s:
         yield s
@@ -104,11 +106,78 @@ def _register(phone: SipPhone, user: str, password: str, contact: str, call_id: 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 
 
+@pytest.fixture(scope="module")
+def stack(tls_dir: Path, pki: SandboxPki, sips_port: int) -> Iterator[Stack]:
+    with tls_stack(tls_dir, pki, sips_port) as s:
+        yield s
+
+
 def test_sleeping_tls_phone_is_pushed_woken_and_answers_over_its_own_connection(
-    tls_dir: Path, pki: SandboxPki, sips_port: int, tmp_path: Path
+    stack: Stack, pki: SandboxPki, sips_port: int, tmp_path: Path
 ) -> None:
-    with tls_stack(tls_dir, pki, sips_port) as stack:
-        _flagship_over_tls(stack, pki, sips_port, tmp_path)
+    _flagship_over_tls(stack, pki, sips_port, tmp_path)
+
+
+class _TlsServer:
+    """A TLS endpoint Kamailio connects to (a contact with transport=tls): records what it got."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = int(self.listener.getsockname()[1])
+        self.received = b""
+        self.error = ""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self.listener.accept()
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                conn.settimeout(3)
+                phone = SipPhone(conn, "tls")
+                invite = phone.request("INVITE", timeout=3)
+                self.received = invite.encode()
+                phone.answer(invite, 486, "Busy Here", to_tag="busy")
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        self.thread.join(15)
+        self.listener.close()
+
+
+def _call(stack: Stack, callee: str) -> int:
+    with SipClient(stack.kamailio.port) as c:
+        c.send_raw(
+            f"INVITE sip:{callee}@{DOMAIN} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
+            f"From: <sip:caller@elsewhere.example>;tag={secrets.token_hex(4)}\r\n"
+            f"To: <sip:{callee}@{DOMAIN}>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 INVITE\r\n"
+            f"Contact: <sip:caller@127.0.0.1:{c.local_port}>\r\nMax-Forwards: 70\r\n"
+            f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n{SDP}")
+        return c.recv_response(timeout=15).status
+
+
+def test_outgoing_tls_connections_verify_the_peer_certificate(stack: Stack, pki: SandboxPki, tls_dir: Path) -> None:
+    """The README's tls.cfg: Kamailio, as a TLS client (towards a contact with transport=tls),
+    accepts a peer whose certificate chains to its CA list and refuses any other."""
+    rogue = SandboxPki.load_or_create(tls_dir / "rogue")  # another CA, same names
+    for cert, key, trusted in ((pki.server_cert_path, pki.server_key_path, True),
+                               (rogue.server_cert_path, rogue.server_key_path, False)):
+        server = _TlsServer(cert, key)
+        user = "v" + uuid.uuid4().hex[:10]
+        with SipClient(stack.kamailio.port) as c:
+            r = c.register(user, f"<sip:desk@127.0.0.1:{server.port};transport=tls>", password=stack.add_user(user))
+        assert r.status == 200
+        status = _call(stack, user)
+        server.close()
+        if trusted:
+            assert status == 486 and server.received.startswith(b"INVITE sip:desk@127.0.0.1"), server.error
+        else:
+            assert status >= 400 and status != 486 and not server.received, (status, server.error)
 
 
 def _flagship_over_tls(stack: Stack, pki: SandboxPki, sips_port: int, tmp_path: Path) -> None:

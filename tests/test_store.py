@@ -161,6 +161,28 @@ def test_app_round_trip_and_secrets_never_logged(redis_url: str, caplog: pytest.
     assert "com.example.app" in caplog.text
 
 
+def test_app_index_lists_apps_without_their_secrets(redis_url: str) -> None:
+    """The SIP workers check REGISTERs against `pn:apps`, which holds no credentials."""
+    store = SyncStore(redis_url, Settings())
+    app = AppCredentials(Provider.APNS, "com.example.indexed", apns_key_pem=SECRET, apns_key_id="K",
+                         apns_team_id="T")
+    assert store.app_enabled("apns", "com.example.indexed") is None
+    store.save_app(app)
+    assert store.app_enabled("apns", "com.example.indexed") is True
+    assert store.app_enabled("fcm", "com.example.indexed") is None
+    store.save_app(replace(app, enabled=False))
+    assert store.app_enabled("apns", "com.example.indexed") is False
+    index = raw_client(redis_url).hgetall(keys.APP_INDEX_KEY)
+    assert index["apns:com.example.indexed"] == "disabled" and all("SECRET" not in v for v in index.values())
+    # apps saved before the index existed: reindex finds them
+    raw_client(redis_url).delete(keys.APP_INDEX_KEY)
+    assert store.app_enabled("apns", "com.example.indexed") is None
+    assert store.reindex_apps() >= 1
+    assert store.app_enabled("apns", "com.example.indexed") is False
+    assert store.remove_app("apns", "com.example.indexed")
+    assert store.app_enabled("apns", "com.example.indexed") is None
+
+
 def test_ua_mappings_round_trip_in_name_order(redis_url: str) -> None:
     store = SyncStore(redis_url, Settings())
     b = UaMapping("b-kazoo", "^Kazoo", "app", "type", "tok")

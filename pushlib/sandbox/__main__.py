@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pushlib.logutil import setup_logging
 from pushlib.sandbox.certs import SandboxPki
 from pushlib.sandbox.server import SandboxApp, serve
 from pushlib.sandbox.state import DEFAULT_MAX_RECORDS, SandboxState
@@ -73,10 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     pushes.add_argument("--ca", required=True, help="the sandbox's ca.pem")
     pushes.add_argument("--token", default=None, help="only pushes to this device token")
     args = parser.parse_args(argv)
-    # Only the sandbox's own logger follows --log-level: h2/hpack debug logs are per frame.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pushlib.sandbox").setLevel(args.log_level.upper())
+    # Only the sandbox's own logger follows --log-level: h2/hpack debug logs are per frame (and
+    # hold the bearer tokens the sandbox checks), so the shared set-up keeps them at WARNING.
+    setup_logging(logging.WARNING)
+    try:
+        logging.getLogger("pushlib.sandbox").setLevel(args.log_level.upper())
+    except ValueError:
+        parser.error(f"unknown --log-level {args.log_level!r}")
     if args.command == "pushes":
         sys.exit(_pushes_command(args))
     sys.exit(_serve_command(args))

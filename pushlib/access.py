@@ -1,0 +1,158 @@
+"""Who may do what: served domains, digest-auth verdicts, abuse limits, start-up safety.
+
+Pure functions for the router (kemi/router.py); Kamailio modules do the counting (pike for
+per-source request rates, htable for parked calls and push counts) and the digest maths (auth).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+# ----------------------------------------------------------------------------- domains
+
+
+def served_domains(raw: str | None) -> frozenset[str]:
+    """The LOCAL_DOMAINS define ("a.example, b.example"), lower-cased. Empty: Kamailio's own
+    addresses and `alias=` names decide (the router asks `is_myself`)."""
+    if not raw:
+        return frozenset()
+    return frozenset(d.strip().lower() for d in re.split(r"[\s,;]+", raw) if d.strip())
+
+
+def is_served(domain: str, served: frozenset[str], is_myself: Callable[[str], bool]) -> bool:
+    """True when `domain` (the host of a To / From / request URI) is one of ours.
+
+    With no LOCAL_DOMAINS, `is_myself` (Kamailio's listen addresses and aliases) answers.
+    A domain with bytes a host name cannot hold is never ours (and never reaches is_myself).
+    """
+    host = domain.strip().lower()
+    if not host or not _HOST.fullmatch(host):
+        return False
+    if served:
+        return host in served
+    return is_myself(host)
+
+
+_HOST = re.compile(r"[a-z0-9.\-]{1,253}|\[[0-9a-f:.]{2,45}\]")
+
+# ----------------------------------------------------------------------------- digest auth
+
+
+class AuthVerdict(Enum):
+    PASS = "pass"  # credentials checked and valid
+    SKIP = "skip"  # no check applies (an INVITE from a caller who is not a local subscriber)
+    CHALLENGE = "challenge"  # 401/407 with a fresh nonce
+    CHALLENGE_STALE = "challenge-stale"  # the nonce expired or was reused: stale=true, same password
+    UNAVAILABLE = "unavailable"  # the credentials store is down: 503
+
+
+# pv_auth_check return codes (auth module README)
+AUTH_NONCE_EXPIRED = -4
+AUTH_NONCE_REUSED = -6
+CHALLENGE_QOP_AUTH = 1  # auth_challenge flag: qop=auth
+CHALLENGE_STALE = 16  # auth_challenge flag: stale=true
+
+
+def auth_precheck(is_register: bool, ha1_known: bool, store_up: bool, from_served: bool,
+                  fail_open_invite: bool) -> AuthVerdict | None:
+    """What to do before any digest is checked; None: run pv_auth_check with the stored HA1.
+
+    - A REGISTER for a user without stored credentials is challenged like a wrong password:
+      the same 401 whether or not the user exists, and no placeholder HA1 is ever checked.
+    - An INVITE from a caller who is not a local subscriber is an external call: no check.
+    - While Redis is down nobody's REGISTER can be checked (503). An INVITE whose From claims
+      one of our domains cannot be told from an impersonation, so it gets 503 too, unless the
+      operator chose AUTH_FAIL_OPEN_INVITE (calls to awake contacts keep working unverified).
+    """
+    if not store_up:
+        if is_register or (from_served and not fail_open_invite):
+            return AuthVerdict.UNAVAILABLE
+        return AuthVerdict.SKIP
+    if not ha1_known:
+        return AuthVerdict.CHALLENGE if is_register else AuthVerdict.SKIP
+    return None
+
+
+def auth_result(rc: int) -> AuthVerdict:
+    """The verdict for pv_auth_check's return code."""
+    if rc > 0:
+        return AuthVerdict.PASS
+    if rc in (AUTH_NONCE_EXPIRED, AUTH_NONCE_REUSED):
+        return AuthVerdict.CHALLENGE_STALE
+    return AuthVerdict.CHALLENGE
+
+
+def challenge_flags(verdict: AuthVerdict) -> int:
+    return CHALLENGE_QOP_AUTH | (CHALLENGE_STALE if verdict is AuthVerdict.CHALLENGE_STALE else 0)
+
+
+# ----------------------------------------------------------------------------- start-up safety
+
+
+def insecure_start_refusal(auth: bool, listen_ip: str | None, allow_insecure: bool) -> str | None:
+    """Why Kamailio must not start (None: it may): digest auth off on an address that is not
+    loopback lets anyone register as anyone and take their calls."""
+    if auth or allow_insecure:
+        return None
+    host = (listen_ip or "127.0.0.1").strip().strip('"').strip("[]")
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to anything
+    return (f"refusing to start: digest auth is off (WITHOUT_AUTH) and SIP listens on {host}, "
+            "which is not loopback; remove WITHOUT_AUTH, or define ALLOW_INSECURE to accept that anyone can "
+            "register as anyone")
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Abuse limits (defines of kamailio.cfg; 0 turns a limit off)."""
+
+    max_parked_per_user: int = 5
+    max_call_pushes_per_minute: int = 10
+    min_expires: int = 60
+    max_expires: int = 3600
+
+
+def limits_from(get: Callable[[str], str | None]) -> Limits:
+    """Limits from defines (`get` returns a define's text or None); bad values keep defaults."""
+    base = Limits()
+
+    def number(name: str, default: int) -> int:
+        raw = (get(name) or "").strip().strip('"')
+        return int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else default
+
+    return Limits(
+        max_parked_per_user=number("MAX_PARKED_PER_USER", base.max_parked_per_user),
+        max_call_pushes_per_minute=number("MAX_CALL_PUSHES_PER_MINUTE", base.max_call_pushes_per_minute),
+        min_expires=number("MIN_EXPIRES", base.min_expires),
+        max_expires=number("MAX_EXPIRES", base.max_expires),
+    )
+
+
+def push_bucket(aor: str, device_id: str, now: float) -> str:
+    """The htable key counting one device's call pushes in the current minute (fixed windows:
+    a device called now and then never accumulates towards the limit)."""
+    return f"{aor}|{device_id}|{int(now // 60)}"
+
+
+APP_REFUSAL = "App Not Configured"
+
+
+def app_refusal(found: bool, enabled: bool) -> str | None:
+    """The 555 reason for a REGISTER naming an app we do not push for (None: the app is fine)."""
+    if not found:
+        return APP_REFUSAL
+    if not enabled:
+        return "App Disabled"
+    return None
