@@ -121,3 +121,20 @@ def test_role_mode_leaves_foreign_and_pushless_invites_to_the_host(stack: Stack)
     nobody = _invite(stack, f"sip:n{uuid.uuid4().hex[:10]}@127.0.0.1:{stack.kamailio.port}")
     assert (nobody.status, nobody.reason) == (404, "Host Not Found")
     assert "pusher: route-error" not in stack.kamailio.log()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_role_mode_refuses_registers_for_foreign_domains_and_keeps_domains_apart(stack: Stack,
+                                                                                  transport: str) -> None:
+    """PUSHER_REGISTER: a foreign domain is refused before anything is stored, and with use_domain
+    a same-named user elsewhere never shares bindings."""
+    user, tok = "n" + uuid.uuid4().hex[:10], apns_token()
+    with SipClient(stack.kamailio.port, transport) as c:
+        r = c.register(user, rfc8599_apns_contact(5962, tok, transport), domain="evil.example")
+    assert (r.status, r.reason) == (403, "Domain Not Served")
+    assert stack.store.devices(f"sip:{user}@evil.example") == []
+    assert register(stack, user, rfc8599_apns_contact(5963, tok, transport), transport).status == 200
+    with SipClient(stack.kamailio.port, transport) as c:
+        r = c.register(user, "*", expires=0, domain="evil.example")
+    assert r.status == 403
+    assert [d.params.voip_token for d in stack.store.devices(f"sip:{user}@127.0.0.1")] == [tok]

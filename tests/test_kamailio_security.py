@@ -537,3 +537,26 @@ def test_default_config_has_auth_on(stack: Stack) -> None:
                                        headers=(f"Contact: {rfc8599_apns_contact(5977, apns_token())}",)))
         assert r.status == 401
     assert stack.store.devices(_aor(user)) == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_folded_headers_cannot_forge_log_lines(stack: Stack, transport: str) -> None:
+    """A Call-ID (in every log line's prefix) or a User-Agent folded over two lines must not start
+    a line of its own in Kamailio's log."""
+    marker = "FORGED" + uuid.uuid4().hex[:8]
+    user = _user()
+    stack.add_user(user)
+    with Peer(stack.kamailio.port, transport) as peer:
+        text = peer.request_text("REGISTER", f"sip:{DOMAIN}", _aor(user), _aor(user),
+                                 call_id=f"inj{uuid.uuid4().hex[:6]}\r\n {marker} ERROR: fake",
+                                 headers=(f"User-Agent: x\r\n {marker} ua", "Contact: <sip:x@127.0.0.2:5999>",
+                                          'Authorization: Digest username="' + user + '", realm="127.0.0.1", '
+                                          'nonce="bad", uri="sip:127.0.0.1", response="00"'))
+        peer.send(text)
+        with pytest.raises((TimeoutError, ConnectionError, OSError)):
+            while True:
+                peer.response(1.0)
+    log = stack.kamailio.log()
+    assert marker in log  # the request was logged...
+    for line in log.splitlines():
+        assert not line.lstrip().startswith(marker), line  # ...never as a line of its own
