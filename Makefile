@@ -11,7 +11,7 @@ demo: deps
 	$(PY) -m pushlib.demo
 
 lint: deps
-	$(VENV)/bin/ruff check pushlib kemi tests bench
+	$(VENV)/bin/ruff check pushlib kemi tests bench harness
 	$(VENV)/bin/mypy
 
 test: lint

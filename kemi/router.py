@@ -86,6 +86,16 @@ def _pv(name: str) -> str:
     return "" if value is None else str(value)
 
 
+def _utf8(*names: str) -> bool:
+    """True when every named value is absent or valid UTF-8."""
+    for name in names:
+        try:
+            KSR.pv.get(name)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
 def _pv_raw(name: str) -> str:
     """A value that is not UTF-8 (a client sent raw bytes, e.g. in its Contact): fetched
     hex-encoded and decoded with surrogateescape, so the pure parsers see and reject the bad
@@ -318,6 +328,11 @@ class Router:
             return STOP
         if KSR.sanity.sanity_check(17895, 7) < 0:
             _log(KSR.err, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}")
+            return STOP
+        if not _utf8("$ru", "$fu", "$tu"):
+            # RFC 3261 URIs are UTF-8; anything else would reach Redis keys and usrloc as garbage
+            _log(KSR.notice, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}", reason="uri-not-utf8")
+            KSR.sl.sl_send_reply(400, "Bad Request (URI Not UTF-8)")
             return STOP
         if KSR.is_OPTIONS() and not _pv("$rU"):
             KSR.sl.sl_send_reply(200, "Keepalive")

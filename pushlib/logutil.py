@@ -43,8 +43,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("httpx", "httpcore", "h2", "hpack")
 
 # C0 controls, DEL, C1 controls (NEL among them), Unicode line/paragraph separators, and the
-# bidirectional overrides/isolates (they reorder how a line reads on a terminal).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# bidirectional overrides/isolates (they reorder how a line reads on a terminal), and lone
+# surrogates (bytes that were not UTF-8, kept by surrogateescape: no log sink can encode them).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -177,3 +177,10 @@ def test_redact_url_hides_the_password(url: str, shown: str) -> None:
 def test_settings_repr_hides_the_redis_password() -> None:
     text = repr(Settings(redis_url="redis://pn-dispatch:s3cret@h:6379/0"))
     assert "s3cret" not in text and "pn-dispatch:***@h" in text
+
+
+def test_log_safe_escapes_bytes_that_were_not_utf8() -> None:
+    raw = b"bob\xff\xfe".decode("utf-8", "surrogateescape")
+    safe = log_safe(raw)
+    assert safe == "bob\\udcff\\udcfe"
+    safe.encode("utf-8")  # encodable: KSR's log functions and any sink accept it
