@@ -86,12 +86,14 @@ def _pv(name: str) -> str:
     return "" if value is None else str(value)
 
 
-def _utf8(*names: str) -> bool:
-    """True when every named value is absent or valid UTF-8."""
+def _clean_uris(*names: str) -> bool:
+    """True when every named value is absent or valid UTF-8 without a NUL."""
     for name in names:
         try:
-            KSR.pv.get(name)
+            value = KSR.pv.get(name)
         except UnicodeDecodeError:
+            return False
+        if value is not None and "\x00" in str(value):
             return False
     return True
 
@@ -329,10 +331,11 @@ class Router:
         if KSR.sanity.sanity_check(17895, 7) < 0:
             _log(KSR.err, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}")
             return STOP
-        if not _utf8("$ru", "$fu", "$tu"):
-            # RFC 3261 URIs are UTF-8; anything else would reach Redis keys and usrloc as garbage
-            _log(KSR.notice, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}", reason="uri-not-utf8")
-            KSR.sl.sl_send_reply(400, "Bad Request (URI Not UTF-8)")
+        if not _clean_uris("$ru", "$fu", "$tu"):
+            # RFC 3261 URIs are UTF-8 without NULs; anything else would reach Redis keys, usrloc and
+            # the KSR calls (which cannot take a NUL) as garbage
+            _log(KSR.notice, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}", reason="uri-bytes")
+            KSR.sl.sl_send_reply(400, "Bad Request (Invalid URI Bytes)")
             return STOP
         if KSR.is_OPTIONS() and not _pv("$rU"):
             KSR.sl.sl_send_reply(200, "Keepalive")

@@ -578,17 +578,20 @@ _NOT_UTF8 = [
     b"BYE sip:dev@127.0.0.1:20000 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:{p};rport;branch=z9hG4bK5{n}\r\n"
     b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:\xff@127.0.0.1>;tag=2\r\nCall-ID: r5{n}\r\nCSeq: 2 BYE\r\n"
     b"Route: <sip:example.invalid;lr>\r\nContent-Length: 0\r\n\r\n",
+    b"INVITE sip:\x00u1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:{p};rport;branch=z9hG4bK6{n}\r\n"
+    b"From: <sip:a@example.invalid>;tag=1\r\nTo: <sip:u1@127.0.0.1>\r\nCall-ID: r6{n}\r\nCSeq: 1 INVITE\r\n"
+    b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
 ]
 
 
 @pytest.mark.parametrize("index", range(len(_NOT_UTF8)), ids=["to-user", "from-user", "ruri-user", "ruri-host",
-                                                              "in-dialog-to-user"])
-def test_uris_that_are_not_utf8_get_400_not_a_router_error(stack: Stack, index: int) -> None:
+                                                              "in-dialog-to-user", "ruri-nul"])
+def test_uris_with_bytes_no_uri_holds_get_400_not_a_router_error(stack: Stack, index: int) -> None:
     """Found by the fuzzer: such bytes reached Redis keys and KSR calls and ended in route-error."""
     before = stack.kamailio.log().count("route-error")
     with Peer(stack.kamailio.port, "udp") as peer:
         peer.sock.sendto(_NOT_UTF8[index].replace(b"{p}", str(peer.local_port).encode())
                          .replace(b"{n}", uuid.uuid4().hex[:8].encode()), peer.proxy)
         r = peer.response(5)
-    assert (r.status, r.reason) == (400, "Bad Request (URI Not UTF-8)")
+    assert (r.status, r.reason) == (400, "Bad Request (Invalid URI Bytes)")
     assert stack.kamailio.log().count("route-error") == before
