@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from pushlib.logutil import QUIET_LOGGERS
 from pushlib.sandbox.process import SandboxHandle, sandbox_process
 from tests.support import RedisServer, redis_server
 
@@ -38,3 +40,21 @@ def sbx(sandbox: SandboxHandle) -> SandboxHandle:
     """The shared sandbox with its recorded pushes, behaviours and counters cleared."""
     sandbox.control.clear()
     return sandbox
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Entry points under test (CLI, dispatcher main, ksrlog) set up logging: put the root logger and
+    the quiet HTTP/2 loggers back as pytest had them."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    names = (*QUIET_LOGGERS, "hpack.hpack", "h2.connection", "httpcore.http2")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    for name, old in levels.items():
+        logging.getLogger(name).setLevel(old)

@@ -149,11 +149,15 @@ def _register(peer: Peer, user: str, contact: str, *, domain: str = DOMAIN, pass
                                       cseq=2, headers=(*base, f"Authorization: {auth}")))
 
 
-def _invite(peer: Peer, callee: str, domain: str = DOMAIN, caller: str = f"sip:caller@{EVIL}",
+def _invite_text(peer: Peer, callee: str, domain: str = DOMAIN, caller: str = f"sip:c@{EVIL}") -> str:
+    """An INVITE to callee@domain; the default caller is from another domain (no auth applies)."""
+    return peer.request_text("INVITE", f"sip:{callee}@{domain}", caller, f"sip:{callee}@{domain}",
+                             headers=(f"Contact: <sip:c@{peer.source}:{peer.local_port}>",), body="v=0\r\n")
+
+
+def _invite(peer: Peer, callee: str, domain: str = DOMAIN, caller: str = f"sip:c@{EVIL}",
             timeout: float = 5.0) -> SipResponse:
-    return peer.ask(peer.request_text("INVITE", f"sip:{callee}@{domain}", caller, f"sip:{callee}@{domain}",
-                                      headers=(f"Contact: <sip:caller@{peer.source}:{peer.local_port}>",),
-                                      body="v=0\r\n"), timeout)
+    return peer.ask(_invite_text(peer, callee, domain, caller), timeout)
 
 
 def _device(stack: Stack) -> SipPhone:
@@ -286,8 +290,7 @@ def test_same_user_name_in_two_domains_shares_nothing(stack: Stack, transport: s
     assert [d.params.voip_token for d in stack.store.devices(_aor(alice))] == [tok]
     # the real alice's calls reach her phone only (she is awake: rung at once)
     with Peer(stack.kamailio.port, "udp", LEGIT) as caller:
-        caller.send(caller.request_text("INVITE", f"sip:{alice}@{DOMAIN}", f"sip:c@{EVIL}", _aor(alice),
-                                        headers=(f"Contact: <sip:c@{LEGIT}:{caller.local_port}>",), body="v=0\r\n"))
+        caller.send(_invite_text(caller, alice))
         invite = phone.request("INVITE", timeout=5)
         assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port}")
         phone.answer(invite, 486, "Busy Here", to_tag="t1")
@@ -320,8 +323,7 @@ def test_parked_calls_per_callee_are_bounded(stack: Stack) -> None:
     peers = [Peer(stack.kamailio.port, "udp", LEGIT) for _ in range(MAX_PARKED + 1)]
     try:
         for p in peers[:MAX_PARKED]:
-            p.send(p.request_text("INVITE", f"sip:{user}@{DOMAIN}", f"sip:c@{EVIL}", _aor(user),
-                                  headers=(f"Contact: <sip:c@{LEGIT}:{p.local_port}>",), body="v=0\r\n"))
+            p.send(_invite_text(p, user))
             assert p.response(5, skip_provisional=False).status == 100  # parked
         started = time.monotonic()
         extra = _invite(peers[-1], user)
@@ -335,8 +337,7 @@ def test_parked_calls_per_callee_are_bounded(stack: Stack) -> None:
             p.close()
     assert [push_kind(x) for x in stack.pushes(tok)].count("incomingCall") == MAX_PARKED
     with Peer(stack.kamailio.port, "udp", LEGIT) as p:  # the slots came back
-        p.send(p.request_text("INVITE", f"sip:{user}@{DOMAIN}", f"sip:c@{EVIL}", _aor(user),
-                              headers=(f"Contact: <sip:c@{LEGIT}:{p.local_port}>",), body="v=0\r\n"))
+        p.send(_invite_text(p, user))
         assert p.response(5, skip_provisional=False).status == 100
         assert p.response(WAIT + 5).status == 480
 
@@ -348,8 +349,7 @@ def test_call_pushes_per_device_per_minute_are_bounded(stack: Stack) -> None:
         time.sleep(61 - time.time() % 60)
     with Peer(stack.kamailio.port, "udp", LEGIT) as p:
         for i in range(MAX_PUSHES):
-            call = p.request_text("INVITE", f"sip:{user}@{DOMAIN}", f"sip:c@{EVIL}", _aor(user),
-                                  headers=(f"Contact: <sip:c@{LEGIT}:{p.local_port}>",), body="v=0\r\n")
+            call = _invite_text(p, user)
             p.send(call)
             assert p.response(5, skip_provisional=False).status == 100
             assert len(stack.wait_pushes(tok, i + 1, kind="incomingCall")) == i + 1
@@ -413,8 +413,7 @@ def test_register_for_an_app_we_do_not_serve_is_refused(stack: Stack, transport:
 def test_call_push_names_the_callee(stack: Stack) -> None:
     user, tok = _sleeping_push_user(stack)
     with Peer(stack.kamailio.port, "udp", LEGIT) as p:
-        p.send(p.request_text("INVITE", f"sip:{user}@{DOMAIN}", f"sip:c@{EVIL}", _aor(user),
-                              headers=(f"Contact: <sip:c@{LEGIT}:{p.local_port}>",), body="v=0\r\n"))
+        p.send(_invite_text(p, user))
         (push,) = stack.wait_pushes(tok, 1, kind="incomingCall")
         payload = push["payload"]
         assert isinstance(payload, dict) and payload["callee"] == _aor(user)
@@ -447,9 +446,7 @@ def test_flood_is_cut_off_and_a_legitimate_user_is_still_served(stack: Stack) ->
         with Peer(stack.kamailio.port, "udp", LEGIT) as legit:
             r = _register(legit, user, f"<sip:desk@127.0.0.1:{phone.local_port}>", password=password)
             assert r.status == 200
-            legit.send(legit.request_text("INVITE", f"sip:{user}@{DOMAIN}", f"sip:c@{EVIL}", _aor(user),
-                                          headers=(f"Contact: <sip:c@{LEGIT}:{legit.local_port}>",),
-                                          body="v=0\r\n"))
+            legit.send(_invite_text(legit, user))
             invite = phone.request("INVITE", timeout=5)
             phone.answer(invite, 603, "Decline", to_tag="t2")
             assert legit.response(5).status == 603
@@ -478,9 +475,7 @@ def test_redis_down_invite_claiming_a_local_caller_gets_503(stack: Stack) -> Non
             r = _invite(caller, callee, caller=_aor("someone"))
             assert (r.status, r.reason) == (503, "Credentials Store Unavailable")
             assert r.header("Retry-After") == ["5"]
-            caller.send(caller.request_text("INVITE", f"sip:{callee}@{DOMAIN}", f"sip:c@{EVIL}", _aor(callee),
-                                            headers=(f"Contact: <sip:c@{LEGIT}:{caller.local_port}>",),
-                                            body="v=0\r\n"))
+            caller.send(_invite_text(caller, callee))
             invite = phone.request("INVITE", timeout=5)
             phone.answer(invite, 486, "Busy Here", to_tag="t3")
             assert caller.response(5).status == 486

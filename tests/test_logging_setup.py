@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,23 +22,6 @@ import ksrlog
 FAKE_BEARER = "bearer eyJhbGciOiJFUzI1NiJ9.FAKE-JWT-PAYLOAD.FAKE-SIGNATURE"
 FAKE_OAUTH = "ya29.FAKE-OAUTH-ACCESS-TOKEN"
 FAKE_DEVICE = "f" * 64
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Every test here changes the root logger: put it back as pytest had it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    names = (*QUIET_LOGGERS, "hpack.hpack", "h2.connection", "httpcore.http2")
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    for name, old in levels.items():
-        logging.getLogger(name).setLevel(old)
 
 
 def _emit_library_debug_lines() -> None:

@@ -4,10 +4,8 @@ password, and a rediss:// URL always verifies the server (certificate and host n
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +18,6 @@ from pushlib.settings import Settings, SettingsError, read_redis_url_file, redis
 from pushlib.store import SyncStore
 
 TLS_URL = "rediss://pn-dispatch:s3cret@redis.example.net:6380/0"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """The entry points run here set up logging: put the root logger back as pytest had it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
 
 
 def test_redis_url_from_a_file_is_stripped(tmp_path: Path) -> None:
