@@ -8,10 +8,10 @@ deps:
 	@bash scripts/install-deps.sh
 
 demo: deps
-	$(PY) -m pushlib.demo
+	$(PY) -m harness.demo
 
 lint: deps
-	$(VENV)/bin/ruff check pushlib kemi tests bench harness
+	$(VENV)/bin/ruff check pushlib pushsandbox kemi tests bench harness
 	$(VENV)/bin/mypy
 
 test: lint

@@ -1,6 +1,6 @@
 """SIP fuzz run against the real proxy: generated and mutated requests over UDP and TCP.
 
-Starts its own stack (`pushlib.localstack.push_stack()`: redis-server + sandbox providers +
+Starts its own stack (`harness.localstack.push_stack()`: redis-server + sandbox providers +
 Kamailio in KEMI mode, auth on), makes one legitimate call (a device registers with RFC 8599
 params and a SIPp caller calls it), then sends `--requests` requests of `harness.sipfuzz`
 (seeded: `--seed`) split evenly across the transports, paced at `--rate` requests/s per transport
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from harness.localstack import Stack, push_stack  # noqa: E402
 from harness.sipfuzz import (  # noqa: E402
     CallResult,
     Credentials,
@@ -50,7 +51,6 @@ from harness.sipfuzz import (  # noqa: E402
     scan_log,
     split_counts,
 )
-from pushlib.localstack import Stack, push_stack  # noqa: E402
 
 HOST = "127.0.0.1"
 FUZZ_USER = "fuzz"

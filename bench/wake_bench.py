@@ -43,14 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.sip_support import (  # noqa: E402
-    DOMAIN,
-    SipClient,
-    apns_token,
-    push_stack,
-    rfc8599_apns_contact,
-)
-from tests.support import stop_process  # noqa: E402
+from harness.localrun import stop_process  # noqa: E402
+from harness.localstack import DOMAIN, push_stack  # noqa: E402
+from harness.sipua import SipClient, apns_token, rfc8599_apns_contact  # noqa: E402
 
 # (name, start marker, end marker): the INVITE -> push received split; the first four add up.
 SEGMENTS = (

@@ -41,8 +41,8 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pushlib.localstack import Stack, sipp_caller, sipp_device
-from pushlib.sipua import SipClient, apns_token, digest_authorization, rfc8599_apns_contact
+from harness.localstack import Stack, sipp_caller, sipp_device
+from harness.sipua import SipClient, apns_token, digest_authorization, rfc8599_apns_contact
 
 __all__ = [
     "CallResult", "Credentials", "FuzzStats", "Generated", "LogReport", "Request", "SipFuzzer", "Target",

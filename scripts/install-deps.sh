@@ -31,7 +31,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$ST
   /usr/bin/python3 -m venv "$VENV"
   log="$VENV/install.log"
   # pip and setuptools are chatty; keep their output in a log and show it only on failure.
-  if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e '.[dev]'; } >"$log" 2>&1; then
+  if ! { "$VENV/bin/pip" install --upgrade pip && "$VENV/bin/pip" install -e '.[dev,sandbox]'; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "install-deps: pip failed (full log: $log)" >&2
     exit 1

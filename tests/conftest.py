@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from pushlib.logutil import QUIET_LOGGERS
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushsandbox.process import SandboxHandle, sandbox_process
 from tests.support import RedisServer, redis_server
 
 

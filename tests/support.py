@@ -1,16 +1,165 @@
-"""Helpers shared by the tests (re-exported from pushlib.localrun so the demo can use them too)."""
+"""The one support module of the tests: what several test modules share.
+
+The stack runner, SIPp runner and SIP test phone live in `harness` (the demo and the benchmarks use
+them too); this module re-exports the names the tests use and keeps the test-only parts: the native
+host config, `flagship_call()` (the demo flow with assertions), and small SIP flow helpers
+(`register`, `asleep`, `payload_data`). No test module imports another.
+"""
 
 from __future__ import annotations
 
-from pushlib.localrun import (
-    ROOT,
-    RedisServer,
-    free_port,
-    redis_server,
-    stop_process,
-    wait_for_port,
-)
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
 
+from harness.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
+from harness.localstack import (
+    BUNDLE,
+    DOMAIN,
+    FCM_PROJECT,
+    KAMAILIO_CFG,
+    SCENARIOS,
+    TEAM,
+    KamailioProc,
+    SippRun,
+    Stack,
+    _port_taken,
+    _sipp,
+    check_config,
+    device_params,
+    kamailio_process,
+    push_kind,
+    push_stack,
+    pusher_defines,
+    sipp_caller,
+    sipp_device,
+    sipp_events,
+    stop_all_sipp,
+    wait_log,
+)
+from harness.sipua import (
+    SipClient,
+    SipResponse,
+    apns_token,
+    fcm_token,
+    parse_response,
+    rfc8599_apns_contact,
+    rfc8599_fcm_contact,
+)
+from harness.sipua import digest_authorization as _digest
+
+NATIVE_HOST_CFG = ROOT / "tests" / "native-host.cfg"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
-__all__ = ["ROOT", "VENV_PYTHON", "RedisServer", "free_port", "redis_server", "stop_process", "wait_for_port"]
+__all__ = [
+    "BUNDLE",
+    "DOMAIN",
+    "FCM_PROJECT",
+    "KAMAILIO_CFG",
+    "NATIVE_HOST_CFG",
+    "ROOT",
+    "SCENARIOS",
+    "TEAM",
+    "VENV_PYTHON",
+    "KamailioProc",
+    "RedisServer",
+    "SipClient",
+    "SipResponse",
+    "SippRun",
+    "Stack",
+    "_digest",
+    "_port_taken",
+    "_sipp",
+    "apns_token",
+    "asleep",
+    "check_config",
+    "device_params",
+    "fcm_token",
+    "flagship_call",
+    "free_port",
+    "kamailio_process",
+    "parse_response",
+    "payload_data",
+    "push_kind",
+    "push_stack",
+    "pusher_defines",
+    "redis_server",
+    "register",
+    "rfc8599_apns_contact",
+    "rfc8599_fcm_contact",
+    "sipp_caller",
+    "sipp_device",
+    "sipp_events",
+    "stop_all_sipp",
+    "stop_process",
+    "wait_for_port",
+    "wait_log",
+]
+
+
+# --------------------------------------------------------------------------- the flagship flow (demo)
+
+
+def flagship_call(stack: Stack, transport: str = "tcp", user: str = "alice-phone") -> list[tuple[str, float]]:
+    """The demo flow on a running stack: an iPhone-like device registers with RFC 8599 params and
+    sleeps; a caller calls; the sandbox receives the VoIP push; the device wakes (re-REGISTERs with
+    digest auth when the push arrives) and answers; the caller hangs up.
+
+    Returns the timeline [(event, epoch seconds)] in order; raises AssertionError on any failure.
+    """
+    password = stack.passwords.get(user) or stack.add_user(user)
+    token = apns_token()
+    device = sipp_device(stack.tmpdir, transport)
+    contact = rfc8599_apns_contact(device.port, token, transport, instance=str(uuid.uuid4()))
+    with SipClient(stack.kamailio.port, transport) as c:
+        r = c.register(user, contact, password=password)
+    assert r.status == 200, f"REGISTER: {r.status} {r.reason}"
+    aor = f"sip:{user}@{DOMAIN}"
+    for d in stack.store.devices(aor):  # the app goes silent: its last REGISTER is long ago
+        stack.store.save_device(replace(d, registered_at=time.time() - 3600))
+    caller = sipp_caller(stack.tmpdir, stack.kamailio.port, user, transport, args=["-d", "500"])
+    pushes = stack.wait_pushes(token, 1)
+    assert pushes, "no push reached the sandbox"
+    register_at = time.time()
+    with SipClient(stack.kamailio.port, transport) as c:
+        r = c.register(user, contact, password=password)
+    assert r.status == 200, f"wake REGISTER: {r.status} {r.reason}"
+    assert caller.wait(30) == 0 and caller.final_codes() == [200], caller.logs()[-2000:]
+    assert device.wait(15) == 0, device.logs()[-2000:]
+    caller_ev, device_ev = sipp_events(caller), sipp_events(device)
+    log = stack.kamailio.log()
+    timeline = [
+        ("INVITE sent by caller", next(t for t, d, f in caller_ev if d == "sent" and f.startswith("INVITE"))),
+        ("push received by sandbox", float(pushes[0]["time"])),
+        ("REGISTER sent by woken device", register_at),
+        ("INVITE received by device", next(t for t, d, f in device_ev if d == "received" and f.startswith("INVITE"))),
+        ("200 OK received by caller", next(t for t, d, f in caller_ev if d == "received" and "200 OK" in f)),
+        ("BYE answered", max(t for t, d, f in caller_ev if d == "received" and "200 OK" in f)),
+    ]
+    assert "pusher: park" in log and "pusher: wake" in log
+    return timeline
+
+
+# --------------------------------------------------------------------------- SIP flow helpers
+
+
+def register(stack: Stack, user: str, contact: str, transport: str, **kw: Any) -> SipResponse:
+    password = stack.passwords.get(user) or stack.add_user(user)
+    with SipClient(stack.kamailio.port, transport) as c:
+        return c.register(user, contact, password=password, **kw)
+
+
+def asleep(stack: Stack, user: str) -> None:
+    """Back-date every device of the user: it registered long ago and its app sleeps."""
+    aor = f"sip:{user}@{DOMAIN}"
+    for d in stack.store.devices(aor):
+        stack.store.save_device(replace(d, registered_at=time.time() - 3600))
+
+
+def payload_data(record: dict[str, object]) -> dict[str, object]:
+    payload = record["payload"]
+    assert isinstance(payload, dict)
+    data = payload.get("data", payload)
+    assert isinstance(data, dict)
+    return data

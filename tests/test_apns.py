@@ -14,7 +14,7 @@ import pytest
 
 from pushlib.models import ApnsRequest, AppCredentials, Device, FcmMessage, Outcome, Provider, PushParams, PushResult
 from pushlib.providers import ProviderPool, credentials_fingerprint, provider_host
-from pushlib.sandbox.process import SandboxHandle
+from pushsandbox.process import SandboxHandle
 
 pytestmark = pytest.mark.timeout(60)
 

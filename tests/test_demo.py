@@ -1,4 +1,4 @@
-"""`make demo` end to end: `python -m pushlib.demo` as a subprocess, as a user runs it.
+"""`make demo` end to end: `python -m harness.demo` as a subprocess, as a user runs it.
 
 Checks the contract the README promises: exit 0, a timeline of real events in causal order with
 non-decreasing millisecond offsets, a last line starting `demo: call completed`, and no process
@@ -11,8 +11,8 @@ import re
 import subprocess
 import sys
 
-from pushlib.demo import EVENTS
-from pushlib.localrun import group_members
+from harness.demo import EVENTS
+from harness.localrun import group_members
 from tests.support import ROOT
 
 TIMELINE = re.compile(r"^demo: t\+\s*(-?\d+\.\d+) ms  (.+?)\s{2,}")
@@ -20,7 +20,7 @@ PROCESSES = re.compile(r"^demo: processes \(own process groups\): (.*?);")
 
 
 def test_demo_runs_the_flagship_call_and_leaves_nothing_behind() -> None:
-    run = subprocess.run([sys.executable, "-m", "pushlib.demo"], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "harness.demo"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.strip().splitlines()

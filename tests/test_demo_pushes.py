@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pushlib import demo_pushes
+from harness import demo_pushes
 
 
 def test_push_tour_delivers_every_kind(capsys: pytest.CaptureFixture[str]) -> None:

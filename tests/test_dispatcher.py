@@ -34,9 +34,9 @@ from pushlib.models import (
     PushParams,
     PushResult,
 )
-from pushlib.sandbox.process import SandboxHandle
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
+from pushsandbox.process import SandboxHandle
 from tests.support import ROOT, VENV_PYTHON, stop_process
 
 READ_BLOCK_S = 0.5  # the dispatcher's blocking read

@@ -12,7 +12,7 @@ import pytest
 from pushlib.fcm import FcmClient
 from pushlib.models import AppCredentials, Device, FcmMessage, Outcome, Provider, PushParams, PushResult
 from pushlib.providers import ProviderPool
-from pushlib.sandbox.process import SandboxHandle
+from pushsandbox.process import SandboxHandle
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,7 +27,7 @@ import pytest
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from bench.push_bench import Nginx, TlsFiles, nginx_h2, tls_files
+from harness.nginx import Nginx, TlsFiles, nginx_h2, tls_files
 from pushlib.h2transport import H2Transport, _PlainEncoder, client_ssl_context, header_tuple, send_request
 from tests.support import free_port
 

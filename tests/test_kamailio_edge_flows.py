@@ -20,29 +20,31 @@ from pathlib import Path
 
 import pytest
 
+from harness.sipua import SipPhone, digest_authorization, open_sip_socket
+from harness.sipua import header_values as _header
 from pushlib.models import Provider, UaMapping
 from pushlib.settings import Settings
-from pushlib.sipua import SipPhone, digest_authorization, open_sip_socket
-from pushlib.sipua import header_values as _header
 from pushlib.store import SyncStore
-from tests.sip_support import (
+from tests.support import (
     BUNDLE,
     DOMAIN,
     FCM_PROJECT,
     SipClient,
     Stack,
     apns_token,
+    asleep,
     fcm_token,
+    payload_data,
     push_kind,
     push_stack,
     redis_server,
+    register,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
     stop_all_sipp,
 )
-from tests.test_kamailio_flows import asleep, payload_data, register
 
 WAIT = 5.0
 TRANSPORTS = ["udp", "tcp"]

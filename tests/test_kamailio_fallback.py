@@ -16,20 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.sip_support import (
+from tests.support import (
     NATIVE_HOST_CFG,
     Stack,
+    asleep,
     check_config,
     fcm_token,
+    free_port,
     push_kind,
     push_stack,
+    register,
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
     stop_all_sipp,
 )
-from tests.support import free_port
-from tests.test_kamailio_flows import asleep, register
 
 WAIT = 3.0
 

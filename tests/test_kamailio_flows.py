@@ -11,21 +11,21 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.sip_support import (
+from tests.support import (
     DOMAIN,
     SipClient,
-    SipResponse,
     Stack,
     apns_token,
+    asleep,
     fcm_token,
+    payload_data,
     push_kind,
     push_stack,
+    register,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
     sipp_caller,
@@ -56,27 +56,6 @@ def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
 
 def _user() -> str:
     return "u" + uuid.uuid4().hex[:10]
-
-
-def register(stack: Stack, user: str, contact: str, transport: str, **kw: Any) -> SipResponse:
-    password = stack.passwords.get(user) or stack.add_user(user)
-    with SipClient(stack.kamailio.port, transport) as c:
-        return c.register(user, contact, password=password, **kw)
-
-
-def asleep(stack: Stack, user: str) -> None:
-    """Back-date every device of the user: it registered long ago and its app sleeps."""
-    aor = f"sip:{user}@{DOMAIN}"
-    for d in stack.store.devices(aor):
-        stack.store.save_device(replace(d, registered_at=time.time() - 3600))
-
-
-def payload_data(record: dict[str, object]) -> dict[str, object]:
-    payload = record["payload"]
-    assert isinstance(payload, dict)
-    data = payload.get("data", payload)
-    assert isinstance(data, dict)
-    return data
 
 
 # --------------------------------------------------------------------------- REGISTER

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness.localstack import push_stack
 from harness.sipfuzz import (
     CallResult,
     Credentials,
@@ -31,7 +32,6 @@ from harness.sipfuzz import (
     run,
     scan_log,
 )
-from pushlib.localstack import push_stack
 
 SEED = 8599
 COUNTS = {"udp": 3000, "tcp": 2000}

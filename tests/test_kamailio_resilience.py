@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sip_support import (
+from tests.support import (
     DOMAIN,
     SipClient,
     Stack,
@@ -18,6 +18,7 @@ from tests.sip_support import (
     fcm_token,
     push_kind,
     push_stack,
+    redis_server,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
     sipp_caller,
@@ -25,7 +26,6 @@ from tests.sip_support import (
     stop_all_sipp,
     wait_log,
 )
-from tests.support import redis_server
 
 
 @pytest.fixture(scope="module")

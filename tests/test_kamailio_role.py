@@ -10,24 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.sip_support import (
+from tests.support import (
     KAMAILIO_CFG,
     NATIVE_HOST_CFG,
     SipClient,
     SipResponse,
     Stack,
     apns_token,
+    asleep,
     check_config,
     fcm_token,
     push_kind,
     push_stack,
+    register,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
     stop_all_sipp,
 )
-from tests.test_kamailio_flows import asleep, register
 
 WAIT = 3.0
 

@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import pytest
 
-from pushlib.sipua import SipPhone, open_sip_socket
-from tests.sip_support import (
+from harness.sipua import SipPhone, open_sip_socket
+from tests.support import (
     DOMAIN,
     KAMAILIO_CFG,
     ROOT,

@@ -24,21 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from pushlib.sandbox.certs import SandboxPki
-from pushlib.sipua import SipClient, SipPhone
-from pushlib.sipua import header_values as _header
-from tests.sip_support import (
+from harness.sipua import SipClient, SipPhone
+from harness.sipua import header_values as _header
+from pushsandbox.certs import SandboxPki
+from tests.support import (
     DOMAIN,
     Stack,
     apns_token,
+    asleep,
+    free_port,
     push_kind,
     push_stack,
     rfc8599_apns_contact,
     sipp_caller,
     stop_all_sipp,
 )
-from tests.support import free_port
-from tests.test_kamailio_flows import asleep
 
 TLS_CFG = """\
 # Kamailio tls module configuration (the tested one; see kamailio/README-section.md)

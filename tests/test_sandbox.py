@@ -22,8 +22,8 @@ from google.auth import jwt as google_jwt
 from google.oauth2 import service_account
 
 from pushlib.models import AppCredentials
-from pushlib.sandbox.certs import SandboxPki
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
+from pushsandbox.certs import SandboxPki
+from pushsandbox.process import SandboxHandle, sandbox_process
 
 BUNDLE = "org.example.phone"
 TOKEN = "ab" * 32
@@ -464,7 +464,7 @@ def test_pushes_cli_prints_recorded_pushes(sandbox, client, token_app) -> None:
     assert client.post(f"/3/device/{TOKEN}", content=VOIP_BODY,
                        headers=apns_headers(provider_jwt(token_app))).status_code == 200
     out = subprocess.run(
-        [sys.executable, "-m", "pushlib.sandbox", "pushes", "--url", sandbox.url,
+        [sys.executable, "-m", "pushsandbox", "pushes", "--url", sandbox.url,
          "--ca", str(sandbox.ca_path), "--token", TOKEN],
         capture_output=True, text=True, check=True, timeout=30,
     ).stdout

@@ -1,4 +1,4 @@
-"""`python -m pushlib.sandbox` / `pushlib-sandbox`: run the sandbox providers, or look at what
+"""`python -m pushsandbox` / `pushlib-sandbox`: run the sandbox providers, or look at what
 a running sandbox received (`pushlib-sandbox pushes --url ... --ca ...`)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from pushlib.logutil import setup_logging
-from pushlib.sandbox.certs import SandboxPki
-from pushlib.sandbox.server import SandboxApp, serve
-from pushlib.sandbox.state import DEFAULT_MAX_RECORDS, SandboxState
+from pushsandbox.certs import SandboxPki
+from pushsandbox.server import SandboxApp, serve
+from pushsandbox.state import DEFAULT_MAX_RECORDS, SandboxState
 
 READY_PREFIX = "sandbox: listening on "
 
@@ -39,12 +39,12 @@ def _serve_command(args: argparse.Namespace) -> int:
         await serve(app, args.host, args.port, stop, ready)
 
     asyncio.run(run())
-    logging.getLogger("pushlib.sandbox").info("sandbox stopped")
+    logging.getLogger("pushsandbox").info("sandbox stopped")
     return 0
 
 
 def _pushes_command(args: argparse.Namespace) -> int:
-    from pushlib.sandbox.control import SandboxControl
+    from pushsandbox.control import SandboxControl
 
     control = SandboxControl(args.url, Path(args.ca).read_text())
     try:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     # hold the bearer tokens the sandbox checks), so the shared set-up keeps them at WARNING.
     setup_logging(logging.WARNING)
     try:
-        logging.getLogger("pushlib.sandbox").setLevel(args.log_level.upper())
+        logging.getLogger("pushsandbox").setLevel(args.log_level.upper())
     except ValueError:
         parser.error(f"unknown --log-level {args.log_level!r}")
     if args.command == "pushes":

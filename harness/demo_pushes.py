@@ -2,7 +2,7 @@
 
 An iPhone (APNs, VoIP + alert tokens) and an Android phone (FCM) of one user get one job of
 each push kind through the real path (job stream → dispatcher → HTTP/2 → sandbox); the tour
-prints what the sandbox received. Run: `python -m pushlib.demo_pushes`.
+prints what the sandbox received. Run: `python -m harness.demo_pushes`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 import uuid
 from typing import Any
 
+from harness.localrun import redis_server
 from pushlib.dispatcher import Dispatcher
-from pushlib.localrun import redis_server
 from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
+from pushsandbox.process import SandboxHandle, sandbox_process
 
 AOR = "alice@example.com"
 BUNDLE = "com.example.phone"

@@ -16,8 +16,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from pushlib.sandbox import jwts
-from pushlib.sandbox.state import Reply, SandboxState
+from pushsandbox import jwts
+from pushsandbox.state import Reply, SandboxState
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 FCM_SCOPES = frozenset(

@@ -11,7 +11,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pushlib.sandbox import jwts
+from pushsandbox import jwts
 
 # Cache bounds: enough for a long benchmark, small enough not to grow without limit.
 _MAX_JWT_CACHE = 10_000

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from pushlib.sandbox.state import ProviderJwt, Reply, SandboxState
+from pushsandbox.state import ProviderJwt, Reply, SandboxState
 
 PATH_PREFIX = "/3/device/"
 PROVIDER_TOKEN_LIFETIME = 3600.0

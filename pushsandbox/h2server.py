@@ -20,9 +20,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from pushlib.sandbox.state import Reply
+from pushsandbox.state import Reply
 
-log = logging.getLogger("pushlib.sandbox")
+log = logging.getLogger("pushsandbox")
 
 Dispatch = Callable[[dict[str, Any], bytes], Reply]
 

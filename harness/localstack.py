@@ -6,7 +6,7 @@
   registers sandbox apps (an APNs token-auth app and an FCM app) and yields a `Stack` with
   everything a flow needs.
 - `sipp_device()` / `sipp_caller()` run SIPp: the answering half of a simulated device (a UAS
-  on the port its Contact points at) and a caller. The REGISTER half is `pushlib.sipua.SipClient`.
+  on the port its Contact points at) and a caller. The REGISTER half is `harness.sipua.SipClient`.
 
 Every process is started in its own session (process group = its PID) and stopped by that
 PID; nothing is ever stopped by name, because other stacks may run on the same machine.
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from harness.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
+from harness.sipua import BUNDLE, DOMAIN, FCM_PROJECT, TEAM
 from pushlib.callstate import Subscribers, connect
-from pushlib.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
 from pushlib.models import AppCredentials, Provider, PushParams
-from pushlib.sandbox.process import SandboxHandle, sandbox_process
 from pushlib.settings import Settings
-from pushlib.sipua import BUNDLE, DOMAIN, FCM_PROJECT, TEAM
 from pushlib.store import SyncStore
+from pushsandbox.process import SandboxHandle, sandbox_process
 
 KAMAILIO_CFG = ROOT / "kamailio" / "kamailio.cfg"
 SCENARIOS = ROOT / "sipp-scenarios"

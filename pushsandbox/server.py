@@ -26,12 +26,12 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.typing import ASGIFramework
 
-from pushlib.sandbox import apns, fcm
-from pushlib.sandbox.certs import SandboxPki, bundle_id_of
-from pushlib.sandbox.h2server import H2ServerConnection
-from pushlib.sandbox.state import Behaviour, Reply, SandboxState
+from pushsandbox import apns, fcm
+from pushsandbox.certs import SandboxPki, bundle_id_of
+from pushsandbox.h2server import H2ServerConnection
+from pushsandbox.state import Behaviour, Reply, SandboxState
 
-log = logging.getLogger("pushlib.sandbox")
+log = logging.getLogger("pushsandbox")
 
 CONTROL_PREFIX = "/_sandbox/"
 MAX_BODY = 64 * 1024

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pushlib.localrun import stop_process
-from pushlib.sandbox.certs import CA_FILE
-from pushlib.sandbox.control import SandboxControl
+from harness.localrun import stop_process
+from pushsandbox.certs import CA_FILE
+from pushsandbox.control import SandboxControl
 
 READY_PREFIX = "sandbox: listening on "
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def sandbox_process(port: int | None = None, log_level: str = "WARNING",
     try:
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pushlib.sandbox", "--host", "127.0.0.1", "--port", str(port or 0),
+                [sys.executable, "-m", "pushsandbox", "--host", "127.0.0.1", "--port", str(port or 0),
                  "--dir", str(directory), "--log-level", log_level],
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,

@@ -13,7 +13,7 @@ the device's port) plus the sandbox's own push record time. Output ends with a l
 Either way every process the demo started is stopped by PID and every temp dir removed; the
 `demo: processes` line lists the process groups it started, all checked gone.
 
-Run: `.venv/bin/python -m pushlib.demo` (needs kamailio, redis-server, sipp and tshark).
+Run: `.venv/bin/python -m harness.demo` (needs kamailio, redis-server, sipp and tshark).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pushlib.localrun import group_members, stop_process
-from pushlib.localstack import BUNDLE, DOMAIN, TEAM, SippRun, Stack, push_stack, sipp_caller, sipp_device
+from harness.localrun import group_members, stop_process
+from harness.localstack import BUNDLE, DOMAIN, TEAM, SippRun, Stack, push_stack, sipp_caller, sipp_device
+from harness.sipua import SipClient, apns_token, rfc8599_apns_contact
 from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
-from pushlib.sipua import SipClient, apns_token, rfc8599_apns_contact
 
 CALLEE = "bob"  # the sleeping iPhone's user (a local subscriber: its REGISTERs are challenged)
 # caller-call.xml calls From "alice": not a local subscriber, so her INVITE is not challenged
