@@ -260,7 +260,7 @@ async def bench_dispatcher(
     import redis.asyncio as aredis
 
     from harness.localrun import redis_server
-    from pushlib import keys
+    from pushlib import schema
     from pushlib.astore import AsyncStore
     from pushlib.dispatcher import Dispatcher
     from pushlib.models import (
@@ -313,16 +313,16 @@ async def bench_dispatcher(
             for i, aor in enumerate(aors):
                 params = PushParams(app.provider, app.app_id, alert_token=_token(first_token + i))
                 device = Device(aor, "d1", params, registered_at=now, expires_at=now + 3600)
-                pipe.hset(keys.device_key(aor, "d1"), mapping=keys.encode_device(device))
-                pipe.expire(keys.device_key(aor, "d1"), 3600)
-                pipe.sadd(keys.devices_key(aor), "d1")
+                pipe.hset(schema.device_key(aor, "d1"), mapping=schema.encode_device(device))
+                pipe.expire(schema.device_key(aor, "d1"), 3600)
+                pipe.sadd(schema.devices_key(aor), "d1")
             await pipe.execute()
             return aors
 
         def job(aor: str) -> dict[str, str]:
             now = time.time()
             created[aor] = now
-            return keys.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
+            return schema.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
                                            data=MESSAGE_DATA, created_at=now))
 
         async def run_jobs(aors: list[str], rate: float | None) -> float:

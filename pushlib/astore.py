@@ -1,6 +1,6 @@
 """The asyncio Redis store used by the push dispatcher (redis.asyncio).
 
-Same keys and serialisation as `pushlib.store.SyncStore` (both use `pushlib.keys`), plus what
+Same keys and serialisation as `pushlib.store.SyncStore` (both use `pushlib.schema`), plus what
 the dispatcher needs: the job stream (consumer group, reclaim, ack), idempotency marks, and
 the outcome helpers (dead tokens, device quarantine, per-app error and environment status).
 Connection failures raise `StoreUnavailable`, as in the sync store.
@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.logutil import token_prefix
 from pushlib.models import AppCredentials, Device, Outcome, PushJob, UaMapping
 from pushlib.settings import Settings, redis_connection_options
@@ -136,8 +136,8 @@ class AsyncStore:
 
     async def save_device(self, device: Device) -> list[str]:
         """Same contract as SyncStore.save_device."""
-        dkey = keys.device_key(device.aor, device.device_id)
-        skey = keys.devices_key(device.aor)
+        dkey = schema.device_key(device.aor, device.device_id)
+        skey = schema.devices_key(device.aor)
         with _unavailable_on_connection_errors("save_device"):
             async with self._r.pipeline(transaction=True) as pipe:
                 while True:
@@ -146,21 +146,21 @@ class AsyncStore:
                         members = [m for m in await pipe.smembers(skey) if m != device.device_id]
                         reads = self._r.pipeline(transaction=False)
                         for m in members:
-                            reads.hmget(keys.device_key(device.aor, m), "registered_at", "expires_at")
+                            reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at")
                         others: dict[str, tuple[float, float] | None] = {}
                         for m, (reg, exp) in zip(members, await reads.execute(), strict=True):
                             others[m] = None if reg is None else (float(reg), float(exp or 0))
-                        plan = keys.plan_device_save(
+                        plan = schema.plan_device_save(
                             device, others, self.settings.max_devices_per_user, time.time()
                         )
                         pipe.multi()
                         pipe.delete(dkey)
-                        pipe.hset(dkey, mapping=keys.encode_device(device))
+                        pipe.hset(dkey, mapping=schema.encode_device(device))
                         pipe.expire(dkey, plan.device_ttl)
                         pipe.sadd(skey, device.device_id)
                         if plan.evict or plan.stale:
                             pipe.srem(skey, *plan.evict, *plan.stale)
-                            pipe.delete(*(keys.device_key(device.aor, i) for i in plan.evict))
+                            pipe.delete(*(schema.device_key(device.aor, i) for i in plan.evict))
                         pipe.expire(skey, plan.set_ttl)
                         await pipe.execute()
                         break
@@ -171,32 +171,32 @@ class AsyncStore:
     async def remove_device(self, aor: str, device_id: str) -> bool:
         with _unavailable_on_connection_errors("remove_device"):
             pipe = self._r.pipeline(transaction=True)
-            pipe.delete(keys.device_key(aor, device_id))
-            pipe.srem(keys.devices_key(aor), device_id)
+            pipe.delete(schema.device_key(aor, device_id))
+            pipe.srem(schema.devices_key(aor), device_id)
             deleted, _ = await pipe.execute()
         return bool(deleted)
 
     async def device(self, aor: str, device_id: str) -> Device | None:
         with _unavailable_on_connection_errors("device"):
-            raw = await self._r.hgetall(keys.device_key(aor, device_id))
-        return _decode_or_log(keys.decode_device, raw, aor, device_id) if raw else None
+            raw = await self._r.hgetall(schema.device_key(aor, device_id))
+        return _decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
 
     async def devices(self, aor: str) -> list[Device]:
         """Same contract as SyncStore.devices (expired ids cleaned lazily)."""
-        skey = keys.devices_key(aor)
+        skey = schema.devices_key(aor)
         with _unavailable_on_connection_errors("devices"):
             ids = sorted(await self._r.smembers(skey))
             if not ids:
                 return []
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
-                pipe.hgetall(keys.device_key(aor, i))
+                pipe.hgetall(schema.device_key(aor, i))
             raws: list[dict[str, str]] = await pipe.execute()
             stale = [i for i, raw in zip(ids, raws, strict=True) if not raw]
             if stale:
                 await self._r.srem(skey, *stale)
         found = [
-            _decode_or_log(keys.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
+            _decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
         ]
         return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
 
@@ -226,7 +226,7 @@ class AsyncStore:
                 raise reply
             found: list[tuple[Device, bool]] = []
             for device_id, raw, sent in json.loads(reply):
-                device = _decode_or_log(keys.decode_device, raw, aor, str(device_id))
+                device = _decode_or_log(schema.decode_device, raw, aor, str(device_id))
                 if device is not None:
                     found.append((device, bool(sent)))
             found.sort(key=lambda pair: pair[0].registered_at)
@@ -235,8 +235,8 @@ class AsyncStore:
 
     async def _eval_job_devices(self, requests: Sequence[tuple[str, str, Sequence[str]]]) -> list[Any]:
         # Plain EVALSHA: a registered Script object would add a SCRIPT EXISTS round trip.
-        args = [(self._job_devices.sha, 1, keys.devices_key(aor), keys.device_key(aor, ""),
-                 keys.sent_key(aor, job_id, ""), *device_ids) for aor, job_id, device_ids in requests]
+        args = [(self._job_devices.sha, 1, schema.devices_key(aor), schema.device_key(aor, ""),
+                 schema.sent_key(aor, job_id, ""), *device_ids) for aor, job_id, device_ids in requests]
         if len(args) == 1:
             # An idle dispatcher's lookup: redis-py's pipeline machinery costs ~50 us more than
             # a direct call, on every push's path. A command error is answered as the pipeline
@@ -254,7 +254,7 @@ class AsyncStore:
     async def enqueue(self, job: PushJob) -> str:
         with _unavailable_on_connection_errors("enqueue"):
             entry_id = await self._r.xadd(
-                self.settings.stream, keys.encode_job(job),
+                self.settings.stream, schema.encode_job(job),
                 maxlen=self.settings.stream_maxlen, approximate=True,
             )
         return str(entry_id)
@@ -263,23 +263,23 @@ class AsyncStore:
         """Same contract as SyncStore.save_app."""
         with _unavailable_on_connection_errors("save_app"):
             pipe = self._r.pipeline(transaction=False)
-            pipe.delete(keys.app_key(app.provider, app.app_id))
-            pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
-            pipe.hset(keys.APP_INDEX_KEY, keys.app_index_field(app.provider, app.app_id),
-                      keys.app_index_value(app.enabled))
-            pipe.hdel(keys.app_status_key(app.provider, app.app_id), *keys.APP_STATUS_RESET_FIELDS)
+            pipe.delete(schema.app_key(app.provider, app.app_id))
+            pipe.hset(schema.app_key(app.provider, app.app_id), mapping=schema.encode_app(app))
+            pipe.hset(schema.APP_INDEX_KEY, schema.app_index_field(app.provider, app.app_id),
+                      schema.app_index_value(app.enabled))
+            pipe.hdel(schema.app_status_key(app.provider, app.app_id), *schema.APP_STATUS_RESET_FIELDS)
             await pipe.execute()
-        log.info("store: saved app %s", keys.describe_app(app))
+        log.info("store: saved app %s", schema.describe_app(app))
 
     async def app(self, provider: str, app_id: str) -> AppCredentials | None:
         with _unavailable_on_connection_errors("app"):
-            raw = await self._r.hgetall(keys.app_key(provider, app_id))
-        return _decode_or_log(keys.decode_app, raw, provider, app_id) if raw else None
+            raw = await self._r.hgetall(schema.app_key(provider, app_id))
+        return _decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
 
     async def ua_mappings(self) -> list[UaMapping]:
         with _unavailable_on_connection_errors("ua_mappings"):
-            raw: dict[str, str] = await self._r.hgetall(keys.UAMAP_KEY)
-        found = [_decode_or_log(keys.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
+            raw: dict[str, str] = await self._r.hgetall(schema.UAMAP_KEY)
+        found = [_decode_or_log(schema.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
         return [m for m in found if m is not None]
 
     # --- outcome helpers ------------------------------------------------------------------------
@@ -290,7 +290,7 @@ class AsyncStore:
         removed, or the device re-registered with a new one)."""
         with _unavailable_on_connection_errors("remove_token"):
             result = int(await self._remove_token(
-                keys=[keys.device_key(aor, device_id), keys.devices_key(aor)], args=[token, device_id],
+                keys=[schema.device_key(aor, device_id), schema.devices_key(aor)], args=[token, device_id],
             ))
         if result:
             log.info("store: dead token removed aor=%s device=%s token=%s%s", aor, device_id,
@@ -303,7 +303,7 @@ class AsyncStore:
         until = (time.time() if now is None else now) + QUARANTINE_SECONDS
         with _unavailable_on_connection_errors("quarantine_device"):
             done = int(await self._set_if_exists(
-                keys=[keys.device_key(aor, device_id)], args=["quarantined_until", repr(until)],
+                keys=[schema.device_key(aor, device_id)], args=["quarantined_until", repr(until)],
             ))
         if done:
             log.warning("store: device quarantined aor=%s device=%s until=%.0f", aor, device_id, until)
@@ -311,7 +311,7 @@ class AsyncStore:
 
     async def is_sent(self, aor: str, job_id: str, device_id: str) -> bool:
         with _unavailable_on_connection_errors("is_sent"):
-            return bool(await self._r.exists(keys.sent_key(aor, job_id, device_id)))
+            return bool(await self._r.exists(schema.sent_key(aor, job_id, device_id)))
 
     async def mark_sent(self, aor: str, job_id: str, device_id: str, ttl: int = SENT_MARK_TTL) -> None:
         """Record that the provider accepted this (job, device) push, so a reclaimed job skips it."""
@@ -323,7 +323,7 @@ class AsyncStore:
         with _unavailable_on_connection_errors("mark_sent"):
             pipe = self._r.pipeline(transaction=False)
             for aor, job_id, device_id in marks:
-                pipe.set(keys.sent_key(aor, job_id, device_id), "1", ex=ttl)
+                pipe.set(schema.sent_key(aor, job_id, device_id), "1", ex=ttl)
             await pipe.execute()
 
     async def record_outcome(
@@ -336,7 +336,7 @@ class AsyncStore:
         bad = outcome is Outcome.DEVICE_SUSPECT
         app = (provider, app_id)
         flagged = await self.record_outcomes(
-            {(provider, app_id, outcome.value): 1}, {app: [keys.window_entry(now, bad)]},
+            {(provider, app_id, outcome.value): 1}, {app: [schema.window_entry(now, bad)]},
             check=[app] if bad else [], now=now,
         )
         return app in flagged
@@ -349,7 +349,7 @@ class AsyncStore:
         now: float | None = None,
     ) -> list[tuple[str, str]]:
         """Batched `record_outcome`: add `counts` ((provider, app_id, outcome value) -> n) to the
-        apps' counters, push `windows` ((provider, app_id) -> `keys.window_entry`s, oldest first)
+        apps' counters, push `windows` ((provider, app_id) -> `schema.window_entry`s, oldest first)
         onto their sliding windows, then evaluate the environment suspicion of the apps in
         `check` (those that just got a BadDeviceToken). One round trip (plus one per newly
         flagged app); returns the apps this call flagged."""
@@ -359,32 +359,32 @@ class AsyncStore:
         with _unavailable_on_connection_errors("record_outcome"):
             pipe = self._r.pipeline(transaction=False)
             for (provider, app_id, outcome), n in counts.items():
-                pipe.hincrby(keys.app_status_key(provider, app_id), f"count:{outcome}", n)
+                pipe.hincrby(schema.app_status_key(provider, app_id), f"count:{outcome}", n)
             for provider, app_id in dict.fromkeys((p, a) for p, a, _ in counts):
-                pipe.expire(keys.app_status_key(provider, app_id), keys.APP_STATUS_TTL)
+                pipe.expire(schema.app_status_key(provider, app_id), schema.APP_STATUS_TTL)
             for (provider, app_id), entries in windows.items():
                 newest = list(entries)[-ENV_WINDOW_PUSHES:]  # older ones would be trimmed anyway
                 if not newest:
                     continue
-                wkey = keys.app_window_key(provider, app_id)
+                wkey = schema.app_window_key(provider, app_id)
                 pipe.lpush(wkey, *newest)
                 pipe.ltrim(wkey, 0, ENV_WINDOW_PUSHES - 1)
-                pipe.expire(wkey, keys.ENV_WINDOW_SECONDS)
+                pipe.expire(wkey, schema.ENV_WINDOW_SECONDS)
             checked = list(dict.fromkeys(check))
             for provider, app_id in checked:
-                pipe.lrange(keys.app_window_key(provider, app_id), 0, -1)
+                pipe.lrange(schema.app_window_key(provider, app_id), 0, -1)
             results = await pipe.execute()
             flagged: list[tuple[tuple[str, str], str]] = []
             for (provider, app_id), window in zip(checked, results[len(results) - len(checked):], strict=True):
-                total, n_bad = keys.env_suspicious(window, now)
+                total, n_bad = schema.env_suspicious(window, now)
                 if n_bad < ENV_SUSPECT_MIN_BAD or n_bad * 2 <= total:
                     continue
                 message = (f"{n_bad} of the last {total} pushes got BadDeviceToken: the app's APNs "
                            f"environment (sandbox/production) is probably wrong")
-                skey = keys.app_status_key(provider, app_id)
+                skey = schema.app_status_key(provider, app_id)
                 if await self._r.hsetnx(skey, "env_suspect", message):
                     await self._r.hset(skey, "env_suspect_at", repr(now))
-                    await self._r.expire(skey, keys.APP_STATUS_TTL)
+                    await self._r.expire(skey, schema.APP_STATUS_TTL)
                     flagged.append(((provider, app_id), message))
         for (provider, app_id), message in flagged:
             log.warning("store: app %s:%s %s", provider, app_id, message)
@@ -392,22 +392,22 @@ class AsyncStore:
 
     async def record_app_error(self, provider: str, app_id: str, text: str, now: float | None = None) -> None:
         """Keep the app's last configuration error (text + time) for operators (the status hash's
-        TTL is refreshed: see keys.APP_STATUS_TTL)."""
+        TTL is refreshed: see schema.APP_STATUS_TTL)."""
         now = time.time() if now is None else now
-        skey = keys.app_status_key(provider, app_id)
+        skey = schema.app_status_key(provider, app_id)
         with _unavailable_on_connection_errors("record_app_error"):
             pipe = self._r.pipeline(transaction=False)
             pipe.hset(skey, mapping={"last_error": text[:500], "last_error_at": repr(now)})
-            pipe.expire(skey, keys.APP_STATUS_TTL)
+            pipe.expire(skey, schema.APP_STATUS_TTL)
             await pipe.execute()
 
     async def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
         """Operator view: last_error (+_at), env_suspect (+_at), counters per outcome, and the
         recent window (pushes, bad_device_token)."""
         with _unavailable_on_connection_errors("app_status"):
-            raw: dict[str, str] = await self._r.hgetall(keys.app_status_key(provider, app_id))
-            window: list[str] = await self._r.lrange(keys.app_window_key(provider, app_id), 0, -1)
-        return keys.app_status_view(raw, window, time.time())
+            raw: dict[str, str] = await self._r.hgetall(schema.app_status_key(provider, app_id))
+            window: list[str] = await self._r.lrange(schema.app_window_key(provider, app_id), 0, -1)
+        return schema.app_status_view(raw, window, time.time())
 
     # --- job stream -------------------------------------------------------------------------------
 

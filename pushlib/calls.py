@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from urllib.parse import quote, unquote
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.models import Device, Provider, PushJob, PushKind
 from pushlib.settings import Settings
 
@@ -82,7 +82,7 @@ def proxy_config(
     if (url := text("REDIS_URL")) is not None:
         overrides["redis_url"] = url
     if (wait := text("WAIT_WINDOW")) is not None:
-        overrides["wait_window"] = keys.finite_float(wait, "WAIT_WINDOW")
+        overrides["wait_window"] = schema.finite_float(wait, "WAIT_WINDOW")
     if get_def("HIDE_CALLER") is not None:
         overrides["hide_caller"] = flag("HIDE_CALLER")
     settings = replace(settings, **overrides)  # type: ignore[arg-type]
@@ -91,7 +91,7 @@ def proxy_config(
         pusher=flag("WITH_PUSHER"),
         auth=flag("WITH_AUTH"),
         external_dispatcher=flag("WITH_EXTERNAL_DISPATCHER"),
-        awake_window=10.0 if awake is None else keys.finite_float(awake, "AWAKE_WINDOW"),
+        awake_window=10.0 if awake is None else schema.finite_float(awake, "AWAKE_WINDOW"),
         realm=text("AUTH_REALM") or "",
         fallback_uri=text("FALLBACK_URI") or "",
         settings=settings,

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from pushlib.callstate import CallStateUnavailable, Subscribers
-from pushlib.keys import describe_app
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
+from pushlib.schema import describe_app
 from pushlib.settings import Settings, read_redis_url_file, redis_connection_options
 from pushlib.store import StoreUnavailable, SyncStore
 

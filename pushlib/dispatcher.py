@@ -40,7 +40,7 @@ from typing import Generic, TypeVar
 
 from redis.exceptions import RedisError
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
 from pushlib.logutil import redact_url, setup_logging, token_prefix
 from pushlib.models import (
@@ -155,7 +155,7 @@ class _OutcomeBuffer:
         window = self.windows.get((provider, app_id))
         if window is None:
             window = self.windows[(provider, app_id)] = deque(maxlen=ENV_WINDOW_PUSHES)
-        window.append(keys.window_entry(now, outcome is Outcome.DEVICE_SUSPECT))
+        window.append(schema.window_entry(now, outcome is Outcome.DEVICE_SUSPECT))
 
     def take(self) -> tuple[dict[tuple[str, str, str], int], dict[_AppKey, deque[str]]]:
         taken = self.counts, self.windows
@@ -375,8 +375,8 @@ class Dispatcher:
         entry cannot loop."""
         try:
             try:
-                job = keys.decode_job(fields)
-            except keys.DecodeError as exc:
+                job = schema.decode_job(fields)
+            except schema.DecodeError as exc:
                 self.stats["malformed"] += 1
                 log.error("dispatcher: malformed stream entry %s dropped: %s", entry_id, exc)
                 await self._acks.submit(entry_id)

@@ -3,7 +3,7 @@
 Contract: every method either completes or raises `StoreUnavailable` quickly (socket timeouts
 of 0.5 s, one immediate reconnect attempt), so a SIP worker never hangs on a dead Redis and
 works again by itself as soon as Redis is back (the pool reconnects on the next call).
-Key layout and serialisation: `pushlib.keys` (shared with the async store of the dispatcher).
+Key layout and serialisation: `pushlib.schema` (shared with the async store of the dispatcher).
 Create one SyncStore per process, after the fork (Kamailio `child_init`).
 """
 
@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.models import AppCredentials, Device, PushJob, UaMapping
 from pushlib.settings import Settings, redis_connection_options
 
@@ -98,19 +98,19 @@ class SyncStore:
         quarantine), expire it at `device.expires_at` (at least MIN_DEVICE_TTL from now), and keep
         at most `max_devices_per_user` devices for the AOR by evicting the oldest registered.
         Returns the evicted device ids."""
-        dkey = keys.device_key(device.aor, device.device_id)
-        skey = keys.devices_key(device.aor)
-        encoded = keys.encode_device(device)
+        dkey = schema.device_key(device.aor, device.device_id)
+        skey = schema.devices_key(device.aor)
+        encoded = schema.encode_device(device)
 
         def txn(pipe: Any) -> list[str]:
             members = [m for m in pipe.smembers(skey) if m != device.device_id]
             reads = self._r.pipeline(transaction=False)
             for m in members:
-                reads.hmget(keys.device_key(device.aor, m), "registered_at", "expires_at")
+                reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at")
             others: dict[str, tuple[float, float] | None] = {}
             for m, (reg, exp) in zip(members, reads.execute(), strict=True):
                 others[m] = None if reg is None else (float(reg), float(exp or 0))
-            plan = keys.plan_device_save(device, others, self.settings.max_devices_per_user, time.time())
+            plan = schema.plan_device_save(device, others, self.settings.max_devices_per_user, time.time())
             pipe.multi()
             pipe.delete(dkey)  # drop fields the new record no longer has (e.g. a removed token)
             pipe.hset(dkey, mapping=encoded)
@@ -119,7 +119,7 @@ class SyncStore:
             gone = plan.evict + plan.stale
             if gone:
                 pipe.srem(skey, *gone)
-                pipe.delete(*(keys.device_key(device.aor, i) for i in plan.evict))
+                pipe.delete(*(schema.device_key(device.aor, i) for i in plan.evict))
             pipe.expire(skey, plan.set_ttl)
             return list(plan.evict)
 
@@ -134,33 +134,33 @@ class SyncStore:
         """Delete a device; True when it existed."""
         with _store_errors("remove_device"):
             pipe = self._r.pipeline(transaction=True)
-            pipe.delete(keys.device_key(aor, device_id))
-            pipe.srem(keys.devices_key(aor), device_id)
+            pipe.delete(schema.device_key(aor, device_id))
+            pipe.srem(schema.devices_key(aor), device_id)
             deleted, _ = pipe.execute()
         return bool(deleted)
 
     def device(self, aor: str, device_id: str) -> Device | None:
         with _store_errors("device"):
-            raw = self._r.hgetall(keys.device_key(aor, device_id))
-        return _decode_or_log(keys.decode_device, raw, aor, device_id) if raw else None
+            raw = self._r.hgetall(schema.device_key(aor, device_id))
+        return _decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
 
     def devices(self, aor: str) -> list[Device]:
         """The AOR's live devices (ordered by registered_at); ids whose hash expired are
         removed from the AOR set on the way."""
-        skey = keys.devices_key(aor)
+        skey = schema.devices_key(aor)
         with _store_errors("devices"):
             ids = sorted(self._r.smembers(skey))
             if not ids:
                 return []
             pipe = self._r.pipeline(transaction=False)
             for i in ids:
-                pipe.hgetall(keys.device_key(aor, i))
+                pipe.hgetall(schema.device_key(aor, i))
             raws: list[dict[str, str]] = pipe.execute()
             stale = [i for i, raw in zip(ids, raws, strict=True) if not raw]
             if stale:
                 self._r.srem(skey, *stale)
         found = [
-            _decode_or_log(keys.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
+            _decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
         ]
         return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
 
@@ -168,7 +168,7 @@ class SyncStore:
 
     def enqueue(self, job: PushJob) -> str:
         """Append a job to the stream (approximate MAXLEN trim); returns the stream entry id."""
-        fields = keys.encode_job(job)
+        fields = schema.encode_job(job)
         with _store_errors("enqueue"):
             entry_id = self._r.xadd(
                 self.settings.stream, fields,
@@ -183,59 +183,59 @@ class SyncStore:
         (an operator saving credentials is fixing them); counters are kept."""
         with _store_errors("save_app"):
             pipe = self._r.pipeline(transaction=False)
-            pipe.delete(keys.app_key(app.provider, app.app_id))
-            pipe.hset(keys.app_key(app.provider, app.app_id), mapping=keys.encode_app(app))
-            pipe.hset(keys.APP_INDEX_KEY, keys.app_index_field(app.provider, app.app_id),
-                      keys.app_index_value(app.enabled))
-            pipe.hdel(keys.app_status_key(app.provider, app.app_id), *keys.APP_STATUS_RESET_FIELDS)
+            pipe.delete(schema.app_key(app.provider, app.app_id))
+            pipe.hset(schema.app_key(app.provider, app.app_id), mapping=schema.encode_app(app))
+            pipe.hset(schema.APP_INDEX_KEY, schema.app_index_field(app.provider, app.app_id),
+                      schema.app_index_value(app.enabled))
+            pipe.hdel(schema.app_status_key(app.provider, app.app_id), *schema.APP_STATUS_RESET_FIELDS)
             pipe.execute()
-        log.info("store: saved app %s", keys.describe_app(app))
+        log.info("store: saved app %s", schema.describe_app(app))
 
     def app_enabled(self, provider: str, app_id: str) -> bool | None:
         """Whether an app is configured (None: it is not) and enabled, from the app index alone:
         no credentials are read (the SIP workers' Redis user cannot read them)."""
         with _store_errors("app_enabled"):
-            value = self._r.hget(keys.APP_INDEX_KEY, keys.app_index_field(provider, app_id))
-        return None if value is None else value == keys.app_index_value(True)
+            value = self._r.hget(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
+        return None if value is None else value == schema.app_index_value(True)
 
     def reindex_apps(self) -> int:
         """Rebuild the app index from the stored credentials (apps saved before the index existed);
         returns how many apps it lists."""
         with _store_errors("reindex_apps"):
             found: dict[str, str] = {}
-            for key in self._r.scan_iter(match=keys.APP_KEY_PATTERN, count=500):
+            for key in self._r.scan_iter(match=schema.APP_KEY_PATTERN, count=500):
                 raw = self._r.hgetall(key)
-                app = _decode_or_log(keys.decode_app, raw, "app", str(key)) if raw else None
+                app = _decode_or_log(schema.decode_app, raw, "app", str(key)) if raw else None
                 if app is not None:
-                    found[keys.app_index_field(app.provider, app.app_id)] = keys.app_index_value(app.enabled)
+                    found[schema.app_index_field(app.provider, app.app_id)] = schema.app_index_value(app.enabled)
             pipe = self._r.pipeline(transaction=True)
-            pipe.delete(keys.APP_INDEX_KEY)
+            pipe.delete(schema.APP_INDEX_KEY)
             if found:
-                pipe.hset(keys.APP_INDEX_KEY, mapping=found)
+                pipe.hset(schema.APP_INDEX_KEY, mapping=found)
             pipe.execute()
         return len(found)
 
     def app(self, provider: str, app_id: str) -> AppCredentials | None:
         with _store_errors("app"):
-            raw = self._r.hgetall(keys.app_key(provider, app_id))
-        return _decode_or_log(keys.decode_app, raw, provider, app_id) if raw else None
+            raw = self._r.hgetall(schema.app_key(provider, app_id))
+        return _decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
 
     def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
-        """Operator view of an app's health (see keys.app_status_view)."""
+        """Operator view of an app's health (see schema.app_status_view)."""
         with _store_errors("app_status"):
-            raw: dict[str, str] = self._r.hgetall(keys.app_status_key(provider, app_id))
-            window: list[str] = self._r.lrange(keys.app_window_key(provider, app_id), 0, -1)
-        return keys.app_status_view(raw, window, time.time())
+            raw: dict[str, str] = self._r.hgetall(schema.app_status_key(provider, app_id))
+            window: list[str] = self._r.lrange(schema.app_window_key(provider, app_id), 0, -1)
+        return schema.app_status_view(raw, window, time.time())
 
     def remove_app(self, provider: str, app_id: str) -> bool:
         """Delete an app's credentials with its status and outcome window; True when the app
         existed. (Separate DELs: the keys live in different Redis Cluster slots.)"""
         with _store_errors("remove_app"):
             pipe = self._r.pipeline(transaction=False)
-            pipe.delete(keys.app_key(provider, app_id))
-            pipe.delete(keys.app_status_key(provider, app_id))
-            pipe.delete(keys.app_window_key(provider, app_id))
-            pipe.hdel(keys.APP_INDEX_KEY, keys.app_index_field(provider, app_id))
+            pipe.delete(schema.app_key(provider, app_id))
+            pipe.delete(schema.app_status_key(provider, app_id))
+            pipe.delete(schema.app_window_key(provider, app_id))
+            pipe.hdel(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
             existed, _, _, _ = pipe.execute()
         return bool(existed)
 
@@ -243,17 +243,17 @@ class SyncStore:
 
     def save_ua_mapping(self, m: UaMapping) -> None:
         with _store_errors("save_ua_mapping"):
-            self._r.hset(keys.UAMAP_KEY, m.name, keys.encode_ua_mapping(m))
+            self._r.hset(schema.UAMAP_KEY, m.name, schema.encode_ua_mapping(m))
 
     def remove_ua_mapping(self, name: str) -> bool:
         with _store_errors("remove_ua_mapping"):
-            return bool(self._r.hdel(keys.UAMAP_KEY, name))
+            return bool(self._r.hdel(schema.UAMAP_KEY, name))
 
     def ua_mappings(self) -> list[UaMapping]:
         """All mappings, ordered by name (the order the parser tries them in)."""
         with _store_errors("ua_mappings"):
-            raw: dict[str, str] = self._r.hgetall(keys.UAMAP_KEY)
-        found = [_decode_or_log(keys.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
+            raw: dict[str, str] = self._r.hgetall(schema.UAMAP_KEY)
+        found = [_decode_or_log(schema.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
         return [m for m in found if m is not None]
 
 
@@ -262,6 +262,6 @@ def _decode_or_log(decode: Callable[[_R], _T], raw: _R, scope: str, name: str) -
     secrets) and treated as absent rather than breaking every caller."""
     try:
         return decode(raw)
-    except keys.DecodeError as exc:
+    except schema.DecodeError as exc:
         log.error("store: ignoring corrupt record %s/%s: %s", scope, name, str(exc)[:120])
         return None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.dispatcher import Dispatcher, backoff_delay
 from pushlib.models import (
@@ -167,7 +167,7 @@ def test_every_kind_arrives_on_both_platforms(env: tuple[SandboxHandle, SyncStor
         if fcm_priority is not None:
             assert msg["payload"]["android"]["priority"] == fcm_priority, kind
     r = raw(cfg)
-    assert all(r.exists(keys.sent_key(aor, j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
+    assert all(r.exists(schema.sent_key(aor, j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
 
 
 def test_job_for_chosen_devices_only(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
@@ -476,7 +476,7 @@ def test_crash_mid_flight_loses_nothing_and_duplicates_only_in_the_window(
         kill_time = time.time()
         r = raw(cfg)
         accepted = _pushes_by_token(sandbox)
-        in_flight = {t for t in accepted if not r.exists(keys.sent_key(*job_of[t]))}
+        in_flight = {t for t in accepted if not r.exists(schema.sent_key(*job_of[t]))}
         assert 0 < len(accepted) < len(tokens)
         assert len(in_flight) <= cfg.concurrency
 
@@ -490,7 +490,7 @@ def test_crash_mid_flight_loses_nothing_and_duplicates_only_in_the_window(
         duplicates = {t for t, times in seen.items() if len(times) > 1}
         assert duplicates <= in_flight, "a push already marked sent was sent again"
         assert all(len(seen[t]) == 2 and seen[t][0] < kill_time for t in duplicates)
-        assert all(r.exists(keys.sent_key(*job_of[t])) for t in tokens)
+        assert all(r.exists(schema.sent_key(*job_of[t])) for t in tokens)
         assert r.xlen(cfg.stream) == 0 and r.xpending(cfg.stream, cfg.group)["pending"] == 0
     finally:
         for proc in (first, second):

@@ -13,7 +13,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushlib import keys
+from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.models import AppCredentials, Device, Outcome, Provider, PushJob, PushKind, PushParams, UaMapping
 from pushlib.settings import Settings
@@ -46,7 +46,7 @@ def test_device_round_trip_keeps_every_field(redis_url: str) -> None:
     assert store.save_device(dev) == []
     assert store.device(dev.aor, dev.device_id) == dev
     assert store.devices(dev.aor) == [dev]
-    assert raw_client(redis_url).sismember(keys.devices_key(dev.aor), dev.device_id)
+    assert raw_client(redis_url).sismember(schema.devices_key(dev.aor), dev.device_id)
 
 
 @settings(max_examples=60, deadline=None)
@@ -62,17 +62,17 @@ def test_device_round_trip_keeps_every_field(redis_url: str) -> None:
 def test_device_codec_is_lossless(provider, voip, alert, team, sandbox, ua, reg) -> None:
     params = PushParams(provider, "app.id", voip, alert, team, sandbox)
     dev = Device("sip:a@b", "id", params, "c", ua, reg, reg + 60.25, reg / 3)
-    assert keys.decode_device(keys.encode_device(dev)) == dev
+    assert schema.decode_device(schema.encode_device(dev)) == dev
 
 
 def test_device_ttl_follows_expiry_with_a_floor(redis_url: str) -> None:
     store = SyncStore(redis_url, Settings())
     r = raw_client(redis_url)
     store.save_device(make_device(1, expires_at=time.time() + 600))
-    assert 590 <= r.ttl(keys.device_key("sip:alice@example.com", "dev1")) <= 600
+    assert 590 <= r.ttl(schema.device_key("sip:alice@example.com", "dev1")) <= 600
     store.save_device(make_device(2, expires_at=time.time() - 100))  # already expired: still readable briefly
-    assert 1 <= r.ttl(keys.device_key("sip:alice@example.com", "dev2")) <= keys.MIN_DEVICE_TTL
-    assert r.ttl(keys.devices_key("sip:alice@example.com")) >= 590
+    assert 1 <= r.ttl(schema.device_key("sip:alice@example.com", "dev2")) <= schema.MIN_DEVICE_TTL
+    assert r.ttl(schema.devices_key("sip:alice@example.com")) >= 590
 
 
 def test_expired_device_ids_are_cleaned_from_the_aor_set(redis_url: str) -> None:
@@ -80,9 +80,9 @@ def test_expired_device_ids_are_cleaned_from_the_aor_set(redis_url: str) -> None
     r = raw_client(redis_url)
     store.save_device(make_device(1))
     store.save_device(make_device(2))
-    r.delete(keys.device_key("sip:alice@example.com", "dev1"))  # what expiry does
+    r.delete(schema.device_key("sip:alice@example.com", "dev1"))  # what expiry does
     assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev2"]
-    assert r.smembers(keys.devices_key("sip:alice@example.com")) == {"dev2"}
+    assert r.smembers(schema.devices_key("sip:alice@example.com")) == {"dev2"}
 
 
 def test_eleventh_device_evicts_the_oldest_registered(redis_url: str) -> None:
@@ -123,7 +123,7 @@ def test_enqueue_writes_flat_fields_the_dispatcher_decodes(redis_url: str) -> No
     [(got_id, fields)] = raw_client(redis_url).xrange(cfg.stream)
     assert got_id == entry_id
     assert fields["device_ids"] == "a,b" and fields["kind"] == "incomingCall"
-    assert keys.decode_job(fields) == job
+    assert schema.decode_job(fields) == job
 
 
 @pytest.mark.parametrize(
@@ -133,8 +133,8 @@ def test_enqueue_writes_flat_fields_the_dispatcher_decodes(redis_url: str) -> No
      {"job_id": "x", "kind": "custom", "aor": "a", "deadline": "1", "data": "[1]"}],
 )
 def test_malformed_job_fields_raise_decode_error(fields: dict[str, str]) -> None:
-    with pytest.raises(keys.DecodeError):
-        keys.decode_job(fields)
+    with pytest.raises(schema.DecodeError):
+        schema.decode_job(fields)
 
 
 def test_stream_is_trimmed_to_about_maxlen(redis_url: str) -> None:
@@ -157,7 +157,7 @@ def test_app_round_trip_and_secrets_never_logged(redis_url: str, caplog: pytest.
     store.save_app(app)
     assert store.app("apns", "com.example.app") == app
     assert store.app("fcm", "com.example.app") is None
-    assert "SECRET" not in caplog.text and "SECRET" not in keys.describe_app(app)
+    assert "SECRET" not in caplog.text and "SECRET" not in schema.describe_app(app)
     assert "com.example.app" in caplog.text
 
 
@@ -172,10 +172,10 @@ def test_app_index_lists_apps_without_their_secrets(redis_url: str) -> None:
     assert store.app_enabled("fcm", "com.example.indexed") is None
     store.save_app(replace(app, enabled=False))
     assert store.app_enabled("apns", "com.example.indexed") is False
-    index = raw_client(redis_url).hgetall(keys.APP_INDEX_KEY)
+    index = raw_client(redis_url).hgetall(schema.APP_INDEX_KEY)
     assert index["apns:com.example.indexed"] == "disabled" and all("SECRET" not in v for v in index.values())
     # apps saved before the index existed: reindex finds them
-    raw_client(redis_url).delete(keys.APP_INDEX_KEY)
+    raw_client(redis_url).delete(schema.APP_INDEX_KEY)
     assert store.app_enabled("apns", "com.example.indexed") is None
     assert store.reindex_apps() >= 1
     assert store.app_enabled("apns", "com.example.indexed") is False
@@ -197,9 +197,9 @@ def test_ua_mappings_round_trip_in_name_order(redis_url: str) -> None:
 def test_corrupt_records_are_ignored_not_fatal(redis_url: str) -> None:
     store = SyncStore(redis_url, Settings())
     r = raw_client(redis_url)
-    r.hset(keys.UAMAP_KEY, "bad", "{not json")
-    r.hset(keys.device_key("sip:a@b", "x"), mapping={"aor": "sip:a@b"})
-    r.sadd(keys.devices_key("sip:a@b"), "x")
+    r.hset(schema.UAMAP_KEY, "bad", "{not json")
+    r.hset(schema.device_key("sip:a@b", "x"), mapping={"aor": "sip:a@b"})
+    r.sadd(schema.devices_key("sip:a@b"), "x")
     assert store.ua_mappings() == []
     assert store.devices("sip:a@b") == []
 
@@ -278,7 +278,7 @@ def test_dead_token_removed_once_then_device_removed(
 
     asyncio.run(scenario())
     assert sync.device(dev.aor, dev.device_id) is None
-    assert raw_client(redis_url).smembers(keys.devices_key(dev.aor)) == set()
+    assert raw_client(redis_url).smembers(schema.devices_key(dev.aor)) == set()
     removal_lines = [r for r in caplog.records if "dead token removed" in r.getMessage()]
     assert len(removal_lines) == 2
     assert voip not in caplog.text and alert not in caplog.text  # only 8-char prefixes
@@ -289,7 +289,7 @@ def test_quarantine_is_set_and_a_new_register_clears_it(redis_url: str) -> None:
     dev = make_device(1)
     sync.save_device(dev)
     r = raw_client(redis_url)
-    ttl_before = r.ttl(keys.device_key(dev.aor, dev.device_id))
+    ttl_before = r.ttl(schema.device_key(dev.aor, dev.device_id))
 
     async def scenario() -> None:
         store = AsyncStore(redis_url, Settings())
@@ -302,8 +302,8 @@ def test_quarantine_is_set_and_a_new_register_clears_it(redis_url: str) -> None:
     asyncio.run(scenario())
     got = sync.device(dev.aor, dev.device_id)
     assert got is not None and got.quarantined_until == 1000.0 + 24 * 3600
-    assert r.ttl(keys.device_key(dev.aor, dev.device_id)) > ttl_before - 5  # TTL kept
-    assert not r.exists(keys.device_key(dev.aor, "gone"))  # not resurrected without TTL
+    assert r.ttl(schema.device_key(dev.aor, dev.device_id)) > ttl_before - 5  # TTL kept
+    assert not r.exists(schema.device_key(dev.aor, "gone"))  # not resurrected without TTL
     sync.save_device(replace(dev, registered_at=time.time()))  # the device REGISTERs again
     again = sync.device(dev.aor, dev.device_id)
     assert again is not None and again.quarantined_until == 0.0
@@ -377,7 +377,7 @@ def test_idempotency_marks(redis_url: str) -> None:
             await store.aclose()
 
     asyncio.run(scenario())
-    assert 0 < raw_client(redis_url).ttl(keys.sent_key("sip:a@b", "j1", "d1")) <= 24 * 3600
+    assert 0 < raw_client(redis_url).ttl(schema.sent_key("sip:a@b", "j1", "d1")) <= 24 * 3600
 
 
 def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> None:
@@ -386,7 +386,7 @@ def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> No
     for i in range(3):
         sync.save_device(make_device(i, aor=aor))
     r = raw_client(redis_url)
-    r.sadd(keys.devices_key(aor), "expired")  # its hash is gone: cleaned on the way
+    r.sadd(schema.devices_key(aor), "expired")  # its hash is gone: cleaned on the way
 
     async def scenario() -> None:
         store = AsyncStore(redis_url, Settings())
@@ -405,7 +405,7 @@ def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> No
             await store.aclose()
 
     asyncio.run(scenario())
-    assert not r.sismember(keys.devices_key(aor), "expired")
+    assert not r.sismember(schema.devices_key(aor), "expired")
 
 
 def test_batched_outcomes_count_and_feed_the_window(redis_url: str) -> None:
@@ -413,10 +413,10 @@ def test_batched_outcomes_count_and_feed_the_window(redis_url: str) -> None:
         store = AsyncStore(redis_url, Settings())
         try:
             now = time.time()
-            window = [keys.window_entry(now, False)] * 4 + [keys.window_entry(now, True)] * 5
+            window = [schema.window_entry(now, False)] * 4 + [schema.window_entry(now, True)] * 5
             counts = {("apns", "com.x", "delivered"): 4, ("apns", "com.x", "device_suspect"): 5,
                       ("fcm", "p", "delivered"): 2}
-            windows = {("apns", "com.x"): window, ("fcm", "p"): [keys.window_entry(now, False)] * 2}
+            windows = {("apns", "com.x"): window, ("fcm", "p"): [schema.window_entry(now, False)] * 2}
             return await store.record_outcomes(counts, windows, check=[("apns", "com.x")])
         finally:
             await store.aclose()

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from pushlib import dispatcher as dispatcher_mod
-from pushlib import keys
+from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.dispatcher import Dispatcher
 from pushlib.models import (
@@ -37,7 +37,7 @@ JWT = "bearer eyJhbGciOiJFUzI1NiJ9.e30.SIGNATURE"
 
 
 def _fields(**over: str) -> dict[str, str]:
-    base = keys.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", time.time() + 30, created_at=1e9))
+    base = schema.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", time.time() + 30, created_at=1e9))
     base.update(over)
     return base
 
@@ -47,35 +47,35 @@ def _fields(**over: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("deadline", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "soon", ""])
 def test_job_with_a_non_finite_or_non_numeric_deadline_is_a_decode_error(deadline: str) -> None:
-    with pytest.raises(keys.DecodeError, match="deadline"):
-        keys.decode_job(_fields(deadline=deadline))
+    with pytest.raises(schema.DecodeError, match="deadline"):
+        schema.decode_job(_fields(deadline=deadline))
 
 
 @pytest.mark.parametrize("created_at", ["nan", "inf", "-inf", "yesterday"])
 def test_job_with_a_non_finite_created_at_is_a_decode_error(created_at: str) -> None:
-    with pytest.raises(keys.DecodeError, match="created_at"):
-        keys.decode_job(_fields(created_at=created_at))
+    with pytest.raises(schema.DecodeError, match="created_at"):
+        schema.decode_job(_fields(created_at=created_at))
 
 
 def test_a_finite_job_still_round_trips() -> None:
     job = PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", 1e9 + 0.5, ("d1",), {"title": "t"}, 1e9)
-    assert keys.decode_job(keys.encode_job(job)) == job
+    assert schema.decode_job(schema.encode_job(job)) == job
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_job_is_never_queued(bad: float) -> None:
     with pytest.raises(ValueError, match="finite"):
-        keys.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", bad))
+        schema.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", bad))
     with pytest.raises(ValueError, match="finite"):
-        keys.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", 1e9, created_at=bad))
+        schema.encode_job(PushJob("j1", PushKind.MESSAGE, "sip:a@example.com", 1e9, created_at=bad))
 
 
 def test_a_device_record_with_a_non_finite_time_is_a_decode_error() -> None:
     device = Device("sip:a@example.com", "d1", PushParams(Provider.APNS, "com.x", voip_token=VOIP))
-    raw = keys.encode_device(device)
+    raw = schema.encode_device(device)
     raw["expires_at"] = "nan"
-    with pytest.raises(keys.DecodeError):
-        keys.decode_device(raw)
+    with pytest.raises(schema.DecodeError):
+        schema.decode_device(raw)
 
 
 # --- reprs -------------------------------------------------------------------------------------
@@ -114,30 +114,30 @@ def _raw(url: str) -> Any:
 
 
 def test_app_status_gets_a_ttl_on_every_write(redis_url: str) -> None:
-    skey = keys.app_status_key("apns", "com.invented")
+    skey = schema.app_status_key("apns", "com.invented")
     r = _raw(redis_url)
 
     async def error_then_outcomes() -> None:
         store = AsyncStore(redis_url, Settings())
         try:
             await store.record_app_error("apns", "com.invented", "no credentials stored for this app")
-            assert 0 < r.ttl(skey) <= keys.APP_STATUS_TTL
+            assert 0 < r.ttl(skey) <= schema.APP_STATUS_TTL
             r.expire(skey, 100)  # an older write's TTL is refreshed by the next one
             await store.record_outcome("apns", "com.invented", Outcome.DELIVERED)
-            assert r.ttl(skey) > keys.APP_STATUS_TTL - 60
+            assert r.ttl(skey) > schema.APP_STATUS_TTL - 60
             r.delete(skey)
             # a flush that only checks the window (no counters) may create the hash with
             # env_suspect: it gets the TTL too
             app = ("apns", "com.invented")
-            bad = [keys.window_entry(time.time(), True)] * 6
+            bad = [schema.window_entry(time.time(), True)] * 6
             assert await store.record_outcomes({}, {app: bad}, check=[app]) == [app]
         finally:
             await store.aclose()
 
     asyncio.run(error_then_outcomes())
     assert r.hget(skey, "env_suspect")
-    assert 0 < r.ttl(skey) <= keys.APP_STATUS_TTL
-    assert keys.APP_STATUS_TTL == 30 * 24 * 3600
+    assert 0 < r.ttl(skey) <= schema.APP_STATUS_TTL
+    assert schema.APP_STATUS_TTL == 30 * 24 * 3600
 
 
 def test_app_status_and_window_go_with_their_app(redis_url: str) -> None:
@@ -154,10 +154,10 @@ def test_app_status_and_window_go_with_their_app(redis_url: str) -> None:
 
     asyncio.run(outcomes())
     r = _raw(redis_url)
-    assert r.exists(keys.app_status_key("fcm", "proj"), keys.app_window_key("fcm", "proj")) == 2
+    assert r.exists(schema.app_status_key("fcm", "proj"), schema.app_window_key("fcm", "proj")) == 2
     assert store.remove_app("fcm", "proj") is True
-    assert r.exists(keys.app_key("fcm", "proj"), keys.app_status_key("fcm", "proj"),
-                    keys.app_window_key("fcm", "proj")) == 0
+    assert r.exists(schema.app_key("fcm", "proj"), schema.app_status_key("fcm", "proj"),
+                    schema.app_window_key("fcm", "proj")) == 0
     assert store.remove_app("fcm", "proj") is False
     store.close()
 
