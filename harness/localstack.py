@@ -32,7 +32,7 @@ from typing import Any, cast
 
 from harness.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
 from harness.sipua import BUNDLE, DOMAIN, FCM_PROJECT, TEAM
-from pushlib.callstate import Subscribers, connect
+from pushlib.credentials import Subscribers
 from pushlib.models import AppCredentials, Provider, PushParams
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
@@ -360,7 +360,7 @@ def push_stack(*, auth: bool = True, wait_window: float = 30, awake_window: floa
         es.callback(stop_all_sipp)
         k = es.enter_context(kamailio_process(defines, cfg=cfg))
         wait_log(k, "pusher: dispatcher-start", timeout=15)
-        yield Stack(srv, k, store, Subscribers(connect(srv.url)), sandbox, apns_app, fcm_app, settings, tmpdir)
+        yield Stack(srv, k, store, Subscribers(store.client), sandbox, apns_app, fcm_app, settings, tmpdir)
 
 
 def device_params(token: str) -> PushParams:

@@ -19,6 +19,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Self
 
+from pushlib import credentials
+
 DOMAIN = "127.0.0.1"
 BUNDLE = "com.example.phone"
 TEAM = "TEAM000001"
@@ -58,7 +60,7 @@ def digest_authorization(method: str, uri: str, user: str, password: str, challe
     qop=auth when offered, nonce count 1: every challenge is answered once)."""
     fields = dict(re.findall(r'(\w+)="?([^",]*)"?', challenge))
     realm, nonce = fields["realm"], fields["nonce"]
-    ha1 = hashlib.md5(f"{user}:{realm}:{password}".encode()).hexdigest()
+    ha1 = credentials.ha1(user, realm, password)
     ha2 = hashlib.md5(f"{method}:{uri}".encode()).hexdigest()
     if "auth" in fields.get("qop", "").split(","):
         nc = "00000001"

@@ -1,7 +1,7 @@
 """Kamailio `app_python3` entry: the push-proxy router (KEMI mode and role mode).
 
 Thin by design: it reads the SIP message and usrloc through `KSR`, asks `pushlib`
-(params, calls, callstate, store) what to do, and acts through `KSR`. Decisions live in
+(params, calls, store, parked, credentials) what to do, and acts through `KSR`. Decisions live in
 pushlib/calls.py and are unit-tested there.
 
 KEMI mode (`cfgengine "python"`): Kamailio calls `ksr_request_route` and the other
@@ -33,15 +33,19 @@ for _path in (_ROOT, _ROOT / "kemi"):  # pushlib, and this router's sibling modu
 import KSR  # noqa: E402
 import ksrlog  # noqa: E402
 
-from pushlib import access, calls, callstate, params  # noqa: E402
+from pushlib import access, calls  # noqa: E402
+from pushlib.credentials import Subscribers  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
 # libssl's state in shared memory, so code that touches libssl (Python's _ssl under httpx) must be
 # mapped at the same address in every process, or the TLS workers jump into unmapped memory.
 from pushlib.dispatcher import Dispatcher  # noqa: E402
 from pushlib.logutil import log_safe  # noqa: E402
-from pushlib.models import Device, PushJob, UaMapping  # noqa: E402
-from pushlib.store import StoreUnavailable, SyncStore  # noqa: E402
+from pushlib.models import Device, ParkedCall, UaMapping  # noqa: E402
+from pushlib.parked import ParkedCalls  # noqa: E402
+from pushlib.redisconn import StoreUnavailable  # noqa: E402
+from pushlib.store import SyncStore  # noqa: E402
+from pushlib.ttlcache import TtlCache  # noqa: E402
 
 STOP = True  # the route answered or relayed the request: request routing ends here
 NEXT = False  # the route did not apply: the next route of the pipeline runs
@@ -57,6 +61,7 @@ WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose dev
 FAILURE_ROUTE = "ksr_failure_route"
 PARK_PREFIX = "pn-park-"
 _MAPPING_TTL = 10.0
+_LEGACY_NOTICE_TTL = 3600.0  # one "legacy-params-no-ua-mapping" notice per AOR and hour
 _HA1_TTL = 5.0  # a changed password applies within this many seconds
 _APP_TTL = 10.0  # an app added, disabled or removed applies to REGISTERs within this many seconds
 
@@ -156,13 +161,12 @@ class Router:
         self.cfg = calls.proxy_config(_get_def)
         self._pid = 0
         self._store: SyncStore | None = None
-        self._state: callstate.CallState | None = None
-        self._subscribers: callstate.Subscribers | None = None
-        self._mappings: list[UaMapping] = []
-        self._mappings_at = -_MAPPING_TTL
-        self._legacy_logged: set[str] = set()
-        self._ha1_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
-        self._app_cache: dict[tuple[str, str], tuple[bool | None, float]] = {}
+        self._state: ParkedCalls | None = None
+        self._subscribers: Subscribers | None = None
+        self._mappings: TtlCache[str, list[UaMapping]] = TtlCache(_MAPPING_TTL, 1)
+        self._legacy_logged: TtlCache[str, bool] = TtlCache(_LEGACY_NOTICE_TTL, 10_000)
+        self._ha1_cache: TtlCache[tuple[str, str], str | None] = TtlCache(_HA1_TTL, 10_000)
+        self._app_cache: TtlCache[tuple[str, str], bool | None] = TtlCache(_APP_TTL, 1_000)
         self.limits = access.limits_from(_get_def)
         self.served = access.served_domains(_unquoted_def("LOCAL_DOMAINS"))
         self.role = KSR.kx.ifdef("PUSHER_ROLE") > 0
@@ -198,7 +202,7 @@ class Router:
             self.store.ping()
             self.state.warm_up()
             self._ua_mappings()
-        except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
+        except StoreUnavailable as exc:
             _log(KSR.warn, "redis-unavailable-at-start", error=exc)
 
     def _connect(self) -> None:
@@ -209,9 +213,8 @@ class Router:
         self._pid = os.getpid()
         settings = self.cfg.settings
         self._store = SyncStore(settings.redis_url, settings)
-        client = callstate.connect(settings.redis_url)
-        self._state = callstate.CallState(client)
-        self._subscribers = callstate.Subscribers(client)
+        self._state = ParkedCalls(self._store.client)  # one connection pool per process
+        self._subscribers = Subscribers(self._store.client)
 
     @property
     def store(self) -> SyncStore:
@@ -220,26 +223,23 @@ class Router:
         return self._store
 
     @property
-    def state(self) -> callstate.CallState:
+    def state(self) -> ParkedCalls:
         self._connect()
         assert self._state is not None
         return self._state
 
     @property
-    def subscribers(self) -> callstate.Subscribers:
+    def subscribers(self) -> Subscribers:
         self._connect()
         assert self._subscribers is not None
         return self._subscribers
 
     def _ua_mappings(self) -> list[UaMapping]:
-        now = time.monotonic()
-        if now - self._mappings_at > _MAPPING_TTL:
-            try:
-                self._mappings = self.store.ua_mappings()
-                self._mappings_at = now
-            except StoreUnavailable as exc:
-                _log(KSR.warn, "ua-mappings-unavailable", error=exc)
-        return self._mappings
+        try:
+            return self._mappings.get_or_load("all", self.store.ua_mappings)
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "ua-mappings-unavailable", error=exc)
+            return self._mappings.get("all", [], stale_ok=True)
 
     # ------------------------------------------------------------------ request pipeline
 
@@ -364,7 +364,7 @@ class Router:
         key = calls.call_key(_pv("$ci"))
         if not self.cfg.pusher or calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key)) is None:
             return False
-        self._end_parked(key, reason="canceled", reply=487)
+        self._end_parked(key, reason=calls.end_reason(487), reply=487)
         KSR.sl.sl_send_reply(200, "Canceling")
         return True
 
@@ -404,7 +404,7 @@ class Router:
         if from_served:  # (credentials exist for served domains only: no lookup for others)
             try:
                 ha1 = self._ha1(user, domain)
-            except callstate.CallStateUnavailable as exc:
+            except StoreUnavailable as exc:
                 _log(KSR.err, "auth-store-unavailable", user=user, method=_pv("$rm"), error=exc)
                 store_up = False
         verdict = access.auth_precheck(register, ha1 is not None, store_up, from_served, self.fail_open_invite)
@@ -427,17 +427,9 @@ class Router:
         return STOP
 
     def _ha1(self, user: str, domain: str) -> str | None:
-        """Subscriber HA1 (None: not a local user), cached per worker for a few seconds: the
+        """Subscriber HA1 (None: not a local user), cached per worker for _HA1_TTL seconds: the
         challenged REGISTER fills the cache the authenticated one (the wake-up path) reads."""
-        now = time.monotonic()
-        cached = self._ha1_cache.get((user, domain))
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        ha1 = self.subscribers.ha1(user, domain)
-        if len(self._ha1_cache) > 10_000:
-            self._ha1_cache.clear()
-        self._ha1_cache[(user, domain)] = (ha1, now + _HA1_TTL)
-        return ha1
+        return self._ha1_cache.get_or_load((user, domain), lambda: self.subscribers.ha1(user, domain))
 
     # ------------------------------------------------------------------ REGISTER
 
@@ -449,103 +441,61 @@ class Router:
         if not self.cfg.pusher:
             self._save()
             return STOP
-        user, domain = _pv("$tU"), _pv("$td")
-        aor = calls.aor_of(user, domain)
-        contact = _pv("$ct")
-        if not contact or contact.strip() == "*":
-            if contact.strip() == "*":
-                self._forget_all_devices(aor)
+        aor = calls.aor_of(_pv("$tU"), _pv("$td"))
+        plan = calls.plan_register(aor, _pv("$ct"), _pv("$hdr(Expires)") or None, _pv("$ua"),
+                                   self._ua_mappings(), self._app_enabled, self.limits, time.time())
+        if isinstance(plan, calls.RegisterReply):
+            _log(KSR.notice, "register-rejected", code=plan.code, aor=aor, **dict(plan.log_fields))
+            KSR.sl.sl_send_reply(plan.code, plan.reason)
+        elif isinstance(plan, calls.SaveBinding):
+            if plan.legacy_ua is not None and not self._legacy_logged.get(aor, False):
+                self._legacy_logged.put(aor, True)
+                _log(KSR.notice, "legacy-params-no-ua-mapping", aor=aor, ua=plan.legacy_ua)
+            if plan.feature_caps:
+                KSR.hdr.append_to_reply(f"Feature-Caps: {plan.feature_caps}\r\n")
             self._save()
-            return STOP
-        if len(calls.contact_uri(contact)) > calls.MAX_CONTACT_URI:  # registrar would say only "Bad Request"
-            _log(KSR.notice, "register-rejected", code=400, aor=aor, reason="contact-uri-too-long")
-            KSR.sl.sl_send_reply(400, "Contact URI Too Long")
-            return STOP
-        user_agent = _pv("$ua")
-        mappings = self._ua_mappings()
-        try:
-            uri_params = params.contact_uri_params(contact)
-            hdr_params = params.contact_header_params(contact)
-            push = params.parse_push_params(uri_params, user_agent, mappings)
-        except params.UnsupportedProvider as exc:
-            _log(KSR.notice, "register-rejected", code=555, aor=aor, reason=calls.sip_reason(str(exc)))
-            KSR.sl.sl_send_reply(555, "Push Notification Service Not Supported")
-            return STOP
-        except params.PushParamError as exc:
-            reason = calls.sip_reason(str(exc))
-            _log(KSR.notice, "register-rejected", code=400, aor=aor, reason=reason)
-            KSR.sl.sl_send_reply(400, reason)
-            return STOP
-        if push is not None and (refusal := self._app_refusal(push.provider.value, push.app_id)):
-            _log(KSR.notice, "register-rejected", code=555, aor=aor, app=push.app_id, reason=refusal)
-            KSR.sl.sl_send_reply(555, f"Push Notification Service Not Supported ({refusal})")
-            return STOP
-        if push is None:
-            if params.has_legacy_params(uri_params, mappings) and aor not in self._legacy_logged:
-                self._legacy_logged.add(aor)
-                _log(KSR.notice, "legacy-params-no-ua-mapping", aor=aor, ua=calls.sip_reason(user_agent))
-            KSR.hdr.append_to_reply(f"Feature-Caps: {calls.feature_caps(None)}\r\n")
+        elif isinstance(plan, calls.UnregisterAll):
+            self._forget_all_devices(aor)
             self._save()
-            return STOP
-        contact_uri = calls.contact_uri(contact)
-        instance = hdr_params.get("+sip.instance")
-        device_id = params.device_id_for(push, instance)
-        expires = calls.register_expires(hdr_params.get("expires"), _pv("$hdr(Expires)") or None,
-                                         minimum=self.limits.min_expires, maximum=self.limits.max_expires)
-        if expires == 0:
+        elif isinstance(plan, calls.RemoveDevice):
             try:
-                self.store.remove_device(aor, device_id)
+                self.store.remove_device(aor, plan.device_id)
             except StoreUnavailable as exc:
-                _log(KSR.err, "device-remove-failed", aor=aor, device=device_id, error=exc)
+                _log(KSR.err, "device-remove-failed", aor=aor, device=plan.device_id, error=exc)
             self._save()
-            return STOP
-        now = time.time()
-        device = Device(
-            aor=aor,
-            device_id=device_id,
-            params=push,
-            contact=contact_uri,
-            user_agent=user_agent,
-            registered_at=now,
-            expires_at=now + expires,
-        )
-        pns = _pv("$(ct{nameaddr.uri}{uri.param,pn-provider})") or push.provider.value
-        KSR.hdr.append_to_reply(f"Feature-Caps: {calls.feature_caps(calls.sip_reason(pns))}\r\n")
+        else:
+            self._save_device(aor, plan)
+        return STOP
+
+    def _save_device(self, aor: str, plan: calls.SaveDevice) -> None:
+        device = plan.device
+        KSR.hdr.append_to_reply(f"Feature-Caps: {plan.feature_caps}\r\n")
         # Order matters for wake latency: save the binding (reply held back), forward the parked
         # INVITEs to it, then write the push record and only then answer the REGISTER.
         if not self._save(reply=False):
-            return STOP
-        self._resume(aor, device_id)
+            return
+        self._resume(aor, device.device_id)
         try:
             evicted = self.store.save_device(device)
         except StoreUnavailable as exc:
-            _log(KSR.err, "device-store-unavailable", aor=aor, device=device_id, error=exc)
+            _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, error=exc)
             for b in self._bindings(aor):
-                if b.uri == contact_uri:
+                if b.uri == device.contact:
                     KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
             KSR.sl.sl_send_reply(503, "Push Store Unavailable")
-            return STOP
-        self._drop_stale_bindings(aor, device_id, contact_uri, evicted)
+            return
+        self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
-        return STOP
 
-    def _app_refusal(self, provider: str, app_id: str) -> str | None:
-        """Why a REGISTER naming this app is refused (None: configured and enabled), so nobody can
-        make us push for apps we do not serve. Cached per worker for _APP_TTL seconds; with Redis
-        down the REGISTER goes on (saving the device fails with 503 anyway)."""
-        now = time.monotonic()
-        cached = self._app_cache.get((provider, app_id))
-        if cached is None or cached[1] <= now:
-            try:
-                enabled = self.store.app_enabled(provider, app_id)
-            except StoreUnavailable as exc:
-                _log(KSR.warn, "app-check-unavailable", app=app_id, error=exc)
-                return None
-            if len(self._app_cache) > 1_000:
-                self._app_cache.clear()
-            cached = (enabled, now + _APP_TTL)
-            self._app_cache[(provider, app_id)] = cached
-        return access.app_refusal(cached[0] is not None, cached[0] is True)
+    def _app_enabled(self, provider: str, app_id: str) -> bool | None:
+        """Whether we push for this app (None: not configured), so nobody can make us push for apps
+        we do not serve. Cached per worker for _APP_TTL seconds; with Redis down the REGISTER goes
+        on (saving the device fails with 503 anyway)."""
+        try:
+            return self._app_cache.get_or_load((provider, app_id), lambda: self.store.app_enabled(provider, app_id))
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "app-check-unavailable", app=app_id, error=exc)
+            return True
 
     def _save(self, reply: bool = True) -> bool:
         if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:
@@ -565,18 +515,8 @@ class Router:
     def _drop_stale_bindings(self, aor: str, device_id: str, contact_uri: str, evicted: list[str]) -> None:
         """Remove the device's older bindings (new port/connection/Call-ID) and evicted devices'."""
         mappings = self._ua_mappings()
-
-        def identify(b: calls.Binding) -> str | None:
-            try:
-                pp = params.parse_push_params(params.contact_uri_params(f"<{b.uri}>"), b.user_agent, mappings)
-            except params.PushParamError:
-                return None
-            return None if pp is None else params.device_id_for(pp, b.instance or None)
-
-        bindings = self._bindings(aor)
-        stale = calls.stale_bindings(bindings, device_id, contact_uri, identify)
-        gone = set(evicted)
-        stale += [b for b in bindings if gone and b not in stale and identify(b) in gone]
+        stale = calls.stale_bindings(self._bindings(aor), device_id, contact_uri,
+                                     lambda b: calls.binding_device_id(b, mappings), evicted)
         for b in stale:
             KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
             _log(KSR.info, "stale-binding-removed", aor=aor, device=device_id)
@@ -596,7 +536,7 @@ class Router:
         rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
         try:
             woken = self.state.wake(aor, device_id)
-        except callstate.CallStateUnavailable as exc:
+        except StoreUnavailable as exc:
             _log(KSR.err, "wake-state-unavailable", aor=aor, device=device_id, error=exc)
             woken = []
         _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(woken), rc=rc)
@@ -703,7 +643,7 @@ class Router:
         KSR.tm.t_save_lumps()
         KSR.tsilo.ts_store_uri(aor)
         pushed = tuple(d.device_id for d in plan.push)
-        parked = callstate.ParkedCall(
+        parked = ParkedCall(
             aor=aor,
             key=key,
             call_id=call_id,
@@ -720,7 +660,7 @@ class Router:
                 calls.incoming_call_job(aor, call_id, caller, pushed, now, self.cfg.settings.wait_window)
             )
             self.state.park(parked, now)
-        except (StoreUnavailable, callstate.CallStateUnavailable) as exc:
+        except StoreUnavailable as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
             self._give_back_park_slot(aor)
             if plan.ring:
@@ -835,23 +775,12 @@ class Router:
         KSR.htable.sht_rm_name_re(PEND_TABLE, f"\\|{key}$")
         try:
             call = self.state.finish(aor, key)
-        except callstate.CallStateUnavailable as exc:
+        except StoreUnavailable as exc:
             _log(KSR.err, "end-state-unavailable", aor=aor, call=key, reason=reason, error=exc)
             return
         if call is None:
             return  # another process ended it and owes the pushes
-        now = time.time()
-        if answered:
-            notify = tuple(d for d in call.pushed if d not in call.woken)
-            jobs: list[PushJob] = calls.end_of_call_jobs(
-                aor, call.call_id, (call.caller_name, call.caller_number), notify, "", now,
-                self.cfg.settings, reason,
-            )
-        else:
-            jobs = calls.end_of_call_jobs(
-                aor, call.call_id, (call.caller_name, call.caller_number), call.pushed, None, now,
-                self.cfg.settings, reason,
-            )
+        jobs = calls.end_of_call_jobs(call, answered, time.time(), self.cfg.settings, reason)
         try:
             for job in jobs:
                 self.store.enqueue(job)
@@ -881,10 +810,10 @@ class Router:
             code, aor is not None, KSR.tm.t_is_canceled() > 0, fallback_aor is not None
         )
         if action is calls.FailureRouteAction.END_ALL:
-            self._end_parked(key, reason=f"rejected-{code}")
+            self._end_parked(key, reason=calls.end_reason(code))
         elif action is not calls.FailureRouteAction.RELAY:
             if action is calls.FailureRouteAction.WINDOW_END:
-                self._end_parked(key, reason="timeout")  # (the fallback was set up by the timer)
+                self._end_parked(key, reason=calls.end_reason(0))  # (the fallback was set up by the timer)
             if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
                 KSR.tm.t_reply(480, calls.reason_phrase(480))
 
@@ -923,7 +852,7 @@ class Router:
         if entry is None:
             return
         if 200 <= code < 300:
-            self._end_parked(key, reason="answered", answered=True)
+            self._end_parked(key, reason=calls.end_reason(code), answered=True)
         elif calls.failure_action(code, True, False) is calls.FailureAction.END_ALL:
             # busy/decline ends the call for everyone. tm cannot end the parking branch from
             # inside a reply route, so the wait-window timer is re-armed to fire now with this
@@ -976,15 +905,10 @@ class Router:
         entry = calls.WaitEntry.decode(_pv("$shtrecord(value)"))
         if not key or entry is None:
             return
-        reply = entry.code or 480
-        reason = "timeout" if reply == 480 else f"rejected-{reply}"
-        if reply == 480 and self.cfg.fallback_uri:
-            # the window is over but a device still rings (else the failure route had
-            # ended the call): cancel the branches, the failure route relays to the fallback
+        end = entry.window_end(fallback=bool(self.cfg.fallback_uri))
+        if end.to_fallback:
             KSR.htable.sht_setxs(FALLBACK_TABLE, key, entry.aor, 120)
-            self._finish(entry, key, reason=reason, reply=0, answered=False, cancel=True)
-        else:
-            self._finish(entry, key, reason=reason, reply=reply, answered=False)
+        self._finish(entry, key, reason=end.reason, reply=end.reply, answered=False, cancel=end.to_fallback)
 
     def ksr_dispatcher(self, msg: object, idx: str = "0") -> int:
         """evrexec worker: run the push dispatcher's asyncio loop in this dedicated process."""

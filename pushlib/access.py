@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from pushlib.aor import HOST, ascii_lower
+
 # ----------------------------------------------------------------------------- domains
 
 
@@ -20,24 +22,23 @@ def served_domains(raw: str | None) -> frozenset[str]:
     addresses and `alias=` names decide (the router asks `is_myself`)."""
     if not raw:
         return frozenset()
-    return frozenset(d.strip().lower() for d in re.split(r"[\s,;]+", raw) if d.strip())
+    return frozenset(ascii_lower(d.strip()) for d in re.split(r"[\s,;]+", raw) if d.strip())
 
 
 def is_served(domain: str, served: frozenset[str], is_myself: Callable[[str], bool]) -> bool:
     """True when `domain` (the host of a To / From / request URI) is one of ours.
 
     With no LOCAL_DOMAINS, `is_myself` (Kamailio's listen addresses and aliases) answers.
-    A domain with bytes a host name cannot hold is never ours (and never reaches is_myself).
+    A domain with bytes a host name cannot hold is never ours (and never reaches is_myself);
+    only ASCII letters are case-folded, so no Unicode look-alike (the Kelvin sign `K` lower-cases
+    to `k`) can pass for one of our names.
     """
-    host = domain.strip().lower()
-    if not host or not _HOST.fullmatch(host):
+    host = ascii_lower(domain.strip())
+    if not HOST.fullmatch(host):
         return False
     if served:
         return host in served
     return is_myself(host)
-
-
-_HOST = re.compile(r"[a-z0-9.\-]{1,253}|\[[0-9a-f:.]{2,45}\]")
 
 # ----------------------------------------------------------------------------- digest auth
 

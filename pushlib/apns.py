@@ -31,13 +31,12 @@ from pushlib.h2transport import H2Transport, client_ssl_context, origin_url
 from pushlib.logutil import get_logger, token_prefix
 from pushlib.models import ApnsRequest, AppCredentials, Outcome, PushResult
 from pushlib.outcomes import classify_apns
+from pushlib.provider_limits import APNS_PAYLOAD_BYTES, APNS_VOIP_PAYLOAD_BYTES
 
 log = get_logger(__name__)
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
-PAYLOAD_LIMIT = 4096
-VOIP_PAYLOAD_LIMIT = 5120
 DEFAULT_JWT_TTL = 40 * 60.0
 MIN_JWT_TTL = 20 * 60.0
 MAX_JWT_TTL = 60 * 60.0
@@ -138,7 +137,8 @@ class ApnsClient:
 
     async def send(self, request: ApnsRequest, timeout: float) -> PushResult:
         """POST /3/device/<token>; the result says what happened (never raises for I/O trouble)."""
-        limit = VOIP_PAYLOAD_LIMIT if request.headers.get("apns-push-type") == "voip" else PAYLOAD_LIMIT
+        voip = request.headers.get("apns-push-type") == "voip"
+        limit = APNS_VOIP_PAYLOAD_BYTES if voip else APNS_PAYLOAD_BYTES
         if len(request.payload) > limit:
             return PushResult(Outcome.REJECTED, 0, "PayloadTooLarge")
         if not _is_hex(request.token):

@@ -1,9 +1,10 @@
-"""The asyncio Redis store used by the push dispatcher (redis.asyncio).
+"""The asyncio Redis store used by the push dispatcher (redis.asyncio): the async side of the data layer.
 
-Same keys and serialisation as `pushlib.store.SyncStore` (both use `pushlib.schema`), plus what
-the dispatcher needs: the job stream (consumer group, reclaim, ack), idempotency marks, and
-the outcome helpers (dead tokens, device quarantine, per-app error and environment status).
-Connection failures raise `StoreUnavailable`, as in the sync store.
+Same keys and serialisation as the sync side (`pushlib.store.SyncStore`; both use `pushlib.schema`),
+and what the dispatcher needs: the job stream (consumer group, reclaim, ack), its target devices
+with their idempotency marks, app credentials, and the outcome helpers (dead tokens, device
+quarantine, per-app error and environment status). Connection failures and timeouts raise
+`redisconn.StoreUnavailable`; a server's error reply passes through (the dispatcher tells them apart).
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-import redis.asyncio as aredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from pushlib import schema
 from pushlib.logutil import token_prefix
-from pushlib.models import AppCredentials, Device, Outcome, PushJob, UaMapping
-from pushlib.settings import Settings, redis_connection_options
-from pushlib.store import StoreUnavailable, _decode_or_log, _unavailable_on_connection_errors
+from pushlib.models import AppCredentials, Device
+from pushlib.redisconn import async_client, unavailable_on_connection_error
+from pushlib.schema import SENT_MARK_TTL
+from pushlib.settings import Settings
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_SECONDS = 24 * 3600
-SENT_MARK_TTL = 24 * 3600
 # Sliding window used to suspect a wrong APNs environment (sandbox vs production) for an app.
 ENV_WINDOW_PUSHES = 100
 ENV_SUSPECT_MIN_BAD = 5
@@ -110,16 +110,12 @@ return '[' .. table.concat(out, ',') .. ']'
 
 
 class AsyncStore:
-    """Async twin of SyncStore plus the dispatcher's stream and outcome operations."""
+    """The dispatcher's reads and writes (see module doc)."""
 
     def __init__(self, redis_url: str, settings: Settings) -> None:
         self.settings = settings
-        # socket_timeout must exceed the XREADGROUP block time used by the dispatcher. A rediss://
-        # URL verifies the server's certificate and host name (redis_connection_options).
-        self._r: Any = aredis.Redis.from_url(
-            redis_url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=2.0,
-            **redis_connection_options(redis_url),
-        )
+        # Its socket timeout (redisconn.DISPATCHER_SOCKET_TIMEOUT) exceeds the XREADGROUP block time.
+        self._r: Any = async_client(redis_url)
         self._remove_token = self._r.register_script(_REMOVE_TOKEN)
         self._set_if_exists = self._r.register_script(_SET_IF_EXISTS)
         self._job_devices = self._r.register_script(_JOB_DEVICES)
@@ -128,92 +124,17 @@ class AsyncStore:
     async def aclose(self) -> None:
         await self._r.aclose()
 
-    async def ping(self) -> bool:
-        with _unavailable_on_connection_errors("ping"):
-            return bool(await self._r.ping())
-
-    # --- devices, apps, mappings (twins of SyncStore) ---------------------------------------
-
-    async def save_device(self, device: Device) -> list[str]:
-        """Same contract as SyncStore.save_device."""
-        dkey = schema.device_key(device.aor, device.device_id)
-        skey = schema.devices_key(device.aor)
-        with _unavailable_on_connection_errors("save_device"):
-            async with self._r.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        await pipe.watch(skey)
-                        members = [m for m in await pipe.smembers(skey) if m != device.device_id]
-                        reads = self._r.pipeline(transaction=False)
-                        for m in members:
-                            reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at")
-                        others: dict[str, tuple[float, float] | None] = {}
-                        for m, (reg, exp) in zip(members, await reads.execute(), strict=True):
-                            others[m] = None if reg is None else (float(reg), float(exp or 0))
-                        plan = schema.plan_device_save(
-                            device, others, self.settings.max_devices_per_user, time.time()
-                        )
-                        pipe.multi()
-                        pipe.delete(dkey)
-                        pipe.hset(dkey, mapping=schema.encode_device(device))
-                        pipe.expire(dkey, plan.device_ttl)
-                        pipe.sadd(skey, device.device_id)
-                        if plan.evict or plan.stale:
-                            pipe.srem(skey, *plan.evict, *plan.stale)
-                            pipe.delete(*(schema.device_key(device.aor, i) for i in plan.evict))
-                        pipe.expire(skey, plan.set_ttl)
-                        await pipe.execute()
-                        break
-                    except aredis.WatchError:
-                        continue
-        return list(plan.evict)
-
-    async def remove_device(self, aor: str, device_id: str) -> bool:
-        with _unavailable_on_connection_errors("remove_device"):
-            pipe = self._r.pipeline(transaction=True)
-            pipe.delete(schema.device_key(aor, device_id))
-            pipe.srem(schema.devices_key(aor), device_id)
-            deleted, _ = await pipe.execute()
-        return bool(deleted)
-
-    async def device(self, aor: str, device_id: str) -> Device | None:
-        with _unavailable_on_connection_errors("device"):
-            raw = await self._r.hgetall(schema.device_key(aor, device_id))
-        return _decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
-
-    async def devices(self, aor: str) -> list[Device]:
-        """Same contract as SyncStore.devices (expired ids cleaned lazily)."""
-        skey = schema.devices_key(aor)
-        with _unavailable_on_connection_errors("devices"):
-            ids = sorted(await self._r.smembers(skey))
-            if not ids:
-                return []
-            pipe = self._r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hgetall(schema.device_key(aor, i))
-            raws: list[dict[str, str]] = await pipe.execute()
-            stale = [i for i, raw in zip(ids, raws, strict=True) if not raw]
-            if stale:
-                await self._r.srem(skey, *stale)
-        found = [
-            _decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
-        ]
-        return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
-
-    async def job_devices(
-        self, aor: str, job_id: str, device_ids: Sequence[str] = ()
-    ) -> list[tuple[Device, bool]]:
-        """The job's target devices (`device_ids`, or all of the AOR's when empty) ordered by
-        registered_at, each with True when `mark_sent` was called for (job, device). One round
-        trip (EVALSHA); expired ids are cleaned from the AOR set as in `devices`."""
-        return (await self.job_devices_many([(aor, job_id, device_ids)]))[0]
+    # --- devices, apps ---------------------------------------------------------------------------
 
     async def job_devices_many(
         self, requests: Sequence[tuple[str, str, Sequence[str]]]
     ) -> list[list[tuple[Device, bool]]]:
-        """`job_devices` for several (aor, job_id, device_ids) in one round trip (pipelined
-        EVALSHA, not atomic across requests); answers in request order."""
-        with _unavailable_on_connection_errors("job_devices"):
+        """For each (aor, job_id, device_ids): the job's target devices (`device_ids`, or all of
+        the AOR's when empty) ordered by registered_at, each with True when `mark_sent_many`
+        marked (job, device). One round trip (pipelined EVALSHA, not atomic across requests);
+        answers in request order. Ids whose hash expired are removed from the AOR's set on the
+        way (as `SyncStore.devices` does)."""
+        with unavailable_on_connection_error("job_devices"):
             replies = await self._eval_job_devices(requests)
             if any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted or its script cache was flushed: load it once and ask again
@@ -226,7 +147,7 @@ class AsyncStore:
                 raise reply
             found: list[tuple[Device, bool]] = []
             for device_id, raw, sent in json.loads(reply):
-                device = _decode_or_log(schema.decode_device, raw, aor, str(device_id))
+                device = schema.decode_or_log(schema.decode_device, raw, aor, str(device_id))
                 if device is not None:
                     found.append((device, bool(sent)))
             found.sort(key=lambda pair: pair[0].registered_at)
@@ -251,36 +172,10 @@ class AsyncStore:
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
-    async def enqueue(self, job: PushJob) -> str:
-        with _unavailable_on_connection_errors("enqueue"):
-            entry_id = await self._r.xadd(
-                self.settings.stream, schema.encode_job(job),
-                maxlen=self.settings.stream_maxlen, approximate=True,
-            )
-        return str(entry_id)
-
-    async def save_app(self, app: AppCredentials) -> None:
-        """Same contract as SyncStore.save_app."""
-        with _unavailable_on_connection_errors("save_app"):
-            pipe = self._r.pipeline(transaction=False)
-            pipe.delete(schema.app_key(app.provider, app.app_id))
-            pipe.hset(schema.app_key(app.provider, app.app_id), mapping=schema.encode_app(app))
-            pipe.hset(schema.APP_INDEX_KEY, schema.app_index_field(app.provider, app.app_id),
-                      schema.app_index_value(app.enabled))
-            pipe.hdel(schema.app_status_key(app.provider, app.app_id), *schema.APP_STATUS_RESET_FIELDS)
-            await pipe.execute()
-        log.info("store: saved app %s", schema.describe_app(app))
-
     async def app(self, provider: str, app_id: str) -> AppCredentials | None:
-        with _unavailable_on_connection_errors("app"):
+        with unavailable_on_connection_error("app"):
             raw = await self._r.hgetall(schema.app_key(provider, app_id))
-        return _decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
-
-    async def ua_mappings(self) -> list[UaMapping]:
-        with _unavailable_on_connection_errors("ua_mappings"):
-            raw: dict[str, str] = await self._r.hgetall(schema.UAMAP_KEY)
-        found = [_decode_or_log(schema.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
-        return [m for m in found if m is not None]
+        return schema.decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
 
     # --- outcome helpers ------------------------------------------------------------------------
 
@@ -288,7 +183,7 @@ class AsyncStore:
         """A provider said `token` is dead: remove it from the device (the whole device when no
         token is left). Idempotent: False when the token is no longer on the device (already
         removed, or the device re-registered with a new one)."""
-        with _unavailable_on_connection_errors("remove_token"):
+        with unavailable_on_connection_error("remove_token"):
             result = int(await self._remove_token(
                 keys=[schema.device_key(aor, device_id), schema.devices_key(aor)], args=[token, device_id],
             ))
@@ -301,7 +196,7 @@ class AsyncStore:
         """Skip this device for QUARANTINE_SECONDS (its next REGISTER clears it). False when the
         device no longer exists."""
         until = (time.time() if now is None else now) + QUARANTINE_SECONDS
-        with _unavailable_on_connection_errors("quarantine_device"):
+        with unavailable_on_connection_error("quarantine_device"):
             done = int(await self._set_if_exists(
                 keys=[schema.device_key(aor, device_id)], args=["quarantined_until", repr(until)],
             ))
@@ -309,37 +204,15 @@ class AsyncStore:
             log.warning("store: device quarantined aor=%s device=%s until=%.0f", aor, device_id, until)
         return bool(done)
 
-    async def is_sent(self, aor: str, job_id: str, device_id: str) -> bool:
-        with _unavailable_on_connection_errors("is_sent"):
-            return bool(await self._r.exists(schema.sent_key(aor, job_id, device_id)))
-
-    async def mark_sent(self, aor: str, job_id: str, device_id: str, ttl: int = SENT_MARK_TTL) -> None:
-        """Record that the provider accepted this (job, device) push, so a reclaimed job skips it."""
-        await self.mark_sent_many([(aor, job_id, device_id)], ttl)
-
     async def mark_sent_many(self, marks: Iterable[tuple[str, str, str]], ttl: int = SENT_MARK_TTL) -> None:
-        """`mark_sent` for several (aor, job_id, device_id) in one round trip; all are written
-        when this returns (not atomically: each mark stands alone)."""
-        with _unavailable_on_connection_errors("mark_sent"):
+        """Record that the provider accepted these (aor, job_id, device_id) pushes, so a reclaimed
+        job skips them. One round trip; all are written when this returns (not atomically: each
+        mark stands alone)."""
+        with unavailable_on_connection_error("mark_sent"):
             pipe = self._r.pipeline(transaction=False)
             for aor, job_id, device_id in marks:
                 pipe.set(schema.sent_key(aor, job_id, device_id), "1", ex=ttl)
             await pipe.execute()
-
-    async def record_outcome(
-        self, provider: str, app_id: str, outcome: Outcome, now: float | None = None
-    ) -> bool:
-        """Count a final push outcome for the app and feed the environment-suspicion window.
-        Returns True when this call flagged the app's environment as likely wrong (most recent
-        pushes got BadDeviceToken: Apple answers that when sandbox/production are mixed up)."""
-        now = time.time() if now is None else now
-        bad = outcome is Outcome.DEVICE_SUSPECT
-        app = (provider, app_id)
-        flagged = await self.record_outcomes(
-            {(provider, app_id, outcome.value): 1}, {app: [schema.window_entry(now, bad)]},
-            check=[app] if bad else [], now=now,
-        )
-        return app in flagged
 
     async def record_outcomes(
         self,
@@ -348,15 +221,17 @@ class AsyncStore:
         check: Collection[tuple[str, str]] = (),
         now: float | None = None,
     ) -> list[tuple[str, str]]:
-        """Batched `record_outcome`: add `counts` ((provider, app_id, outcome value) -> n) to the
-        apps' counters, push `windows` ((provider, app_id) -> `schema.window_entry`s, oldest first)
-        onto their sliding windows, then evaluate the environment suspicion of the apps in
-        `check` (those that just got a BadDeviceToken). One round trip (plus one per newly
-        flagged app); returns the apps this call flagged."""
+        """Count final push outcomes and feed the environment-suspicion windows: add `counts`
+        ((provider, app_id, outcome value) -> n) to the apps' counters, push `windows` ((provider,
+        app_id) -> `schema.window_entry`s, oldest first) onto their sliding windows, then evaluate
+        the environment suspicion of the apps in `check` (those that just got a BadDeviceToken):
+        an app is flagged when most of its recent pushes got BadDeviceToken (Apple answers that
+        when sandbox/production are mixed up). One round trip (plus one per newly flagged app);
+        returns the apps this call flagged."""
         now = time.time() if now is None else now
         # Not MULTI: the apps' keys live in different slots on a cluster, and nothing here
         # needs all-or-nothing (a counter or window entry more or less is harmless).
-        with _unavailable_on_connection_errors("record_outcome"):
+        with unavailable_on_connection_error("record_outcome"):
             pipe = self._r.pipeline(transaction=False)
             for (provider, app_id, outcome), n in counts.items():
                 pipe.hincrby(schema.app_status_key(provider, app_id), f"count:{outcome}", n)
@@ -395,19 +270,11 @@ class AsyncStore:
         TTL is refreshed: see schema.APP_STATUS_TTL)."""
         now = time.time() if now is None else now
         skey = schema.app_status_key(provider, app_id)
-        with _unavailable_on_connection_errors("record_app_error"):
+        with unavailable_on_connection_error("record_app_error"):
             pipe = self._r.pipeline(transaction=False)
             pipe.hset(skey, mapping={"last_error": text[:500], "last_error_at": repr(now)})
             pipe.expire(skey, schema.APP_STATUS_TTL)
             await pipe.execute()
-
-    async def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
-        """Operator view: last_error (+_at), env_suspect (+_at), counters per outcome, and the
-        recent window (pushes, bad_device_token)."""
-        with _unavailable_on_connection_errors("app_status"):
-            raw: dict[str, str] = await self._r.hgetall(schema.app_status_key(provider, app_id))
-            window: list[str] = await self._r.lrange(schema.app_window_key(provider, app_id), 0, -1)
-        return schema.app_status_view(raw, window, time.time())
 
     # --- job stream -------------------------------------------------------------------------------
 
@@ -415,7 +282,7 @@ class AsyncStore:
         """Create the consumer group (and the stream) if missing; jobs queued before the group
         existed are read too (their deadline decides whether they are still sent)."""
         try:
-            with _unavailable_on_connection_errors("ensure_group"):
+            with unavailable_on_connection_error("ensure_group"):
                 await self._r.xgroup_create(self.settings.stream, self.settings.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -423,7 +290,7 @@ class AsyncStore:
 
     async def read_new(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, dict[str, str]]]:
         """New entries for this consumer (they enter its pending list)."""
-        with _unavailable_on_connection_errors("read_new"):
+        with unavailable_on_connection_error("read_new"):
             reply = await self._r.xreadgroup(
                 self.settings.group, consumer, {self.settings.stream: ">"}, count=count, block=block_ms,
             )
@@ -432,7 +299,7 @@ class AsyncStore:
     async def read_new_nowait(self, consumer: str, count: int) -> list[tuple[str, dict[str, str]]]:
         """`read_new` without blocking (an empty list when nothing is waiting); cheaper to
         parse, for when a backlog is likely."""
-        with _unavailable_on_connection_errors("read_new"):
+        with unavailable_on_connection_error("read_new"):
             reply: str = await self._read_nowait(
                 keys=[self.settings.stream], args=[self.settings.group, consumer, count],
             )
@@ -444,7 +311,7 @@ class AsyncStore:
     ) -> tuple[str, list[tuple[str, dict[str, str]]], list[str]]:
         """XAUTOCLAIM entries idle longer than `min_idle_ms`: (next start, entries, ids of entries
         already deleted from the stream, which the caller acks)."""
-        with _unavailable_on_connection_errors("reclaim"):
+        with unavailable_on_connection_error("reclaim"):
             reply = await self._r.xautoclaim(
                 self.settings.stream, self.settings.group, consumer, min_idle_ms, start_id=start, count=count,
             )
@@ -459,7 +326,7 @@ class AsyncStore:
         dispatcher's reclaim sweep does not take them over."""
         if not entry_ids:
             return
-        with _unavailable_on_connection_errors("touch"):
+        with unavailable_on_connection_error("touch"):
             await self._r.xclaim(
                 self.settings.stream, self.settings.group, consumer, 0, entry_ids, justid=True,
             )
@@ -468,11 +335,11 @@ class AsyncStore:
         """Final outcome reached: ack and delete the entries (the stream keeps only live work)."""
         if not entry_ids:
             return
-        with _unavailable_on_connection_errors("finish"):
+        with unavailable_on_connection_error("finish"):
             pipe = self._r.pipeline(transaction=True)
             pipe.xack(self.settings.stream, self.settings.group, *entry_ids)
             pipe.xdel(self.settings.stream, *entry_ids)
             await pipe.execute()
 
 
-__all__ = ["AsyncStore", "StoreUnavailable"]
+__all__ = ["AsyncStore"]

@@ -1,11 +1,11 @@
-"""Pure call-flow decisions of the Kamailio push role.
+"""Pure decisions of the Kamailio push role: REGISTER, INVITE, and the end of parked calls.
 
 The KEMI router (kemi/) reads the SIP message and usrloc through KSR, calls the
 functions here to decide what to do, and acts through KSR. Nothing in this module
 does I/O, so every decision is unit-tested without Kamailio (tests/test_calls.py).
 
 Vocabulary:
-- a *binding* is one usrloc contact of the callee's AOR as seen when an INVITE arrives;
+- a *binding* is one usrloc contact of an AOR (`$ulc`), as the registrar saved it;
 - a *device* is a push-capable device from the Redis store (pushlib.models.Device);
 - an *awake* device registered less than `awake_window` seconds ago and is called at once;
 - a *sleeping* device is pushed (`incomingCall`) and the INVITE is parked until it re-REGISTERs.
@@ -14,14 +14,18 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TypeAlias
 from urllib.parse import quote, unquote
 
-from pushlib import schema
-from pushlib.models import Device, Provider, PushJob, PushKind
+from pushlib import params, schema
+from pushlib.access import Limits, app_refusal
+from pushlib.aor import Aor, aor_parts
+from pushlib.aor import aor_of as aor_of
+from pushlib.models import Device, ParkedCall, Provider, PushJob, PushKind, UaMapping
+from pushlib.params import sip_reason as sip_reason
 from pushlib.settings import Settings
 
 #: SIP finals that end a call for every device (busy here = busy everywhere, a decline is a decline).
@@ -33,8 +37,7 @@ SERVED_PROVIDERS: tuple[str, ...] = (Provider.APNS.value, Provider.FCM.value)
 
 #: Longest Contact URI a REGISTER may bind (registrar's `contact_max_size`, default 512).
 MAX_CONTACT_URI = 512
-_MAX_REASON = 80
-_SAFE_REASON = re.compile(r"[^\x20-\x7e]")
+PNS_NOT_SUPPORTED = "Push Notification Service Not Supported"  # RFC 8599's reason phrase for 555
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,6 @@ class ProxyConfig:
 
     pusher: bool = True
     auth: bool = False
-    external_dispatcher: bool = False
     awake_window: float = 10.0
     realm: str = ""
     #: where a parked call goes when its wait window ends unanswered ("" = answer 480); one per
@@ -65,8 +67,9 @@ def proxy_config(
     """Build the router's configuration from Kamailio defines (`KSR.kx.get_def`) over PUSHLIB_* env.
 
     A define that is present but has no value (e.g. `#!define WITH_AUTH`) counts as on.
-    Recognised: WITH_PUSHER, WITH_AUTH, WITH_EXTERNAL_DISPATCHER, REDIS_URL, WAIT_WINDOW,
-    AWAKE_WINDOW, AUTH_REALM, HIDE_CALLER, FALLBACK_URI.
+    Recognised: WITH_PUSHER, WITH_AUTH, REDIS_URL, WAIT_WINDOW, AWAKE_WINDOW, AUTH_REALM,
+    HIDE_CALLER, FALLBACK_URI. (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
+    Kamailio starts dispatcher processes.)
     """
 
     def flag(name: str) -> bool:
@@ -90,7 +93,6 @@ def proxy_config(
     return ProxyConfig(
         pusher=flag("WITH_PUSHER"),
         auth=flag("WITH_AUTH"),
-        external_dispatcher=flag("WITH_EXTERNAL_DISPATCHER"),
         awake_window=10.0 if awake is None else schema.finite_float(awake, "AWAKE_WINDOW"),
         realm=text("AUTH_REALM") or "",
         fallback_uri=text("FALLBACK_URI") or "",
@@ -101,12 +103,6 @@ def proxy_config(
 # --------------------------------------------------------------------------- REGISTER
 
 
-def sip_reason(text: str) -> str:
-    """A string made safe for a SIP reason phrase: printable ASCII, one line, <= 80 chars."""
-    cleaned = _SAFE_REASON.sub("?", text).strip() or "Bad Request"
-    return cleaned[:_MAX_REASON]
-
-
 def feature_caps(provider: str | None) -> str:
     """The RFC 8599 Feature-Caps value for a REGISTER 2xx.
 
@@ -114,14 +110,6 @@ def feature_caps(provider: str | None) -> str:
     """
     pns = provider if provider else ",".join(SERVED_PROVIDERS)
     return f'*;+sip.pns="{pns}"'
-
-
-def aor_of(user: str, domain: str) -> str:
-    """The AOR key used by the store, tsilo and usrloc: `sip:user@domain`."""
-    return f"sip:{user}@{domain}"
-
-
-_EXPIRES = re.compile(r"[0-9]{1,10}")
 
 
 def register_expires(contact_expires: str | None, header_expires: str | None, default: int = 3600,
@@ -136,7 +124,7 @@ def register_expires(contact_expires: str | None, header_expires: str | None, de
         if raw is None:
             continue
         text = raw.strip(" \t")
-        if _EXPIRES.fullmatch(text):
+        if len(text) <= 10 and text.isascii() and text.isdigit():
             value = int(text)
         break
     if value == 0:
@@ -144,36 +132,151 @@ def register_expires(contact_expires: str | None, header_expires: str | None, de
     return max(minimum, min(maximum, value)) if maximum else max(minimum, value)
 
 
-def uri_params(uri: str) -> dict[str, str]:
-    """Lower-cased URI parameters of a bare SIP URI (no `<>`; headers after `?` ignored)."""
-    body = uri.strip().strip("<>").split("?", 1)[0]
-    out: dict[str, str] = {}
-    for part in body.split(";")[1:]:
-        name, _, value = part.partition("=")
-        if name:
-            out[name.strip().lower()] = value.strip()
-    return out
-
-
 def contact_uri(contact: str) -> str:
-    """The bare URI of a Contact header value (`"Bob" <sip:b@h;x=1>;expires=60` -> `sip:b@h;x=1`)."""
-    value = contact.strip()
-    if "<" in value:
-        return value.split("<", 1)[1].split(">", 1)[0].strip()
-    # without <>, everything after the first ';' is a header parameter (RFC 3261 20.10)
-    return value.split(";", 1)[0].split(",", 1)[0].strip()
+    """The bare URI of a Contact header value (`"Bob" <sip:b@h;x=1>;expires=60` -> `sip:b@h;x=1`),
+    or "" when the value is malformed (params.parse_name_addr says why)."""
+    try:
+        return params.parse_name_addr(contact).uri
+    except params.MalformedPushParams:
+        return ""
 
 
 def looks_push(uri: str) -> bool:
-    """True when a contact URI carries push parameters (without validating them)."""
-    return not PUSH_URI_PARAMS.isdisjoint(uri_params(uri))
+    """True when a bare binding URI carries push parameters (without validating them); a URI
+    whose parameters cannot be decoded counts as plain."""
+    try:
+        names = params.NameAddr("", uri).uri_params()
+    except params.MalformedPushParams:
+        return False
+    return not PUSH_URI_PARAMS.isdisjoint(names)
+
+
+def binding_device_id(binding: Binding, mappings: Sequence[UaMapping]) -> str | None:
+    """The push device a usrloc binding belongs to (as `plan_register` named it), None for a
+    plain binding or one whose push parameters no longer parse."""
+    try:
+        push = params.parse_push_params(params.contact_uri_params(f"<{binding.uri}>"), binding.user_agent,
+                                        mappings)
+    except params.PushParamError:
+        return None
+    return None if push is None else params.device_id_for(push, binding.instance or None)
 
 
 def stale_bindings(
-    bindings: Iterable[Binding], device_id: str, new_uri: str, identify: Callable[[Binding], str | None]
+    bindings: Iterable[Binding], device_id: str, new_uri: str, identify: Callable[[Binding], str | None],
+    evicted: Iterable[str] = (),
 ) -> list[Binding]:
-    """Bindings of the same device (by `identify`) other than the one being saved: to be removed."""
-    return [b for b in bindings if b.uri != new_uri and identify(b) == device_id]
+    """Bindings to remove after saving `device_id` at `new_uri`: the device's older ones (another
+    port, connection or Call-ID), then those of the devices the store `evicted` for it."""
+    gone = set(evicted) - {device_id}
+    stale: list[Binding] = []
+    for b in bindings:
+        owner = identify(b)
+        if (owner == device_id and b.uri != new_uri) or (owner is not None and owner in gone):
+            stale.append(b)
+    return stale
+
+
+@dataclass(frozen=True)
+class RegisterReply:
+    """Answer `code reason` now, save nothing; log `register-rejected` with `log_fields`."""
+
+    code: int
+    reason: str
+    log_fields: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SaveBinding:
+    """Let the registrar save (or, without a Contact, list) the bindings and reply, with a
+    Feature-Caps header when `feature_caps` is set. `legacy_ua` is the User-Agent (cut to 80
+    chars) of a Contact with legacy push parameters no UA mapping claims: worth a notice, once
+    per AOR, since the device registers but will never be pushed."""
+
+    feature_caps: str | None = None
+    legacy_ua: str | None = None
+
+
+@dataclass(frozen=True)
+class UnregisterAll:
+    """`Contact: *`: every push device of the AOR leaves the store, then the registrar removes
+    every binding and replies."""
+
+
+@dataclass(frozen=True)
+class RemoveDevice:
+    """A push binding's expires=0: the device leaves the store, then the registrar removes the
+    binding and replies."""
+
+    device_id: str
+
+
+@dataclass(frozen=True)
+class SaveDevice:
+    """A push binding: the registrar saves it (reply held back), the calls parked for the device
+    resume, the device is stored, and only then the REGISTER is answered with `feature_caps`."""
+
+    device: Device
+    feature_caps: str
+
+
+RegisterPlan: TypeAlias = RegisterReply | SaveBinding | UnregisterAll | RemoveDevice | SaveDevice
+
+
+def _rejected(code: int, reason: str, log_reason: str, *fields: tuple[str, str]) -> RegisterReply:
+    return RegisterReply(code, reason, (*fields, ("reason", log_reason)))
+
+
+def plan_register(
+    aor: Aor,
+    contact: str,
+    expires_header: str | None,
+    user_agent: str,
+    mappings: Sequence[UaMapping],
+    app_enabled: Callable[[str, str], bool | None],
+    limits: Limits,
+    now: float,
+) -> RegisterPlan:
+    """What a REGISTER does in the push role, from its first Contact (`contact`: the Contact
+    header value as sent), Expires header and User-Agent.
+
+    `app_enabled(provider, app_id)` says whether we push for that app (True), it is disabled
+    (False) or not configured (None). It is asked for push REGISTERs only; a caller that cannot
+    tell (Redis down) should answer True: storing the device then fails with its own 503.
+    """
+    value = contact.strip()
+    if not value:
+        return SaveBinding()  # a query: the registrar lists the bindings
+    if value == "*":
+        return UnregisterAll()
+    try:
+        addr = params.parse_name_addr(value)
+        if len(addr.uri) > MAX_CONTACT_URI:  # (the registrar would answer a bare "Bad Request")
+            return _rejected(400, "Contact URI Too Long", "contact-uri-too-long")
+        uri_params = addr.uri_params()
+        header_params = addr.header_params()
+        push = params.parse_push_params(uri_params, user_agent, mappings)
+    except params.UnsupportedProvider as exc:
+        return _rejected(555, PNS_NOT_SUPPORTED, str(exc))
+    except params.PushParamError as exc:
+        return _rejected(400, str(exc), str(exc))
+    if push is None:
+        legacy = params.has_legacy_params(uri_params, mappings)
+        return SaveBinding(feature_caps(None), user_agent[:80] if legacy else None)
+    enabled = app_enabled(push.provider.value, push.app_id)
+    refusal = app_refusal(enabled is not None, enabled is True)
+    if refusal:
+        return _rejected(555, f"{PNS_NOT_SUPPORTED} ({refusal})", refusal, ("app", push.app_id))
+    device_id = params.device_id_for(push, header_params.get("+sip.instance"))
+    expires = register_expires(header_params.get("expires"), expires_header,
+                               minimum=limits.min_expires, maximum=limits.max_expires)
+    if expires == 0:
+        return RemoveDevice(device_id)
+    device = Device(aor=aor, device_id=device_id, params=push, contact=addr.uri, user_agent=user_agent,
+                    registered_at=now, expires_at=now + expires)
+    # RFC 8599: the reply names the PNS the client named (apns.dev stays apns.dev)
+    pns = uri_params.get("pn-provider", "").strip().lower() or push.provider.value
+    return SaveDevice(device, feature_caps(pns))
 
 
 # --------------------------------------------------------------------------- INVITE
@@ -264,6 +367,19 @@ def reason_phrase(code: int) -> str:
     return _PHRASES.get(code, "Temporarily Unavailable")
 
 
+def end_reason(code: int) -> str:
+    """Why a parked call ended (cancel pushes and log lines carry it), from the final reply that
+    ends it: 2xx `answered`, 487 `canceled` (the caller hung up), 0 or 480 `timeout` (the wait
+    window ran out), any other `rejected-<code>` (busy, decline)."""
+    if 200 <= code < 300:
+        return "answered"
+    if code == 487:
+        return "canceled"
+    if code in (0, 480):
+        return "timeout"
+    return f"rejected-{code}"
+
+
 def failure_action(code: int, parked: bool, canceled: bool) -> FailureAction:
     """What to do when every current branch of an INVITE has failed with `code`."""
     if canceled:
@@ -310,7 +426,7 @@ def fallback_target(template: str, aor: str) -> str:
     """
     if not template:
         return ""
-    user, _, domain = aor.removeprefix("sip:").partition("@")
+    user, domain = aor_parts(aor)
     return template.replace("{user}", user).replace("{domain}", domain)
 
 
@@ -321,15 +437,13 @@ def diversion_header(aor: str) -> str:
 
 # --------------------------------------------------------------------------- push jobs
 
-_DISPLAY = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^<"]*?))\s*<')
-
-
 def caller_identity(from_header: str, from_user: str) -> tuple[str, str]:
-    """(caller name, caller number) from a From header value and its URI user."""
-    name = ""
-    m = _DISPLAY.match(from_header or "")
-    if m:
-        name = (m.group(1) if m.group(1) is not None else m.group(2) or "").replace('\\"', '"').strip()
+    """(caller name, caller number) from a From header value and its URI user; the user stands in
+    for a missing (or unparsable) display name."""
+    try:
+        name = params.parse_name_addr(from_header).display_name.strip()
+    except params.MalformedPushParams:
+        name = ""
     return name or from_user, from_user
 
 
@@ -389,30 +503,21 @@ def missed_call_job(aor: str, call_id: str, caller: tuple[str, str], now: float,
     )
 
 
-def end_of_call_jobs(
-    aor: str,
-    call_id: str,
-    caller: tuple[str, str],
-    pushed: Sequence[str],
-    answered_by: str | None,
-    now: float,
-    settings: Settings,
-    reason: str,
-) -> list[PushJob]:
-    """Pushes owed when a parked call ends.
+def end_of_call_jobs(call: ParkedCall, answered: bool, now: float, settings: Settings, reason: str) -> list[PushJob]:
+    """Pushes owed when a parked call ends (`reason`: see `end_reason`).
 
-    - answered (`answered_by` set, or "" for a non-push binding): cancel pushes to pushed devices
-      that did not answer;
-    - not answered (timeout, caller CANCEL, busy/decline): cancel pushes to every pushed
-      device and one missedCall to the user.
+    - answered: a cancel push to the pushed devices that never woke (a woken device got the
+      INVITE, and tm's CANCEL ends its ringing);
+    - not answered (timeout, caller CANCEL, busy/decline): a cancel push to every pushed device
+      and one missedCall to the user.
     """
     jobs: list[PushJob] = []
-    others = [d for d in pushed if d != answered_by]
-    if others:
-        jobs.append(cancel_call_job(aor, call_id, others, now, reason))
-    if answered_by is None:
-        jobs.append(missed_call_job(aor, call_id, pushed_caller(caller, settings.hide_caller), now,
-                                    float(settings.message_ttl)))
+    notify = [d for d in call.pushed if d not in call.woken] if answered else list(call.pushed)
+    if notify:
+        jobs.append(cancel_call_job(call.aor, call.call_id, notify, now, reason))
+    if not answered:
+        caller = pushed_caller((call.caller_name, call.caller_number), settings.hide_caller)
+        jobs.append(missed_call_job(call.aor, call.call_id, caller, now, float(settings.message_ttl)))
     return jobs
 
 
@@ -443,6 +548,15 @@ class WaitEntry:
     def with_code(self, code: int) -> WaitEntry:
         return replace(self, code=code)
 
+    def window_end(self, fallback: bool) -> WindowEnd:
+        """What the wait-window timer does when this entry expires; `fallback`: a FALLBACK_URI is
+        configured."""
+        if self.code in (0, 480) and fallback:
+            # a device still rings (else the failure route had ended the call): cancel its branch
+            # without a final reply, so the failure route can relay the call to the fallback
+            return WindowEnd(0, end_reason(0), to_fallback=True)
+        return WindowEnd(self.code or 480, end_reason(self.code), to_fallback=False)
+
     @staticmethod
     def decode(value: object) -> WaitEntry | None:
         """The entry of an htable value; None for an absent or malformed one."""
@@ -456,3 +570,14 @@ class WaitEntry:
             return None
         return WaitEntry(aor=aor, call_id=call_id, cseq=cseq, code=int(code))
 
+
+
+@dataclass(frozen=True)
+class WindowEnd:
+    """How the wait-window timer ends a parked call: answer the caller `reply` (0: none, cancel
+    the branches instead), with `reason` for the pushes owed; `to_fallback`: mark the call for
+    the failure route to relay to FALLBACK_URI."""
+
+    reply: int
+    reason: str
+    to_fallback: bool

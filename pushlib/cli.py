@@ -20,17 +20,20 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pushlib.callstate import CallStateUnavailable, Subscribers
+from pushlib.credentials import Subscribers
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
+from pushlib.redisconn import StoreUnavailable, sync_client
 from pushlib.schema import describe_app
-from pushlib.settings import Settings, read_redis_url_file, redis_connection_options
-from pushlib.store import StoreUnavailable, SyncStore
+from pushlib.settings import Settings, read_redis_url_file
+from pushlib.store import SyncStore
+
+# Socket timeouts of the `subscriber` command's own client (the store's are the SIP workers' 0.5 s).
+SUBSCRIBER_TIMEOUT = 2.0
 
 
 class CliError(Exception):
@@ -193,9 +196,7 @@ def _read_password(given: str | None) -> str:
 def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
     """SIP digest credentials (stored as HA1 only) for the proxy's digest auth."""
     user, domain = _split_aor(args.aor)
-    url = store.settings.redis_url
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                  **redis_connection_options(url))
+    client = sync_client(store.settings.redis_url, timeout=SUBSCRIBER_TIMEOUT)
     try:
         subscribers = Subscribers(client)
         if args.cmd == "set":
@@ -204,8 +205,6 @@ def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
         else:
             subscribers.remove([(user, domain)])
             print(f"removed credentials of {user}@{domain}")
-    except CallStateUnavailable as exc:
-        raise StoreUnavailable(str(exc)) from exc
     finally:
         client.close()
 

@@ -56,8 +56,8 @@ from pushlib.models import (
 )
 from pushlib.payloads import build_apns, build_fcm
 from pushlib.providers import ProviderPool
+from pushlib.redisconn import StoreUnavailable
 from pushlib.settings import Settings, read_redis_url_file
-from pushlib.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

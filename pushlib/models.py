@@ -1,4 +1,4 @@
-"""Shared value types: providers, push kinds, devices, apps, jobs and outcomes.
+"""Shared value types: providers, push kinds, devices, apps, jobs, parked calls and outcomes.
 
 These are plain dataclasses with no I/O so every module (store, parser, clients,
 dispatcher, KEMI router) speaks the same language. Fields that hold a push token, a credential or
@@ -101,6 +101,25 @@ class PushJob:
     device_ids: tuple[str, ...] = ()
     data: Mapping[str, str] = field(default_factory=dict)
     created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParkedCall:
+    """An INVITE parked while its callee's devices are pushed, one per (AOR, call key).
+
+    `deadline` is epoch seconds (the end of the wait window); `pushed` are the devices pushed for
+    the call, `woken` those of them that re-registered since (each joins the call once).
+    """
+
+    aor: str
+    key: str
+    call_id: str
+    cseq: str
+    caller_name: str
+    caller_number: str
+    deadline: float
+    pushed: tuple[str, ...] = ()
+    woken: tuple[str, ...] = ()
 
 
 class Outcome(StrEnum):

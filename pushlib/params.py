@@ -4,10 +4,10 @@ Pure functions, no I/O. Every error a client can provoke is a `PushParamError`:
 `UnsupportedProvider` (answer SIP 555) or `MalformedPushParams` (answer SIP 400). Their
 `str()` is a short ASCII reason phrase (no CR/LF, <= 80 chars) and `sip_status` the code.
 
-Contact syntax follows RFC 3261 §20.10: in `"Name" <sip:u@h;a=1>;b=2` the URI parameter
-is `a` and the header parameter `b`. Without angle brackets (`sip:u@h;b=2`) every
-parameter after the URI is a header parameter, so pass the whole Contact header value
-(or wrap a bare URI in `<>`) to get URI parameters.
+`parse_name_addr` is the one parser of Contact (and From) header values; RFC 3261 §20.10:
+in `"Name" <sip:u@h;a=1>;b=2` the URI parameter is `a` and the header parameter `b`. Without
+angle brackets (`sip:u@h;b=2`) every parameter after the URI is a header parameter, so pass
+the whole Contact header value (or wrap a bare URI in `<>`) to get URI parameters.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
 from urllib.parse import unquote_to_bytes
 
 from pushlib.models import Provider, PushParams, UaMapping
+from pushlib.provider_limits import APNS_TOKEN_MAX_HEX, APNS_TOKEN_MIN_HEX, MAX_TOKEN_BYTES
 
-MAX_TOKEN_BYTES = 4096
-APNS_TOKEN_MIN_HEX = 64
-APNS_TOKEN_MAX_HEX = 200
 MAX_REASON_CHARS = 80
 MAX_DEVICE_ID_CHARS = 100
 
@@ -52,14 +51,22 @@ _REASON_WORD = re.compile(r"[^A-Za-z0-9._+-]")
 MAX_BUNDLE_CHARS = 255
 
 
+_UNSAFE_REASON = re.compile(r"[^\x20-\x7e]")
+
+
+def sip_reason(text: str) -> str:
+    """`text` made safe for a SIP reason phrase: printable ASCII, one line, <= 80 chars."""
+    cleaned = _UNSAFE_REASON.sub("?", text).strip() or "Bad Request"
+    return cleaned[:MAX_REASON_CHARS]
+
+
 class PushParamError(ValueError):
     """Bad push parameters from a client. `str(exc)` is a safe SIP reason phrase."""
 
     sip_status: ClassVar[int] = 400
 
     def __init__(self, reason: str) -> None:
-        printable = "".join(c if " " <= c <= "~" else "?" for c in reason)
-        super().__init__(printable[:MAX_REASON_CHARS])
+        super().__init__(sip_reason(reason))
 
 
 class UnsupportedProvider(PushParamError):
@@ -132,34 +139,6 @@ def _percent_decode(value: str) -> str:
     return decoded
 
 
-def _split_contact(contact: str) -> tuple[str, str]:
-    """(URI, header-parameter text) of the first contact in a Contact header value."""
-    _check_text(contact)
-    text = contact.strip()
-    quoted = False
-    escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif quoted:
-            escaped = ch == "\\"
-            quoted = ch != '"'
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            end = text.find(">", i + 1)
-            if end < 0:
-                raise MalformedPushParams("unterminated <> in Contact")
-            return text[i + 1:end].strip(), _split_top(text[end + 1:], ",")[0]
-        elif ch in ";,":
-            # RFC 3261 addr-spec without <>: the parameters belong to the header.
-            rest = text[i:] if ch == ";" else ""
-            return text[:i].strip(), _split_top(rest, ",")[0]
-    if quoted:
-        raise MalformedPushParams("unterminated quoted string in Contact")
-    return text, ""
-
-
 def _param_pairs(text: str, decode: bool) -> dict[str, str]:
     params: dict[str, str] = {}
     for item in _split_top(text, ";"):
@@ -176,32 +155,86 @@ def _param_pairs(text: str, decode: bool) -> dict[str, str]:
     return params
 
 
-def contact_uri_params(contact: str) -> dict[str, str]:
-    """URI parameters of the first contact in a Contact header value (`<sip:...;p=v>`).
+@dataclass(frozen=True)
+class NameAddr:
+    """The first value of a Contact (or From / To) header, split (RFC 3261 §20.10, §25.1).
 
-    Names are lower-cased, names and values percent-decoded; a parameter without a
-    value maps to "". `*` or a bare URI (no `<>`, RFC 3261) has no URI parameters.
-    Raises MalformedPushParams on broken quoting/brackets, bad %-escapes, non-UTF-8 or
-    control characters; never anything else.
+    In `"Bob" <sip:u@h;a=1>;b=2` the display name is `Bob`, the URI `sip:u@h;a=1` (URI
+    parameter `a`) and the header-parameter text `;b=2`. Without angle brackets
+    (`sip:u@h;b=2`) every parameter after the URI belongs to the header.
     """
-    uri, _ = _split_contact(contact)
-    uri = uri.split("?", 1)[0]  # URI headers are not parameters
-    # The user part may hold `;` (telephone-subscriber), so parameters start after `@`.
-    at = uri.find("@")
-    hostport_params = uri[at + 1:] if at >= 0 else uri
-    _, sep, params = hostport_params.partition(";")
-    return _param_pairs(params, decode=True) if sep else {}
+
+    display_name: str
+    uri: str = field(repr=False)  # a push binding's URI carries the token
+    param_text: str = field(default="", repr=False)
+
+    def uri_params(self) -> dict[str, str]:
+        """URI parameters: names lower-cased, names and values percent-decoded, a parameter
+        without a value maps to "", the first of a repeated name wins; URI headers (`?...`) and a
+        telephone-subscriber user part (`+1;phone-context=x@h`) are not parameters."""
+        uri = self.uri.split("?", 1)[0]
+        at = uri.find("@")
+        _, sep, params = (uri[at + 1:] if at >= 0 else uri).partition(";")
+        return _param_pairs(params, decode=True) if sep else {}
+
+    def header_params(self) -> dict[str, str]:
+        """Header parameters (`;expires=60;+sip.instance="<urn:...>"`): names lower-cased, quoted
+        values unquoted (not percent-decoded: header parameters are tokens or quoted strings), a
+        flag such as `;ob` maps to ""."""
+        return _param_pairs(self.param_text, decode=False)
+
+
+def _display_name(text: str) -> str:
+    text = text.strip()
+    return _unquote(text) if text.startswith('"') else text
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    """Split the first contact of a header value (name-addr or addr-spec, then parameters).
+
+    Quoted strings may hold `<`, `>`, `;` and `,` (`"a<b" <sip:x@h>` is the URI `sip:x@h`);
+    `*` and "" come back as the URI itself. Raises MalformedPushParams on broken quoting or
+    brackets, a quoted display name without `<>`, non-UTF-8 text or a control character.
+    """
+    _check_text(value)
+    text = value.strip()
+    quoted = escaped = had_quotes = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = ch == "\\"
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = had_quotes = True
+        elif ch == "<":
+            end = text.find(">", i + 1)
+            if end < 0:
+                raise MalformedPushParams("unterminated <> in Contact")
+            return NameAddr(_display_name(text[:i]), text[i + 1:end].strip(), _split_top(text[end + 1:], ",")[0])
+        elif ch in ";,":
+            break
+    else:
+        i = len(text)
+    if quoted:
+        raise MalformedPushParams("unterminated quoted string in Contact")
+    if had_quotes:
+        raise MalformedPushParams("display name without <> in Contact")
+    # an addr-spec: the parameters after the URI belong to the header (RFC 3261 §20.10)
+    rest = text[i:] if text[i:i + 1] == ";" else ""
+    return NameAddr("", text[:i].strip(), _split_top(rest, ",")[0])
+
+
+def contact_uri_params(contact: str) -> dict[str, str]:
+    """URI parameters of the first contact of a Contact header value (see NameAddr.uri_params);
+    for a bare URI wrap it in `<>`. Raises MalformedPushParams, never anything else."""
+    return parse_name_addr(contact).uri_params()
 
 
 def contact_header_params(contact: str) -> dict[str, str]:
-    """Header parameters of the first contact (`;expires=60;+sip.instance="<urn:...>"`).
-
-    Names are lower-cased; quoted values are unquoted (not percent-decoded, as RFC 3261
-    header parameters are tokens or quoted strings); a flag such as `;ob` maps to "".
-    Same errors as `contact_uri_params`.
-    """
-    _, header_text = _split_contact(contact)
-    return _param_pairs(header_text, decode=False)
+    """Header parameters of the first contact (see NameAddr.header_params). Raises
+    MalformedPushParams, never anything else."""
+    return parse_name_addr(contact).header_params()
 
 
 # ---------------------------------------------------------------------------------------

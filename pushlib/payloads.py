@@ -31,15 +31,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pushlib.models import ApnsRequest, Device, FcmMessage, Provider, PushKind
+from pushlib.provider_limits import (
+    APNS_COLLAPSE_ID_BYTES,
+    APNS_PAYLOAD_BYTES,
+    APNS_VOIP_PAYLOAD_BYTES,
+    FCM_DATA_BYTES,
+    FCM_MAX_TTL_SECONDS,
+)
 from pushlib.settings import Settings
 
-APNS_LIMIT = 4096
-APNS_VOIP_LIMIT = 5120
-FCM_DATA_LIMIT = 4096  # counted over the JSON of `data` plus `notification`
 MAX_TITLE_CHARS = 128  # names, numbers, senders, titles
 MAX_BODY_CHARS = 1024
-MAX_COLLAPSE_ID_BYTES = 64
-FCM_MAX_TTL = 28 * 24 * 3600  # FCM refuses longer
 ELLIPSIS = "…"
 
 MISSED_CALL_TITLE = "Missed Call"
@@ -213,7 +215,7 @@ def _fit(texts: Mapping[str, tuple[str, int]], render: Callable[[dict[str, str]]
 
 
 def _collapse_id(call_id: str) -> str:
-    if len(call_id) <= MAX_COLLAPSE_ID_BYTES and _PRINTABLE_ASCII.fullmatch(call_id):
+    if len(call_id) <= APNS_COLLAPSE_ID_BYTES and _PRINTABLE_ASCII.fullmatch(call_id):
         return call_id
     return hashlib.sha256(call_id.encode("utf-8")).hexdigest()[:32]
 
@@ -227,11 +229,11 @@ def _ttl(kind: PushKind, data: Mapping[str, str], deadline: float, now: float, s
     elif kind is PushKind.REGISTRATION_REFRESH:
         seconds = settings.refresh_ttl
     elif kind is PushKind.CUSTOM:
-        custom = _digits(data.get("ttl"), FCM_MAX_TTL)
+        custom = _digits(data.get("ttl"), FCM_MAX_TTL_SECONDS)
         seconds = settings.message_ttl if custom is None else custom
     else:
         seconds = settings.message_ttl
-    return min(max(0, seconds), FCM_MAX_TTL)
+    return min(max(0, seconds), FCM_MAX_TTL_SECONDS)
 
 
 def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline: float, now: float,
@@ -265,7 +267,7 @@ def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline
         body = _encode({"aps": aps, "type": kind.value, **content.numbers, **content.ids, **top})
         return body, len(body)
 
-    payload = _fit(content.texts, render, APNS_VOIP_LIMIT if voip else APNS_LIMIT)
+    payload = _fit(content.texts, render, APNS_VOIP_PAYLOAD_BYTES if voip else APNS_PAYLOAD_BYTES)
     headers = {
         "apns-topic": params.app_id + ".voip" if voip else params.app_id,
         "apns-push-type": wire.push_type,
@@ -308,4 +310,4 @@ def build_fcm(kind: PushKind, device: Device, data: Mapping[str, str], deadline:
         message["android"] = android
         return _encode({"message": message}), size
 
-    return FcmMessage(token=token, body=_fit(content.texts, render, FCM_DATA_LIMIT))
+    return FcmMessage(token=token, body=_fit(content.texts, render, FCM_DATA_BYTES))

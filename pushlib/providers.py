@@ -21,6 +21,7 @@ from pushlib.models import ApnsRequest, AppCredentials, Device, FcmMessage, Outc
 log = get_logger(__name__)
 
 _Client = ApnsClient | FcmClient
+_MAX_BROKEN = 1024
 
 
 def credentials_fingerprint(app: AppCredentials) -> str:
@@ -129,6 +130,8 @@ class ProviderPool:
             else:
                 client = FcmClient(app, host, refresh_margin=self._fcm_margin)
         except (ApnsConfigError, FcmConfigError) as exc:
+            if len(self._broken) >= _MAX_BROKEN:  # one per broken credentials version: keep it bounded
+                self._broken.clear()
             self._broken[key] = str(exc)
             log.warning("push credentials unusable app=%s host=%s: %s", app.app_id, host, exc)
             return PushResult(Outcome.CONFIG_ERROR, 0, str(exc))

@@ -1,36 +1,72 @@
-"""Redis key layout and (de)serialisation shared by the sync and async stores.
+"""The Redis schema: every key pushlib reads or writes, its TTL, and the (de)serialisation.
 
-Both store clients and the dispatcher read and write the same keys, so the layout and the
-field encodings live here, once. Keys that are changed together carry the same hash tag
-(`{<aor>}`) so multi-key transactions also work on Redis Cluster.
+The SIP workers (`store.SyncStore`, `parked.ParkedCalls`, `credentials.Subscribers`) and the push
+dispatcher (`astore.AsyncStore`) read and write the same keys, so the layout and the field
+encodings live here, once, as builder functions (or constants for fixed keys). Keys that are used
+together carry the same hash tag (`{<aor>}`, `{<provider>:<app_id>}`) so multi-key transactions and
+scripts also work on Redis Cluster. Deployed data depends on these strings: never change one.
 
-Layout:
-- `pn:{<aor>}:dev:<device_id>`  hash, one device (expires with its contact)
-- `pn:{<aor>}:devs`             set of the AOR's device ids (cleaned lazily of expired ids)
-- `pn:app:<provider>:<app_id>`  hash, app credentials (secrets live here by design)
-- `pn:apps`                     hash, `<provider>:<app_id>` -> `enabled`/`disabled`: which apps exist,
-  without their secrets (the SIP workers refuse REGISTERs naming an app not here, and need no
-  access to the credentials to do so). Written with the app, removed with it.
-- `pn:appstatus:{<provider>:<app_id>}`  hash, operator status: last error, env suspicion, counters.
-  Expires APP_STATUS_TTL after its last write (every write refreshes it: an app that still pushes
-  keeps its status, one nobody pushes to any more, or an app id invented by a REGISTER, goes away);
-  removed with its app.
-- `pn:appwin:{<provider>:<app_id>}`     list, recent push outcomes of the app (sliding window)
-- `pn:uamap`                    hash, UA mapping name -> JSON
-- `pn:{<aor>}:sent:<job_id>:<device_id>` string, idempotency mark: the provider accepted this
-  push. Under the AOR's hash tag so one script reads a job's devices and their marks in one slot.
-- the job stream is `Settings.stream` (flat string fields, see `encode_job`).
+Per user (AOR hash tag):
+- `pn:{<aor>}:dev:<device_id>` (`device_key`) hash, one device (`encode_device`). TTL: until its
+  contact expires (`expires_at`), at least MIN_DEVICE_TTL; set on every save.
+- `pn:{<aor>}:devs` (`devices_key`) set of the AOR's device ids, cleaned lazily of expired ids. TTL:
+  the longest TTL of the devices it lists, set on every save (`plan_device_save`).
+- `pn:{<aor>}:sent:<job_id>:<device_id>` (`sent_key`) string `1`, idempotency mark: the provider
+  accepted this push. TTL: SENT_MARK_TTL. Under the AOR's hash tag so one script reads a job's
+  devices and their marks in one slot.
+- `pn:{<aor>}:call:<call_key>` (`call_key`) hash, one parked call (`encode_parked_call`): call_id,
+  cseq, caller_name, caller_number, deadline, and one field `dev:<device_id>` per pushed device
+  (`pushed` or `woken`). TTL: the wait window + PARKED_TTL_MARGIN (`parked_ttl`); deleted when the
+  call ends. A second call to the same user gets its own hash.
+- `pn:{<aor>}:pend:<device_id>` (`pending_key`) set of the call keys the device was pushed for and
+  has not woken for yet. TTL: that of the last call parked for it.
+
+Apps (secrets live in the app hash by design; the SIP workers' Redis user needs only `pn:apps`):
+- `pn:app:<provider>:<app_id>` (`app_key`, scan pattern APP_KEY_PATTERN) hash, app credentials
+  (`encode_app`). No TTL.
+- `pn:apps` (APP_INDEX_KEY) hash, `<provider>:<app_id>` (`app_index_field`) -> `enabled`/`disabled`
+  (`app_index_value`): which apps exist, without their secrets (the SIP workers refuse REGISTERs
+  naming an app not here). No TTL; written with the app, removed with it.
+- `pn:appstatus:{<provider>:<app_id>}` (`app_status_key`) hash, operator status: last error, env
+  suspicion, counters. TTL: APP_STATUS_TTL after its last write (every write refreshes it: an app
+  that still pushes keeps its status, one nobody pushes to any more, or an app id invented by a
+  REGISTER, goes away); removed with its app.
+- `pn:appwin:{<provider>:<app_id>}` (`app_window_key`) list, recent push outcomes of the app
+  (`window_entry`, newest first, at most `astore.ENV_WINDOW_PUSHES`). TTL: ENV_WINDOW_SECONDS,
+  refreshed by every push; removed with its app.
+
+Shared:
+- `pn:uamap` (UAMAP_KEY) hash, UA mapping name -> JSON (`encode_ua_mapping`). No TTL.
+- `pn:sub:<user>@<domain>` (`subscriber_key`) hash, SIP digest credentials: `ha1` (see
+  `credentials.ha1`) and `realm`. No TTL; written by the operator CLI.
+- the job stream: `Settings.stream` (default `pn:jobs`, consumer group `Settings.group`), entries
+  of flat string fields (`encode_job`). No TTL: XADD trims it to about `Settings.stream_maxlen`
+  entries and the dispatcher deletes every entry that reached a final outcome.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
-from pushlib.models import AppCredentials, Device, Provider, PushJob, PushKind, PushParams, UaMapping
+from pushlib.models import (
+    AppCredentials,
+    Device,
+    ParkedCall,
+    Provider,
+    PushJob,
+    PushKind,
+    PushParams,
+    UaMapping,
+)
+
+log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 UAMAP_KEY = "pn:uamap"
 APP_INDEX_KEY = "pn:apps"
@@ -39,6 +75,10 @@ APP_KEY_PATTERN = "pn:app:*"
 ENV_WINDOW_SECONDS = 600
 # An app's status hash lives this long after its last write (each write refreshes it).
 APP_STATUS_TTL = 30 * 24 * 3600
+# An idempotency mark outlives any job's deadline by far.
+SENT_MARK_TTL = 24 * 3600
+# A parked call's keys outlive its wait window by this much (seconds).
+PARKED_TTL_MARGIN = 60
 
 
 class DecodeError(ValueError):
@@ -93,9 +133,32 @@ def sent_key(aor: str, job_id: str, device_id: str) -> str:
     return f"pn:{{{aor}}}:sent:{job_id}:{device_id}"
 
 
+def call_key(aor: str, key: str) -> str:
+    """A parked call's hash (`call_key(aor, "")` is the prefix of the AOR's calls)."""
+    return f"pn:{{{aor}}}:call:{key}"
+
+
+def pending_key(aor: str, device_id: str) -> str:
+    return f"pn:{{{aor}}}:pend:{device_id}"
+
+
+def subscriber_key(user: str, domain: str) -> str:
+    return f"pn:sub:{user}@{domain}"
+
+
 def window_entry(ts: float, bad: bool) -> str:
     """One entry of an app's environment window list (read back by `env_suspicious`)."""
     return f"{ts!r}:{int(bad)}"
+
+
+def decode_or_log(decode: Callable[[_R], _T], raw: _R, scope: str, name: str) -> _T | None:
+    """Decode a stored record; a corrupt one is logged (without its content: it may hold
+    secrets) and treated as absent rather than breaking every caller."""
+    try:
+        return decode(raw)
+    except DecodeError as exc:
+        log.error("store: ignoring corrupt record %s/%s: %s", scope, name, str(exc)[:120])
+        return None
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -219,6 +282,54 @@ def decode_ua_mapping(raw: str) -> UaMapping:
         return UaMapping(**{k: str(v) for k, v in obj.items() if k in known})
     except (ValueError, TypeError) as exc:
         raise DecodeError(f"bad UA mapping: {exc!r}") from exc
+
+
+# --- parked calls ------------------------------------------------------------------------------
+
+PARKED_DEVICE_PREFIX = "dev:"  # field `dev:<device_id>` of a parked call: `pushed` or `woken`
+PUSHED = "pushed"
+WOKEN = "woken"
+
+
+def parked_device_field(device_id: str) -> str:
+    return f"{PARKED_DEVICE_PREFIX}{device_id}"
+
+
+def parked_ttl(deadline: float, now: float) -> int:
+    """Seconds a parked call's keys live: its wait window plus PARKED_TTL_MARGIN, at least 1."""
+    return max(1, int(deadline - now) + PARKED_TTL_MARGIN)
+
+
+def encode_parked_call(call: ParkedCall) -> dict[str, str]:
+    """A parked call's hash fields; every pushed device starts as `pushed`."""
+    out = {
+        "call_id": call.call_id,
+        "cseq": call.cseq,
+        "caller_name": call.caller_name,
+        "caller_number": call.caller_number,
+        "deadline": f"{call.deadline:.3f}",
+    }
+    out.update({parked_device_field(d): PUSHED for d in call.pushed})
+    return out
+
+
+def decode_parked_call(aor: str, key: str, raw: Mapping[str, str]) -> ParkedCall | None:
+    """Inverse of `encode_parked_call` (with the devices' current states); None for a hash that
+    is gone or was never completed."""
+    if not raw or "call_id" not in raw:
+        return None
+    devices = {f.removeprefix(PARKED_DEVICE_PREFIX): v for f, v in raw.items() if f.startswith(PARKED_DEVICE_PREFIX)}
+    return ParkedCall(
+        aor=aor,
+        key=key,
+        call_id=raw["call_id"],
+        cseq=raw.get("cseq", ""),
+        caller_name=raw.get("caller_name", ""),
+        caller_number=raw.get("caller_number", ""),
+        deadline=float(raw.get("deadline", "0") or 0),
+        pushed=tuple(sorted(devices)),
+        woken=tuple(sorted(d for d, state in devices.items() if state == WOKEN)),
+    )
 
 
 # --- jobs --------------------------------------------------------------------------------------

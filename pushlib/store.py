@@ -1,8 +1,11 @@
-"""The synchronous Redis store used by Kamailio SIP workers (redis-py).
+"""The synchronous Redis store used by Kamailio SIP workers (redis-py): devices, apps, UA
+mappings, job enqueueing.
 
-Contract: every method either completes or raises `StoreUnavailable` quickly (socket timeouts
-of 0.5 s, one immediate reconnect attempt), so a SIP worker never hangs on a dead Redis and
-works again by itself as soon as Redis is back (the pool reconnects on the next call).
+The sync side of the data layer: SyncStore, `parked.ParkedCalls` and `credentials.Subscribers`
+share one `redisconn.sync_client` per process (`SyncStore.client`). Contract: every method either
+completes or raises `redisconn.StoreUnavailable` quickly (socket timeouts of 0.5 s, one immediate
+reconnect after a connection error, none after a timeout), so a SIP worker never hangs on a dead
+Redis and works again by itself as soon as Redis is back (the pool reconnects on the next call).
 Key layout and serialisation: `pushlib.schema` (shared with the async store of the dispatcher).
 Create one SyncStore per process, after the fork (Kamailio `child_init`).
 """
@@ -11,84 +14,35 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, TypeVar
-
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from typing import Any
 
 from pushlib import schema
 from pushlib.models import AppCredentials, Device, PushJob, UaMapping
-from pushlib.settings import Settings, redis_connection_options
+from pushlib.redisconn import SIP_SOCKET_TIMEOUT, sync_client, unavailable_on_error
+from pushlib.settings import Settings
 
 log = logging.getLogger(__name__)
-
-SOCKET_TIMEOUT = 0.5
-_R = TypeVar("_R")
-_T = TypeVar("_T")
-
-
-class StoreUnavailable(ConnectionError):
-    """Redis could not be reached, did not answer in time, or (SyncStore) refused the command
-    (READONLY after a failover, OOM, ...). Callers fail fast (e.g. SIP 500/503)."""
-
-
-@contextmanager
-def _unavailable_on_connection_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        raise StoreUnavailable(f"redis unavailable during {what}: {exc}") from exc
-
-
-@contextmanager
-def _store_errors(what: str) -> Iterator[None]:
-    """For SIP workers every Redis failure is the same event: answer fast and go on, so a server
-    error (READONLY, OOM, MISCONF) must not escape as something a route does not expect."""
-    with _unavailable_on_connection_errors(what):
-        try:
-            yield
-        except RedisError as exc:
-            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-                raise
-            raise StoreUnavailable(f"redis refused {what}: {exc}") from exc
-
-
-def _redis_client(redis_url: str) -> Any:
-    # Typed as Any: redis-py's annotations return unions of bytes/str/awaitables that say
-    # nothing useful with decode_responses=True; results are converted at the call sites.
-    # One retry without backoff: enough to replace a socket the server closed (restart),
-    # never long enough to stall a SIP worker. A rediss:// URL verifies the server's
-    # certificate and host name (redis_connection_options).
-    return redis.Redis.from_url(
-        redis_url,
-        decode_responses=True,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        retry=Retry(NoBackoff(), 1),
-        retry_on_timeout=False,
-        **redis_connection_options(redis_url),
-    )
 
 
 class SyncStore:
     """Devices, apps, UA mappings and job enqueueing for Kamailio workers (see module doc)."""
 
-    def __init__(self, redis_url: str, settings: Settings) -> None:
+    def __init__(self, redis_url: str, settings: Settings, timeout: float = SIP_SOCKET_TIMEOUT) -> None:
         self.settings = settings
-        self._r: Any = _redis_client(redis_url)
+        self._r: Any = sync_client(redis_url, timeout)
+
+    @property
+    def client(self) -> Any:
+        """The underlying client (`redisconn.sync_client`), for the process's other Redis users
+        (`parked.ParkedCalls`, `credentials.Subscribers`): one connection pool per process."""
+        return self._r
 
     def close(self) -> None:
         self._r.close()
 
     def ping(self) -> bool:
         """True when Redis answers; raises StoreUnavailable when it does not."""
-        with _store_errors("ping"):
+        with unavailable_on_error("ping"):
             return bool(self._r.ping())
 
     # --- devices ------------------------------------------------------------------------------
@@ -123,7 +77,7 @@ class SyncStore:
             pipe.expire(skey, plan.set_ttl)
             return list(plan.evict)
 
-        with _store_errors("save_device"):
+        with unavailable_on_error("save_device"):
             evicted: list[str] = self._r.transaction(txn, skey, value_from_callable=True)
         for i in evicted:
             log.info("store: evicted device aor=%s device=%s (over %d devices)",
@@ -132,23 +86,18 @@ class SyncStore:
 
     def remove_device(self, aor: str, device_id: str) -> bool:
         """Delete a device; True when it existed."""
-        with _store_errors("remove_device"):
+        with unavailable_on_error("remove_device"):
             pipe = self._r.pipeline(transaction=True)
             pipe.delete(schema.device_key(aor, device_id))
             pipe.srem(schema.devices_key(aor), device_id)
             deleted, _ = pipe.execute()
         return bool(deleted)
 
-    def device(self, aor: str, device_id: str) -> Device | None:
-        with _store_errors("device"):
-            raw = self._r.hgetall(schema.device_key(aor, device_id))
-        return _decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
-
     def devices(self, aor: str) -> list[Device]:
         """The AOR's live devices (ordered by registered_at); ids whose hash expired are
         removed from the AOR set on the way."""
         skey = schema.devices_key(aor)
-        with _store_errors("devices"):
+        with unavailable_on_error("devices"):
             ids = sorted(self._r.smembers(skey))
             if not ids:
                 return []
@@ -160,7 +109,7 @@ class SyncStore:
             if stale:
                 self._r.srem(skey, *stale)
         found = [
-            _decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
+            schema.decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
         ]
         return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
 
@@ -169,7 +118,7 @@ class SyncStore:
     def enqueue(self, job: PushJob) -> str:
         """Append a job to the stream (approximate MAXLEN trim); returns the stream entry id."""
         fields = schema.encode_job(job)
-        with _store_errors("enqueue"):
+        with unavailable_on_error("enqueue"):
             entry_id = self._r.xadd(
                 self.settings.stream, fields,
                 maxlen=self.settings.stream_maxlen, approximate=True,
@@ -181,7 +130,7 @@ class SyncStore:
     def save_app(self, app: AppCredentials) -> None:
         """Replace an app's credentials. Clears its recorded last error and environment suspicion
         (an operator saving credentials is fixing them); counters are kept."""
-        with _store_errors("save_app"):
+        with unavailable_on_error("save_app"):
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(schema.app_key(app.provider, app.app_id))
             pipe.hset(schema.app_key(app.provider, app.app_id), mapping=schema.encode_app(app))
@@ -194,18 +143,18 @@ class SyncStore:
     def app_enabled(self, provider: str, app_id: str) -> bool | None:
         """Whether an app is configured (None: it is not) and enabled, from the app index alone:
         no credentials are read (the SIP workers' Redis user cannot read them)."""
-        with _store_errors("app_enabled"):
+        with unavailable_on_error("app_enabled"):
             value = self._r.hget(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
         return None if value is None else value == schema.app_index_value(True)
 
     def reindex_apps(self) -> int:
         """Rebuild the app index from the stored credentials (apps saved before the index existed);
         returns how many apps it lists."""
-        with _store_errors("reindex_apps"):
+        with unavailable_on_error("reindex_apps"):
             found: dict[str, str] = {}
             for key in self._r.scan_iter(match=schema.APP_KEY_PATTERN, count=500):
                 raw = self._r.hgetall(key)
-                app = _decode_or_log(schema.decode_app, raw, "app", str(key)) if raw else None
+                app = schema.decode_or_log(schema.decode_app, raw, "app", str(key)) if raw else None
                 if app is not None:
                     found[schema.app_index_field(app.provider, app.app_id)] = schema.app_index_value(app.enabled)
             pipe = self._r.pipeline(transaction=True)
@@ -216,13 +165,13 @@ class SyncStore:
         return len(found)
 
     def app(self, provider: str, app_id: str) -> AppCredentials | None:
-        with _store_errors("app"):
+        with unavailable_on_error("app"):
             raw = self._r.hgetall(schema.app_key(provider, app_id))
-        return _decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
+        return schema.decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
 
     def app_status(self, provider: str, app_id: str) -> dict[str, Any]:
         """Operator view of an app's health (see schema.app_status_view)."""
-        with _store_errors("app_status"):
+        with unavailable_on_error("app_status"):
             raw: dict[str, str] = self._r.hgetall(schema.app_status_key(provider, app_id))
             window: list[str] = self._r.lrange(schema.app_window_key(provider, app_id), 0, -1)
         return schema.app_status_view(raw, window, time.time())
@@ -230,7 +179,7 @@ class SyncStore:
     def remove_app(self, provider: str, app_id: str) -> bool:
         """Delete an app's credentials with its status and outcome window; True when the app
         existed. (Separate DELs: the keys live in different Redis Cluster slots.)"""
-        with _store_errors("remove_app"):
+        with unavailable_on_error("remove_app"):
             pipe = self._r.pipeline(transaction=False)
             pipe.delete(schema.app_key(provider, app_id))
             pipe.delete(schema.app_status_key(provider, app_id))
@@ -242,26 +191,16 @@ class SyncStore:
     # --- UA mappings --------------------------------------------------------------------------
 
     def save_ua_mapping(self, m: UaMapping) -> None:
-        with _store_errors("save_ua_mapping"):
+        with unavailable_on_error("save_ua_mapping"):
             self._r.hset(schema.UAMAP_KEY, m.name, schema.encode_ua_mapping(m))
 
     def remove_ua_mapping(self, name: str) -> bool:
-        with _store_errors("remove_ua_mapping"):
+        with unavailable_on_error("remove_ua_mapping"):
             return bool(self._r.hdel(schema.UAMAP_KEY, name))
 
     def ua_mappings(self) -> list[UaMapping]:
         """All mappings, ordered by name (the order the parser tries them in)."""
-        with _store_errors("ua_mappings"):
+        with unavailable_on_error("ua_mappings"):
             raw: dict[str, str] = self._r.hgetall(schema.UAMAP_KEY)
-        found = [_decode_or_log(schema.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
+        found = [schema.decode_or_log(schema.decode_ua_mapping, raw[name], "uamap", name) for name in sorted(raw)]
         return [m for m in found if m is not None]
-
-
-def _decode_or_log(decode: Callable[[_R], _T], raw: _R, scope: str, name: str) -> _T | None:
-    """Decode a stored record; a corrupt one is logged (without its content: it may hold
-    secrets) and treated as absent rather than breaking every caller."""
-    try:
-        return decode(raw)
-    except schema.DecodeError as exc:
-        log.error("store: ignoring corrupt record %s/%s: %s", scope, name, str(exc)[:120])
-        return None

@@ -14,14 +14,19 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from pushlib.provider_limits import (
+    APNS_COLLAPSE_ID_BYTES,
+    APNS_PAYLOAD_BYTES,
+    APNS_TOKEN_MAX_HEX,
+    APNS_TOKEN_MIN_HEX,
+    APNS_VOIP_PAYLOAD_BYTES,
+)
 from pushsandbox.state import ProviderJwt, Reply, SandboxState
 
 PATH_PREFIX = "/3/device/"
 PROVIDER_TOKEN_LIFETIME = 3600.0
-PAYLOAD_LIMIT = 4096
-VOIP_PAYLOAD_LIMIT = 5120
 
-_HEX_TOKEN = re.compile(r"[0-9a-fA-F]{64,200}")
+_HEX_TOKEN = re.compile(f"[0-9a-fA-F]{{{APNS_TOKEN_MIN_HEX},{APNS_TOKEN_MAX_HEX}}}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 # push type -> the topic suffix Apple requires for it ("" = the bare bundle id).
@@ -172,12 +177,12 @@ def _check_and_record(
     if raw_id is not None and not _UUID.fullmatch(raw_id):
         return _error(400, "BadMessageId", str(uuid.uuid4()).upper())
     collapse_id = headers.get("apns-collapse-id")
-    if collapse_id is not None and len(collapse_id.encode()) > 64:
+    if collapse_id is not None and len(collapse_id.encode()) > APNS_COLLAPSE_ID_BYTES:
         return _error(400, "BadCollapseId", apns_id)
 
     if not body:
         return _error(400, "PayloadEmpty", apns_id)
-    limit = VOIP_PAYLOAD_LIMIT if push_type == "voip" else PAYLOAD_LIMIT
+    limit = APNS_VOIP_PAYLOAD_BYTES if push_type == "voip" else APNS_PAYLOAD_BYTES
     if len(body) > limit:
         return _error(413, "PayloadTooLarge", apns_id)
     try:

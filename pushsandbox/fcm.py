@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from pushlib.provider_limits import FCM_DATA_BYTES
 from pushsandbox import jwts
 from pushsandbox.state import Reply, SandboxState
 
@@ -27,7 +28,6 @@ GOOGLE_TOKEN_URIS = frozenset(
     {"https://oauth2.googleapis.com/token", "https://www.googleapis.com/oauth2/v4/token"}
 )
 TOKEN_LIFETIME = 3600
-DATA_LIMIT = 4096
 
 _SEND_PATH = re.compile(r"/v1/projects/([^/]+)/messages:send")
 _TTL = re.compile(r"\d+(\.\d{1,9})?s")
@@ -217,7 +217,7 @@ def _send(
         return fcm_error(400, "Invalid value at 'message.notification'.", "INVALID_ARGUMENT",
                          "message.notification")
     size += sum(len(str(v).encode()) for v in notification.values())
-    if size > DATA_LIMIT:
+    if size > FCM_DATA_BYTES:
         return fcm_error(400, "Message is too big", "INVALID_ARGUMENT", "message")
 
     android = message.get("android", {})

@@ -2,14 +2,17 @@
 
 The stack runner, SIPp runner and SIP test phone live in `harness` (the demo and the benchmarks use
 them too); this module re-exports the names the tests use and keeps the test-only parts: the native
-host config, `flagship_call()` (the demo flow with assertions), and small SIP flow helpers
-(`register`, `asleep`, `payload_data`). No test module imports another.
+host config, `flagship_call()` (the demo flow with assertions), small SIP flow helpers
+(`register`, `asleep`, `payload_data`), and the store reads and writes only tests need (production
+has no caller for them: `stored_device`, `job_devices`, `mark_sent`, `record_outcome`). No test
+module imports another.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -48,6 +51,10 @@ from harness.sipua import (
     rfc8599_fcm_contact,
 )
 from harness.sipua import digest_authorization as _digest
+from pushlib import schema
+from pushlib.astore import AsyncStore
+from pushlib.models import Device, Outcome
+from pushlib.store import SyncStore
 
 NATIVE_HOST_CFG = ROOT / "tests" / "native-host.cfg"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -78,12 +85,15 @@ __all__ = [
     "fcm_token",
     "flagship_call",
     "free_port",
+    "job_devices",
     "kamailio_process",
+    "mark_sent",
     "parse_response",
     "payload_data",
     "push_kind",
     "push_stack",
     "pusher_defines",
+    "record_outcome",
     "redis_server",
     "register",
     "rfc8599_apns_contact",
@@ -93,6 +103,7 @@ __all__ = [
     "sipp_events",
     "stop_all_sipp",
     "stop_process",
+    "stored_device",
     "wait_for_port",
     "wait_log",
 ]
@@ -163,3 +174,39 @@ def payload_data(record: dict[str, object]) -> dict[str, object]:
     data = payload.get("data", payload)
     assert isinstance(data, dict)
     return data
+
+
+# --------------------------------------------------------------------------- store reads and writes of the tests
+
+
+def stored_device(store: SyncStore, aor: str, device_id: str) -> Device | None:
+    """One device as the store holds it (None when absent or corrupt)."""
+    raw = store.client.hgetall(schema.device_key(aor, device_id))
+    return schema.decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
+
+
+async def job_devices(
+    store: AsyncStore, aor: str, job_id: str, device_ids: Sequence[str] = ()
+) -> list[tuple[Device, bool]]:
+    """`AsyncStore.job_devices_many` for one job."""
+    return (await store.job_devices_many([(aor, job_id, device_ids)]))[0]
+
+
+async def mark_sent(store: AsyncStore, aor: str, job_id: str, device_id: str) -> None:
+    """`AsyncStore.mark_sent_many` for one (job, device)."""
+    await store.mark_sent_many([(aor, job_id, device_id)])
+
+
+async def record_outcome(
+    store: AsyncStore, provider: str, app_id: str, outcome: Outcome, now: float | None = None
+) -> bool:
+    """`AsyncStore.record_outcomes` for one push outcome, as the dispatcher's flush would record it;
+    True when this outcome flagged the app's environment as likely wrong."""
+    now = time.time() if now is None else now
+    bad = outcome is Outcome.DEVICE_SUSPECT
+    app = (provider, app_id)
+    flagged = await store.record_outcomes(
+        {(provider, app_id, outcome.value): 1}, {app: [schema.window_entry(now, bad)]},
+        check=[app] if bad else [], now=now,
+    )
+    return app in flagged

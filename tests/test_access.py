@@ -15,6 +15,8 @@ def test_served_domains_parse_and_match() -> None:
     assert access.is_served("EXAMPLE.com", served, never)
     assert not access.is_served("evil.example", served, never)
     assert not access.is_served("example.com\r\nX: y", served, never)
+    # only ASCII is case-folded: the Kelvin sign lower-cases to "k" in Unicode
+    assert not access.is_served("\u212aamailio.org", access.served_domains("kamailio.org"), never)
 
 
 def test_without_local_domains_kamailio_decides() -> None:

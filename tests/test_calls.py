@@ -1,17 +1,17 @@
-"""Unit tests of the pure call-flow decisions (pushlib.calls) and the parked-call state (pushlib.callstate)."""
+"""Unit tests of the pure call-flow decisions (pushlib.calls); the parked-call state is tested in test_parked."""
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pushlib import calls, callstate
-from pushlib.models import Device, Provider, PushKind, PushParams
+from pushlib import calls
+from pushlib.access import Limits
+from pushlib.models import Device, ParkedCall, Provider, PushKind, PushParams
 from pushlib.settings import Settings
 
 # kemi/ is not a package: Kamailio loads router.py as a script that puts kemi/ on sys.path
@@ -149,13 +149,16 @@ def test_caller_identity_with_quotes_and_emoji() -> None:
     assert calls.caller_identity('"Bob \\"B\\" 😀" <sip:+1555@h>;tag=1', "+1555") == ('Bob "B" 😀', "+1555")
     assert calls.caller_identity("<sip:+1555@h>;tag=1", "+1555") == ("+1555", "+1555")
     assert calls.caller_identity("Alice <sip:a@h>", "a") == ("Alice", "a")
+    assert calls.caller_identity('"A <b>; c" <sip:a@h>;tag=1', "a") == ("A <b>; c", "a")
+    assert calls.caller_identity("sip:a@h;tag=1", "a") == ("a", "a")
+    assert calls.caller_identity('"broken <sip:a@h>', "a") == ("a", "a")
 
 
 def test_proxy_config_from_defines() -> None:
     defs = {"WITH_PUSHER": "", "WITH_AUTH": "", "REDIS_URL": '"redis://h:1/2"', "WAIT_WINDOW": "12",
             "AWAKE_WINDOW": "0", "AUTH_REALM": '"example.com"'}
     cfg = calls.proxy_config(defs.get, env={})
-    assert cfg.pusher and cfg.auth and not cfg.external_dispatcher
+    assert cfg.pusher and cfg.auth
     assert cfg.settings.redis_url == "redis://h:1/2" and cfg.settings.wait_window == 12.0
     assert cfg.awake_window == 0.0 and cfg.realm == "example.com"
     assert not calls.proxy_config(lambda name: None, env={}).pusher
@@ -188,12 +191,19 @@ def test_fallback_target_and_diversion() -> None:
     assert calls.diversion_header("sip:bob@example.com") == "<sip:bob@example.com>;reason=no-answer;counter=1"
 
 
+def parked(pushed: tuple[str, ...], woken: tuple[str, ...] = (), caller: tuple[str, str] = ("A", "1")) -> ParkedCall:
+    return ParkedCall("sip:b@h", "k1", "c1", "1", caller[0], caller[1], NOW + 30, pushed, woken)
+
+
 def test_end_of_call_jobs() -> None:
     s = Settings()
-    answered = calls.end_of_call_jobs("sip:b@h", "c1", ("A", "1"), ["d1", "d2"], "", NOW, s, "answered")
+    answered = calls.end_of_call_jobs(parked(("d1", "d2"), woken=("d2",)), True, NOW, s, "answered")
     assert [j.kind for j in answered] == [PushKind.CANCEL_INCOMING_CALL]
-    missed = calls.end_of_call_jobs("sip:b@h", "c1", ("A", "1"), ["d1"], None, NOW, s, "timeout")
+    assert answered[0].device_ids == ("d1",)  # d2 woke: it got the INVITE, and tm's CANCEL
+    assert calls.end_of_call_jobs(parked(("d1",), woken=("d1",)), True, NOW, s, "answered") == []
+    missed = calls.end_of_call_jobs(parked(("d1", "d2"), woken=("d2",)), False, NOW, s, "timeout")
     assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
+    assert missed[0].device_ids == ("d1", "d2") and missed[0].data["reason"] == "timeout"
     assert missed[1].deadline == NOW + s.message_ttl
     # the payload builders make title/body (honouring HIDE_CALLER): the job carries no copy
     assert set(missed[1].data) == {"call_id", "callee", "caller_name", "caller_number"}
@@ -204,45 +214,9 @@ def test_end_of_call_jobs() -> None:
     assert job.job_id == calls.incoming_call_job("sip:b@h", "c1", ("A", "1"), ["d1"], NOW + 1, 30).job_id
 
 
-# --------------------------------------------------------------------------- callstate (real redis)
-
-
-def _call(key: str, pushed: tuple[str, ...]) -> callstate.ParkedCall:
-    return callstate.ParkedCall("sip:b@h", key, f"cid-{key}", "1", "A", "1", time.time() + 30, pushed)
-
-
-def test_park_wake_finish(redis_url: str) -> None:
-    st = callstate.CallState(callstate.connect(redis_url))
-    now = time.time()
-    assert st.park(_call("k1", ("d1", "d2")), now)
-    assert not st.park(_call("k1", ("d1", "d2")), now)  # retransmission / duplicate: no second park
-    assert st.park(_call("k2", ("d1",)), now)  # a second call to the same user is its own
-    assert st.wake("sip:b@h", "d1") == ["k1", "k2"]
-    assert st.wake("sip:b@h", "d1") == []  # a second REGISTER adds no second branch
-    ended = st.finish("sip:b@h", "k1")
-    assert ended is not None and ended.pushed == ("d1", "d2") and ended.woken == ("d1",)
-    assert st.finish("sip:b@h", "k1") is None  # only one ender wins
-    assert st.wake("sip:b@h", "d2") == []  # k1 is gone; d2 was never pushed for k2
-
-
-def test_subscribers_store_ha1_only(redis_url: str) -> None:
-    client = callstate.connect(redis_url)
-    subs = callstate.Subscribers(client)
-    subs.set_password("bob", "example.com", "s3cret")
-    assert subs.ha1("bob", "example.com") == callstate.ha1("bob", "example.com", "s3cret")
-    assert "s3cret" not in str(client.hgetall(subs.key("bob", "example.com")))
-    assert subs.ha1("eve", "example.com") is None
-
-
-def test_callstate_unavailable_is_typed() -> None:
-    st = callstate.CallState(callstate.connect("redis://127.0.0.1:1/0", timeout=0.2))
-    with pytest.raises(callstate.CallStateUnavailable):
-        st.wake("sip:b@h", "d1")
-
-
 def test_hide_caller_keeps_the_name_out_of_redis() -> None:
     hidden = Settings(hide_caller=True)
-    missed = calls.end_of_call_jobs("sip:b@h", "c1", ("Alice", "100"), ["d1"], None, NOW, hidden, "timeout")
+    missed = calls.end_of_call_jobs(parked(("d1",), caller=("Alice", "100")), False, NOW, hidden, "timeout")
     assert "Alice" not in repr(missed[-1].data) and "100" not in repr(missed[-1].data)
     assert calls.pushed_caller(("Alice", "100"), True) == ("", "")
     assert calls.pushed_caller(("Alice", "100"), False) == ("Alice", "100")
@@ -272,6 +246,60 @@ def test_wait_entry_separators_and_raw_bytes_survive(call_id: str) -> None:
 @pytest.mark.parametrize("value", [None, "", "sip:b@h", "sip:b@h|486", "x|1|sip:b@h|c", "0|1||c", "1|2|3"])
 def test_wait_entry_malformed_is_none(value: str | None) -> None:
     assert calls.WaitEntry.decode(value) is None
+
+
+@pytest.mark.parametrize(
+    ("code", "fallback", "end"),
+    [
+        (0, False, calls.WindowEnd(480, "timeout", False)),
+        (0, True, calls.WindowEnd(0, "timeout", True)),  # cancel the ringing branches: the fallback follows
+        (480, True, calls.WindowEnd(0, "timeout", True)),
+        (486, True, calls.WindowEnd(486, "rejected-486", False)),  # busy is busy, fallback or not
+        (603, False, calls.WindowEnd(603, "rejected-603", False)),
+    ],
+)
+def test_window_end(code: int, fallback: bool, end: calls.WindowEnd) -> None:
+    assert calls.WaitEntry("sip:b@h", "c1", "1", code).window_end(fallback) == end
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(200, "answered"), (202, "answered"), (487, "canceled"), (0, "timeout"), (480, "timeout"),
+     (486, "rejected-486"), (600, "rejected-600"), (603, "rejected-603")],
+)
+def test_end_reason(code: int, reason: str) -> None:
+    assert calls.end_reason(code) == reason
+
+
+# --------------------------------------------------------------------------- bindings
+
+
+def test_stale_bindings_include_evicted_devices_never_the_new_one() -> None:
+    new = calls.Binding("sip:d@1.2.3.4:2222;pn-prid=abab", ruid="r1")
+    old = calls.Binding("sip:d@1.2.3.4:1111;pn-prid=abab", ruid="r2")
+    evicted = calls.Binding("sip:e@1.2.3.4:3333;pn-prid=cdcd", ruid="r3")
+    plain = calls.Binding("sip:desk@h", ruid="r4")
+    ids = {new.uri: "d1", old.uri: "d1", evicted.uri: "d9", plain.uri: None}
+    bindings = [new, old, evicted, plain]
+    assert calls.stale_bindings(bindings, "d1", new.uri, lambda b: ids[b.uri], evicted=["d9", "d1"]) == [old, evicted]
+
+
+def test_binding_device_id_matches_the_registered_device() -> None:
+    instance = "<urn:uuid:abc>"
+    contact = "<" + PUSH_URI.replace("abab", "ab" * 32) + ">"
+    plan = calls.plan_register(calls.aor_of("bob", "example.com"), contact, None, "Phone/1", [],
+                               lambda provider, app: True, Limits(), NOW)
+    assert isinstance(plan, calls.SaveDevice)
+    binding = calls.Binding(plan.device.contact, instance="", user_agent="Phone/1")
+    assert calls.binding_device_id(binding, []) == plan.device.device_id
+    assert calls.binding_device_id(calls.Binding(plan.device.contact, instance=instance), []) == "urn:uuid:abc"
+    assert calls.binding_device_id(calls.Binding("sip:desk@h"), []) is None
+    assert calls.binding_device_id(calls.Binding("sip:x@h;pn-provider=apns;pn-prid=zz"), []) is None
+
+
+def test_looks_push() -> None:
+    assert calls.looks_push(PUSH_URI) and calls.looks_push("sip:b@h;%70n-prid=1")
+    assert not calls.looks_push("sip:desk@h;transport=tcp") and not calls.looks_push("sip:b@h;pn-prid=%zz")
 
 
 # --------------------------------------------------------------------------- kemi/ksrlog

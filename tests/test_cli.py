@@ -102,20 +102,19 @@ def test_redis_down_is_one_clear_line(capsys) -> None:
 
 
 def test_subscriber_password_from_stdin_is_stored_as_ha1(redis_url: str, monkeypatch, capsys) -> None:
-    import hashlib
     import io
 
     import redis as redis_lib
 
-    from pushlib.callstate import Subscribers
+    from pushlib.credentials import Subscribers, ha1
+    from pushlib.schema import subscriber_key
 
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
     assert main(["--redis-url", redis_url, "subscriber", "set", "alice@example.com"]) == 0
     assert "saved credentials of alice@example.com" in capsys.readouterr().out
     client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
-    expected = hashlib.md5(b"alice:example.com:s3cret").hexdigest()
-    assert Subscribers(client).ha1("alice", "example.com") == expected
-    assert "s3cret" not in str(client.hgetall(Subscribers.key("alice", "example.com")))
+    assert Subscribers(client).ha1("alice", "example.com") == ha1("alice", "example.com", "s3cret")
+    assert "s3cret" not in str(client.hgetall(subscriber_key("alice", "example.com")))
     assert main(["--redis-url", redis_url, "subscriber", "remove", "alice@example.com"]) == 0
     assert Subscribers(client).ha1("alice", "example.com") is None
     assert main(["--redis-url", redis_url, "subscriber", "set", "no-domain"]) == 2

@@ -20,7 +20,6 @@ import pytest
 import redis
 
 from pushlib import schema
-from pushlib.astore import AsyncStore
 from pushlib.dispatcher import Dispatcher, backoff_delay
 from pushlib.models import (
     ApnsRequest,
@@ -37,7 +36,7 @@ from pushlib.models import (
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle
-from tests.support import ROOT, VENV_PYTHON, stop_process
+from tests.support import ROOT, VENV_PYTHON, stop_process, stored_device
 
 READ_BLOCK_S = 0.5  # the dispatcher's blocking read
 BUNDLE = "com.example.phone"
@@ -118,14 +117,11 @@ def run_dispatcher(cfg: Settings, until: Callable[[], bool], pool: Any = None, l
 
 
 def app_status(cfg: Settings, provider: str, app_id: str) -> dict[str, Any]:
-    async def get() -> dict[str, Any]:
-        store = AsyncStore(cfg.redis_url, cfg)
-        try:
-            return await store.app_status(provider, app_id)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(get())
+    store = SyncStore(cfg.redis_url, cfg)
+    try:
+        return store.app_status(provider, app_id)
+    finally:
+        store.close()
 
 
 # --- every kind on every platform ---------------------------------------------------------------
@@ -197,9 +193,9 @@ def test_dead_tokens_disappear(env: tuple[SandboxHandle, SyncStore, Settings]) -
     d = run_dispatcher(cfg, lambda: stream_done(cfg))
 
     assert d.stats["token_dead"] == 2 and d.stats["retried"] == 0
-    iphone = store.device(aor, "iphone")
+    iphone = stored_device(store, aor, "iphone")
     assert iphone is not None and iphone.params.voip_token is None and iphone.params.alert_token == alert
-    assert store.device(aor, "pixel") is None  # its only token died
+    assert stored_device(store, aor, "pixel") is None  # its only token died
     assert sandbox.control.pushes() == []
     # The next call finds no VoIP token to push to: nothing is sent.
     store.enqueue(job(PushKind.INCOMING_CALL, aor))

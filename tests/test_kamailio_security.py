@@ -23,6 +23,7 @@ from dataclasses import replace
 import pytest
 
 from harness.sipua import SipPhone, open_sip_socket
+from pushlib import credentials
 from tests.support import (
     DOMAIN,
     KAMAILIO_CFG,
@@ -129,7 +130,7 @@ def _digest(ha1: bytes, method: str, uri: str, user: str, challenge: str, nc: st
 
 
 def _ha1(user: str, realm: str, password: str) -> bytes:
-    return hashlib.md5(f"{user}:{realm}:{password}".encode()).hexdigest().encode()
+    return credentials.ha1(user, realm, password).encode()
 
 
 def _register(peer: Peer, user: str, contact: str, *, domain: str = DOMAIN, password: str | None = None,

@@ -8,16 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pushlib import calls
 from pushlib.models import Provider, PushParams, UaMapping
 from pushlib.params import (
     MalformedPushParams,
+    NameAddr,
     PushParamError,
     UnsupportedProvider,
     contact_header_params,
     contact_uri_params,
     device_id_for,
     has_legacy_params,
+    parse_name_addr,
     parse_push_params,
+    sip_reason,
 )
 
 VOIP = "a1" * 32
@@ -108,6 +112,73 @@ def test_contact_parsers_only_raise_push_param_errors(text):
         else:
             assert all(isinstance(k, str) and isinstance(v, str) for k, v in result.items())
             assert all(k == k.lower() for k in result)
+
+
+@pytest.mark.parametrize(
+    ("value", "display", "uri", "params"),
+    [
+        ('"a<b" <sip:x@h>', "a<b", "sip:x@h", ""),
+        ('"a>b;c,d" <sip:x@h;pn-prid=1>;expires=60', "a>b;c,d", "sip:x@h;pn-prid=1", ";expires=60"),
+        ('"say \\"<hi>\\" \\\\" <sip:x@h>', 'say "<hi>" \\', "sip:x@h", ""),
+        ("Bob Smith <sip:x@h>;q=1, <sip:y@h>", "Bob Smith", "sip:x@h", ";q=1"),
+        ('<sip:x@h>;x="a,b";y=1, "c" <sip:z@h>', "", "sip:x@h", ';x="a,b";y=1'),
+        ("sip:x@h;expires=60, sip:y@h", "", "sip:x@h", ";expires=60"),
+        ("sip:x@h, sip:y@h;q=1", "", "sip:x@h", ""),
+        ("  <sip:x@h>  ", "", "sip:x@h", ""),
+        ("*", "", "*", ""),
+        ("", "", "", ""),
+    ],
+)
+def test_name_addr_split(value: str, display: str, uri: str, params: str) -> None:
+    addr = parse_name_addr(value)
+    assert (addr.display_name, addr.uri, addr.param_text) == (display, uri, params)
+    assert calls.contact_uri(value) == uri
+
+
+@pytest.mark.parametrize("value", ['"Bob" sip:x@h', '"Bob";tag=1', '"Bob <sip:x@h>', "<sip:x@h", "\x00<sip:x@h>"])
+def test_name_addr_malformed(value: str) -> None:
+    with pytest.raises(MalformedPushParams):
+        parse_name_addr(value)
+    assert calls.contact_uri(value) == ""  # never the wrong URI
+
+
+def test_name_addr_repr_hides_the_uri() -> None:
+    assert "abab" not in repr(parse_name_addr("<sip:x@h;pn-prid=abab>;x=abab"))
+
+
+_DISPLAY_CHARS = st.characters(blacklist_categories=("Cs", "Cc"))
+_URI_CHARS = st.sampled_from("abcXYZ019-_.!~*'()%=+$&:")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(_DISPLAY_CHARS, max_size=30),
+    st.text(_URI_CHARS, min_size=1, max_size=20),
+    st.lists(st.tuples(st.sampled_from(["expires", "q", "+sip.instance", "x"]),
+                       st.text(_DISPLAY_CHARS, max_size=15)), max_size=3),
+    st.booleans(),
+)
+def test_name_addr_round_trip(display: str, user: str, hparams: list[tuple[str, str]], more: bool) -> None:
+    quoted = '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    uri = f"sip:{user}@host.example;transport=tcp"
+    tail = "".join(f';{name}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                   for name, v in hparams)
+    value = f"{quoted} <{uri}>{tail}" + (', "x" <sip:other@h>' if more else "")
+    addr = parse_name_addr(value)
+    assert addr == NameAddr(display, uri, tail)
+    assert addr.uri_params() == {"transport": "tcp"}
+    expected: dict[str, str] = {}
+    for name, v in hparams:
+        expected.setdefault(name, v)  # a quoted value is kept as quoted, spaces too
+    assert addr.header_params() == expected
+    assert calls.contact_uri(value) == uri
+
+
+def test_sip_reason() -> None:
+    reason = sip_reason("bad\r\ntoken 😀" + "x" * 200)
+    assert reason.isascii() and "\r" not in reason and len(reason) == 80
+    assert sip_reason("  ") == "Bad Request"
+    assert str(MalformedPushParams("é\n")) == "??"
 
 
 def assert_reason_phrase(reason: str) -> None:

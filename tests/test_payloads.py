@@ -13,13 +13,11 @@ from hypothesis import strategies as st
 
 from pushlib.models import ApnsRequest, Device, FcmMessage, Provider, PushKind, PushParams
 from pushlib.payloads import (
-    APNS_LIMIT,
-    APNS_VOIP_LIMIT,
-    FCM_DATA_LIMIT,
     PayloadTooLarge,
     build_apns,
     build_fcm,
 )
+from pushlib.provider_limits import APNS_PAYLOAD_BYTES, APNS_VOIP_PAYLOAD_BYTES, FCM_DATA_BYTES
 from pushlib.settings import Settings
 
 VOIP = "a1" * 32
@@ -237,7 +235,7 @@ def test_any_text_gives_valid_json_within_limits_with_ids_intact(
         data = {k: data[k] for k in ("call_id", "message_id", "title", "body")}
     request = build_apns(kind, IOS, data, DEADLINE, NOW, SETTINGS)
     assert request is not None
-    limit = APNS_VOIP_LIMIT if kind is K.INCOMING_CALL else APNS_LIMIT
+    limit = APNS_VOIP_PAYLOAD_BYTES if kind is K.INCOMING_CALL else APNS_PAYLOAD_BYTES
     assert len(request.payload) <= limit
     payload = json.loads(request.payload.decode("utf-8"))
     message = build_fcm(kind, ANDROID, data, DEADLINE, NOW, SETTINGS)
@@ -245,7 +243,7 @@ def test_any_text_gives_valid_json_within_limits_with_ids_intact(
     body = json.loads(message.body.decode("utf-8"))["message"]
     size = len(json.dumps({k: body[k] for k in ("data", "notification") if k in body}, ensure_ascii=False,
                           separators=(",", ":")).encode())
-    assert size <= FCM_DATA_LIMIT
+    assert size <= FCM_DATA_BYTES
     if kind in (K.INCOMING_CALL, K.CANCEL_INCOMING_CALL, K.MISSED_CALL, K.VOICEMAIL, K.CUSTOM):
         assert payload["call_id"] == call_id and body["data"]["call_id"] == call_id
     if kind in (K.MESSAGE, K.VOICEMAIL, K.CUSTOM):

@@ -29,6 +29,7 @@ from pushlib.models import (
 )
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
+from tests.support import record_outcome
 
 VOIP = "a1" * 32
 ALERT = "b2" * 32
@@ -123,7 +124,7 @@ def test_app_status_gets_a_ttl_on_every_write(redis_url: str) -> None:
             await store.record_app_error("apns", "com.invented", "no credentials stored for this app")
             assert 0 < r.ttl(skey) <= schema.APP_STATUS_TTL
             r.expire(skey, 100)  # an older write's TTL is refreshed by the next one
-            await store.record_outcome("apns", "com.invented", Outcome.DELIVERED)
+            await record_outcome(store, "apns", "com.invented", Outcome.DELIVERED)
             assert r.ttl(skey) > schema.APP_STATUS_TTL - 60
             r.delete(skey)
             # a flush that only checks the window (no counters) may create the hash with
@@ -148,7 +149,7 @@ def test_app_status_and_window_go_with_their_app(redis_url: str) -> None:
         astore = AsyncStore(redis_url, Settings())
         try:
             await astore.record_app_error("fcm", "proj", "403 SenderIdMismatch")
-            await astore.record_outcome("fcm", "proj", Outcome.DELIVERED)
+            await record_outcome(astore, "fcm", "proj", Outcome.DELIVERED)
         finally:
             await astore.aclose()
 

@@ -84,7 +84,7 @@ def _assert_verifying_pool(pool: Any) -> None:
 
 def test_sync_store_client_for_rediss_verifies_the_server() -> None:
     store = SyncStore(TLS_URL, Settings())
-    pool = store._r.connection_pool
+    pool = store.client.connection_pool
     assert pool.connection_class is redis.SSLConnection
     _assert_verifying_pool(pool)
     conn = pool.make_connection()  # built, not connected

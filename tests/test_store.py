@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from dataclasses import replace
 from typing import Any
@@ -16,9 +18,10 @@ from hypothesis import strategies as st
 from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.models import AppCredentials, Device, Outcome, Provider, PushJob, PushKind, PushParams, UaMapping
+from pushlib.redisconn import StoreUnavailable
 from pushlib.settings import Settings
-from pushlib.store import StoreUnavailable, SyncStore
-from tests.support import redis_server
+from pushlib.store import SyncStore
+from tests.support import job_devices, mark_sent, record_outcome, redis_server, stored_device
 
 SECRET = "-----BEGIN PRIVATE KEY-----SECRETSECRET-----END PRIVATE KEY-----"
 
@@ -44,7 +47,7 @@ def test_device_round_trip_keeps_every_field(redis_url: str) -> None:
     store = SyncStore(redis_url, Settings())
     dev = make_device(1, quarantined_until=123.5)
     assert store.save_device(dev) == []
-    assert store.device(dev.aor, dev.device_id) == dev
+    assert stored_device(store, dev.aor, dev.device_id) == dev
     assert store.devices(dev.aor) == [dev]
     assert raw_client(redis_url).sismember(schema.devices_key(dev.aor), dev.device_id)
 
@@ -93,7 +96,7 @@ def test_eleventh_device_evicts_the_oldest_registered(redis_url: str) -> None:
     assert store.save_device(make_device(11)) == ["dev1"]
     ids = {d.device_id for d in store.devices("sip:alice@example.com")}
     assert ids == {f"dev{i}" for i in range(2, 12)}
-    assert store.device("sip:alice@example.com", "dev1") is None
+    assert stored_device(store, "sip:alice@example.com", "dev1") is None
 
 
 def test_resaving_a_device_replaces_it(redis_url: str) -> None:
@@ -102,7 +105,7 @@ def test_resaving_a_device_replaces_it(redis_url: str) -> None:
     store.save_device(make_device(2))
     newer = make_device(1, params=PushParams(Provider.FCM, "proj-1", alert_token="fcmtok"))
     assert store.save_device(newer) == []  # same id: no eviction
-    got = store.device("sip:alice@example.com", "dev1")
+    got = stored_device(store, "sip:alice@example.com", "dev1")
     assert got == newer and got.params.voip_token is None and got.params.team_id is None
 
 
@@ -222,6 +225,41 @@ def test_outage_raises_store_unavailable_then_recovers() -> None:
         store.close()
 
 
+def test_a_frozen_server_costs_one_timeout_not_two() -> None:
+    """A Redis that accepts nothing (paused process) holds a SIP worker one socket timeout: the
+    client reconnects once after a connection error, never after a timeout."""
+    with redis_server() as server:
+        store = SyncStore(server.url, Settings())
+        assert store.ping() is True
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                store.ping()
+            assert time.monotonic() - started < 0.9  # one 0.5 s timeout, not two
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        store.close()
+
+
+def test_key_layout_is_pinned() -> None:
+    """Deployed data depends on these strings (and on the hash tags that keep an AOR's keys on
+    one Redis Cluster slot): a change here strands every stored record."""
+    aor = "sip:alice@example.com"
+    assert schema.device_key(aor, "d1") == "pn:{sip:alice@example.com}:dev:d1"
+    assert schema.devices_key(aor) == "pn:{sip:alice@example.com}:devs"
+    assert schema.sent_key(aor, "j1", "d1") == "pn:{sip:alice@example.com}:sent:j1:d1"
+    assert schema.call_key(aor, "k1") == "pn:{sip:alice@example.com}:call:k1"
+    assert schema.pending_key(aor, "d1") == "pn:{sip:alice@example.com}:pend:d1"
+    assert schema.app_key("apns", "com.x") == "pn:app:apns:com.x"
+    assert (schema.APP_INDEX_KEY, schema.app_index_field("apns", "com.x")) == ("pn:apps", "apns:com.x")
+    assert schema.app_status_key("apns", "com.x") == "pn:appstatus:{apns:com.x}"
+    assert schema.app_window_key("apns", "com.x") == "pn:appwin:{apns:com.x}"
+    assert schema.UAMAP_KEY == "pn:uamap"
+    assert schema.subscriber_key("alice", "example.com") == "pn:sub:alice@example.com"
+    assert Settings().stream == "pn:jobs"
+
+
 def test_store_unavailable_is_a_connection_error() -> None:
     assert issubclass(StoreUnavailable, ConnectionError)
 
@@ -230,28 +268,22 @@ def test_store_unavailable_is_a_connection_error() -> None:
 
 
 def test_async_store_reads_what_the_sync_store_wrote(redis_url: str) -> None:
-    sync = SyncStore(redis_url, Settings(max_devices_per_user=2))
+    sync = SyncStore(redis_url, Settings())
     sync.save_device(make_device(1))
-    sync.save_ua_mapping(UaMapping("m", "x"))
     app = AppCredentials(Provider.FCM, "proj", fcm_service_account='{"k": "v"}')
     sync.save_app(app)
 
     async def scenario() -> None:
-        store = AsyncStore(redis_url, Settings(max_devices_per_user=2))
+        store = AsyncStore(redis_url, Settings())
         try:
-            got = await store.devices("sip:alice@example.com")
-            assert [d.device_id for d in got] == ["dev1"]
-            assert got[0] == sync.device("sip:alice@example.com", "dev1")
+            got = await job_devices(store, "sip:alice@example.com", "j1")
+            assert [(d, sent) for d, sent in got] == [(stored_device(sync, "sip:alice@example.com", "dev1"), False)]
             assert await store.app("fcm", "proj") == app
-            assert await store.ua_mappings() == [UaMapping("m", "x")]
-            assert await store.save_device(make_device(2)) == []
-            assert await store.save_device(make_device(3)) == ["dev1"]
-            assert await store.remove_device("sip:alice@example.com", "dev2") is True
+            assert await store.app("fcm", "other") is None
         finally:
             await store.aclose()
 
     asyncio.run(scenario())
-    assert [d.device_id for d in sync.devices("sip:alice@example.com")] == ["dev3"]
 
 
 def test_dead_token_removed_once_then_device_removed(
@@ -269,7 +301,7 @@ def test_dead_token_removed_once_then_device_removed(
         try:
             assert await store.remove_token(dev.aor, dev.device_id, voip) is True
             assert await store.remove_token(dev.aor, dev.device_id, voip) is False  # idempotent
-            left = sync.device(dev.aor, dev.device_id)
+            left = stored_device(sync, dev.aor, dev.device_id)
             assert left is not None and left.params.voip_token is None and left.params.alert_token == alert
             assert await store.remove_token(dev.aor, dev.device_id, alert) is True
             assert await store.remove_token(dev.aor, dev.device_id, alert) is False
@@ -277,7 +309,7 @@ def test_dead_token_removed_once_then_device_removed(
             await store.aclose()
 
     asyncio.run(scenario())
-    assert sync.device(dev.aor, dev.device_id) is None
+    assert stored_device(sync, dev.aor, dev.device_id) is None
     assert raw_client(redis_url).smembers(schema.devices_key(dev.aor)) == set()
     removal_lines = [r for r in caplog.records if "dead token removed" in r.getMessage()]
     assert len(removal_lines) == 2
@@ -300,12 +332,12 @@ def test_quarantine_is_set_and_a_new_register_clears_it(redis_url: str) -> None:
             await store.aclose()
 
     asyncio.run(scenario())
-    got = sync.device(dev.aor, dev.device_id)
+    got = stored_device(sync, dev.aor, dev.device_id)
     assert got is not None and got.quarantined_until == 1000.0 + 24 * 3600
     assert r.ttl(schema.device_key(dev.aor, dev.device_id)) > ttl_before - 5  # TTL kept
     assert not r.exists(schema.device_key(dev.aor, "gone"))  # not resurrected without TTL
     sync.save_device(replace(dev, registered_at=time.time()))  # the device REGISTERs again
-    again = sync.device(dev.aor, dev.device_id)
+    again = stored_device(sync, dev.aor, dev.device_id)
     assert again is not None and again.quarantined_until == 0.0
 
 
@@ -319,20 +351,20 @@ def test_mostly_bad_device_tokens_flag_the_app_environment(
         try:
             # 4 suspects among 6 pushes: not enough bad ones yet (at least 5 needed).
             for outcome in [Outcome.DELIVERED, Outcome.DEVICE_SUSPECT] * 2 + [Outcome.DEVICE_SUSPECT] * 2:
-                assert await store.record_outcome("apns", "com.x", outcome) is False
-            assert (await store.app_status("apns", "com.x"))["env_suspect"] is None
-            assert await store.record_outcome("apns", "com.x", Outcome.DEVICE_SUSPECT) is True  # 5 of 7
-            assert await store.record_outcome("apns", "com.x", Outcome.DEVICE_SUSPECT) is False  # once
+                assert await record_outcome(store, "apns", "com.x", outcome) is False
+            assert SyncStore(redis_url, Settings()).app_status("apns", "com.x")["env_suspect"] is None
+            assert await record_outcome(store, "apns", "com.x", Outcome.DEVICE_SUSPECT) is True  # 5 of 7
+            assert await record_outcome(store, "apns", "com.x", Outcome.DEVICE_SUSPECT) is False  # once
             # Another app with mostly good pushes is not flagged.
             for _ in range(10):
-                await store.record_outcome("apns", "com.ok", Outcome.DELIVERED)
+                await record_outcome(store, "apns", "com.ok", Outcome.DELIVERED)
             for _ in range(6):
-                assert await store.record_outcome("apns", "com.ok", Outcome.DEVICE_SUSPECT) is False
-            status = await store.app_status("apns", "com.x")
+                assert await record_outcome(store, "apns", "com.ok", Outcome.DEVICE_SUSPECT) is False
+            status = SyncStore(redis_url, Settings()).app_status("apns", "com.x")
             assert "BadDeviceToken" in status["env_suspect"] and status["env_suspect_at"] is not None
             assert status["counters"] == {"delivered": 2, "device_suspect": 6}
             assert status["recent"] == {"pushes": 8, "bad_device_token": 6}
-            assert (await store.app_status("apns", "com.ok"))["env_suspect"] is None
+            assert SyncStore(redis_url, Settings()).app_status("apns", "com.ok")["env_suspect"] is None
         finally:
             await store.aclose()
 
@@ -341,43 +373,38 @@ def test_mostly_bad_device_tokens_flag_the_app_environment(
     # Saving fixed credentials clears the flag (counters stay).
     SyncStore(redis_url, Settings()).save_app(AppCredentials(Provider.APNS, "com.x", sandbox=True))
 
-    async def after_fix() -> dict[str, Any]:
-        store = AsyncStore(redis_url, Settings())
-        try:
-            return await store.app_status("apns", "com.x")
-        finally:
-            await store.aclose()
-
-    status = asyncio.run(after_fix())
+    status = SyncStore(redis_url, Settings()).app_status("apns", "com.x")
     assert status["env_suspect"] is None and status["counters"]["device_suspect"] == 6
 
 
 def test_config_errors_are_recorded_for_operators(redis_url: str) -> None:
-    async def scenario() -> dict[str, Any]:
-        store = AsyncStore(redis_url, Settings())
-        try:
-            await store.record_app_error("fcm", "proj", "403 SENDER_ID_MISMATCH", now=1234.0)
-            return await store.app_status("fcm", "proj")
-        finally:
-            await store.aclose()
-
-    status = asyncio.run(scenario())
-    assert status["last_error"] == "403 SENDER_ID_MISMATCH" and status["last_error_at"] == 1234.0
-
-
-def test_idempotency_marks(redis_url: str) -> None:
     async def scenario() -> None:
         store = AsyncStore(redis_url, Settings())
         try:
-            assert await store.is_sent("sip:a@b", "j1", "d1") is False
-            await store.mark_sent("sip:a@b", "j1", "d1")
-            assert await store.is_sent("sip:a@b", "j1", "d1") is True
-            assert await store.is_sent("sip:a@b", "j1", "d2") is False
+            await store.record_app_error("fcm", "proj", "403 SENDER_ID_MISMATCH", now=1234.0)
         finally:
             await store.aclose()
 
     asyncio.run(scenario())
-    assert 0 < raw_client(redis_url).ttl(schema.sent_key("sip:a@b", "j1", "d1")) <= 24 * 3600
+    status = SyncStore(redis_url, Settings()).app_status("fcm", "proj")
+    assert status["last_error"] == "403 SENDER_ID_MISMATCH" and status["last_error_at"] == 1234.0
+
+
+def test_idempotency_marks(redis_url: str) -> None:
+    r = raw_client(redis_url)
+
+    async def scenario() -> None:
+        store = AsyncStore(redis_url, Settings())
+        try:
+            await store.mark_sent_many([("sip:a@b", "j1", "d1"), ("sip:a@b", "j2", "d1")])
+        finally:
+            await store.aclose()
+
+    assert not r.exists(schema.sent_key("sip:a@b", "j1", "d1"))
+    asyncio.run(scenario())
+    assert r.get(schema.sent_key("sip:a@b", "j1", "d1")) == "1" and r.exists(schema.sent_key("sip:a@b", "j2", "d1"))
+    assert not r.exists(schema.sent_key("sip:a@b", "j1", "d2"))
+    assert 0 < r.ttl(schema.sent_key("sip:a@b", "j1", "d1")) <= schema.SENT_MARK_TTL == 24 * 3600
 
 
 def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> None:
@@ -391,16 +418,16 @@ def test_job_devices_returns_targets_with_their_sent_marks(redis_url: str) -> No
     async def scenario() -> None:
         store = AsyncStore(redis_url, Settings())
         try:
-            await store.mark_sent(aor, "j1", "dev1")
-            every = await store.job_devices(aor, "j1")
+            await mark_sent(store, aor, "j1", "dev1")
+            every = await job_devices(store, aor, "j1")
             assert [(d.device_id, sent) for d, sent in every] == [("dev0", False), ("dev1", True), ("dev2", False)]
-            assert every[0][0] == sync.device(aor, "dev0")  # decoded like the sync store does
-            chosen = await store.job_devices(aor, "j1", ("dev2", "dev1", "nope"))
+            assert every[0][0] == stored_device(sync, aor, "dev0")  # decoded like the sync store does
+            chosen = await job_devices(store, aor, "j1", ("dev2", "dev1", "nope"))
             assert [(d.device_id, sent) for d, sent in chosen] == [("dev1", True), ("dev2", False)]
             other_job = await store.job_devices_many([(aor, "j2", ()), ("sip:nobody@x", "j2", ())])
             assert [[s for _, s in found] for found in other_job] == [[False, False, False], []]
             r.script_flush()  # e.g. Redis restarted: the script is loaded again
-            assert len(await store.job_devices(aor, "j1")) == 3
+            assert len(await job_devices(store, aor, "j1")) == 3
         finally:
             await store.aclose()
 

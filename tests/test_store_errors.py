@@ -8,8 +8,9 @@ import pytest
 import redis
 
 from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
+from pushlib.redisconn import StoreUnavailable
 from pushlib.settings import Settings
-from pushlib.store import StoreUnavailable, SyncStore
+from pushlib.store import SyncStore
 
 
 def test_server_refusing_writes_is_store_unavailable(redis_url: str) -> None:

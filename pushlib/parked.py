@@ -1,0 +1,93 @@
+"""Parked-call bookkeeping in Redis for the Kamailio SIP workers, per (call, device).
+
+Keys (`schema.call_key`, `schema.pending_key`) share the AOR's hash tag with the devices, so
+they live in one Redis Cluster slot and one script can touch them together. A second call to the
+same user gets its own call hash, so it is parked and resumed on its own.
+
+Uses the SIP worker's shared sync client (`redisconn.sync_client`, short timeouts); every method
+raises `StoreUnavailable` when Redis cannot serve it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pushlib import schema
+from pushlib.models import ParkedCall
+from pushlib.redisconn import unavailable_on_error
+
+# KEYS[1]: the device's pending set. ARGV[1]: the prefix of the AOR's call keys, ARGV[2]: the
+# device's field in a call hash, ARGV[3]: its woken state. Returns the keys of the calls still parked.
+_WAKE_LUA = """
+local keys = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+local out = {}
+for _, k in ipairs(keys) do
+  local ck = ARGV[1] .. k
+  if redis.call('EXISTS', ck) == 1 then
+    redis.call('HSET', ck, ARGV[2], ARGV[3])
+    table.insert(out, k)
+  end
+end
+return out
+"""
+
+
+class ParkedCalls:
+    """Park, wake and finish calls (used by the KEMI router)."""
+
+    def __init__(self, client: Any) -> None:
+        self._r = client
+        self._wake = client.register_script(_WAKE_LUA)
+
+    def warm_up(self) -> None:
+        """Open the connection and load the wake script now, so the first call does not pay for it."""
+        with unavailable_on_error("parked warm_up"):
+            self._r.script_load(_WAKE_LUA)
+
+    def park(self, call: ParkedCall, now: float) -> bool:
+        """Record a parked call and the devices pushed for it. False if it was already parked."""
+        ttl = schema.parked_ttl(call.deadline, now)
+        ck = schema.call_key(call.aor, call.key)
+        with unavailable_on_error("park"):
+            if not self._r.hsetnx(ck, "call_id", call.call_id):
+                return False
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hset(ck, mapping=schema.encode_parked_call(call))
+            pipe.expire(ck, ttl)
+            for d in call.pushed:
+                pk = schema.pending_key(call.aor, d)
+                pipe.sadd(pk, call.key)
+                pipe.expire(pk, ttl)
+            pipe.execute()
+        return True
+
+    def wake(self, aor: str, device_id: str) -> list[str]:
+        """The device re-registered: the keys of the calls it was pushed for and not yet woken for.
+
+        One round trip (a Lua script over keys of one hash-tag slot): clears the device's pending
+        set and marks it woken in each call still parked, so a second REGISTER of the same device
+        does not add a second branch.
+        """
+        with unavailable_on_error("wake"):
+            keys = self._wake(
+                keys=[schema.pending_key(aor, device_id)],
+                args=[schema.call_key(aor, ""), schema.parked_device_field(device_id), schema.WOKEN],
+            )
+        return sorted(str(k) for k in keys)
+
+    def finish(self, aor: str, key: str) -> ParkedCall | None:
+        """Atomically end a parked call; None if it had already ended (only one ender wins)."""
+        ck = schema.call_key(aor, key)
+        with unavailable_on_error("finish"):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hgetall(ck)
+            pipe.delete(ck)
+            raw, _ = pipe.execute()
+            call = schema.decode_parked_call(aor, key, raw)
+            if call is not None and call.pushed:
+                pipe = self._r.pipeline(transaction=False)
+                for d in call.pushed:
+                    pipe.srem(schema.pending_key(aor, d), key)
+                pipe.execute()
+        return call
