@@ -15,15 +15,16 @@ import uuid
 from typing import Any
 
 from harness.localrun import redis_server
+from harness.sipua import BUNDLE, TEAM
+from harness.sipua import FCM_PROJECT as PROJECT
+from pushlib.aor import aor_of
 from pushlib.dispatcher import Dispatcher
 from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle, sandbox_process
 
-AOR = "alice@example.com"
-BUNDLE = "com.example.phone"
-PROJECT = "example-phone"
+AOR = aor_of("alice", "example.com")
 SAMPLE_DATA: dict[PushKind, dict[str, str]] = {
     PushKind.INCOMING_CALL: {
         "call_id": "demo-call-1", "caller_name": "Bob \"the builder\" 🛠", "caller_number": "+15550100",
@@ -39,7 +40,7 @@ SAMPLE_DATA: dict[PushKind, dict[str, str]] = {
 
 def _devices(now: float) -> list[Device]:
     iphone = PushParams(Provider.APNS, BUNDLE, voip_token=secrets.token_hex(32), alert_token=secrets.token_hex(32),
-                        team_id="TEAM000001")
+                        team_id=TEAM)
     android = PushParams(Provider.FCM, PROJECT, alert_token="fcm-" + secrets.token_urlsafe(100))
     return [
         Device(AOR, "iphone", iphone, registered_at=now, expires_at=now + 3600, user_agent="Demo iOS"),

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.localstack import Stack, sipp_caller, sipp_device
-from harness.sipua import SipClient, apns_token, digest_authorization, rfc8599_apns_contact
+from harness.sipua import BUNDLE, FCM_PROJECT, TEAM, SipClient, apns_token, digest_authorization, rfc8599_apns_contact
 
 __all__ = [
     "CallResult", "Credentials", "FuzzStats", "Generated", "LogReport", "Request", "SipFuzzer", "Target",
@@ -55,8 +55,7 @@ TCP_MAX = 128 * 1024
 AUTH_SHARE = 0.3  # share of REGISTERs / INVITEs that carry valid credentials (when given)
 DEAD_PORTS = (20_000, 20_999)  # loopback ports nobody listens on (below the ephemeral range)
 FOREIGN = ("example.invalid", "sip.fuzz.invalid", "voip.test", "EXAMPLE.INVALID")
-TEAM_BUNDLE = "TEAM000001.com.example.phone"
-FCM_PROJECT = "example-phone"
+TEAM_BUNDLE = f"{TEAM}.{BUNDLE}"
 
 EXPIRES = (
     "3600", "0", "60", "99999999999999999999", "-1", "-3600", "4294967296", "2147483648",
@@ -359,7 +358,7 @@ class SipFuzzer:
             c = (f"<sip:dev@{host}:{port};transport={tp};pn-provider=apns;pn-param={TEAM_BUNDLE}.voip&remote;"
                  f"pn-prid={tok}:voip&{tok[::-1]}:remote;pn-timeout=0;pn-silent=1>")
         elif variant == "legacy":
-            app = rng.choice(("com.example.phone", "com.example.phone.dev", "com.example.phone.voip", ""))
+            app = rng.choice((BUNDLE, f"{BUNDLE}.dev", f"{BUNDLE}.voip", ""))
             kind = rng.choice(("apple", "firebase", "google", "android", "bogus", ""))
             c = f"<sip:dev@{host}:{port};app-id={app};pn-type={kind};pn-tok={tok}>"
         elif variant == "plain":
@@ -789,7 +788,7 @@ class SipFuzzer:
             f";pn-provider=apns;pn-param={TEAM_BUNDLE}.voip;pn-prid={tok};pn-prid={tok[::-1]}",
             f";pn-provider=fcm;pn-param=;pn-prid={tok}", ";pn-provider;pn-param;pn-prid",
             f";pn-provider=apns;pn-param={TEAM_BUNDLE}.voip&remote&x&&;pn-prid={tok}:voip&:remote&&",
-            f";app-id=com.example.phone;pn-type=apple;pn-tok={tok};pn-provider=fcm",
+            f";app-id={BUNDLE};pn-type=apple;pn-tok={tok};pn-provider=fcm",
         ))
         header = rng.choice(('+sip.instance="<urn:uuid:zzz>"', '+sip.instance="<urn:uuid:', "expires=" + "9" * 30,
                              '+sip.instance=<urn:uuid:00000000-0000-0000-0000-000000000000>', "q=2.5", ""))

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from pushlib.aor import Aor, AorError, aor_parts, parse_aor
 from pushlib.credentials import Subscribers
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
@@ -163,7 +164,7 @@ def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
 
 def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
     now = time.time()
-    for d in store.devices(args.aor):
+    for d in store.devices(_aor(args.aor)):
         p = d.params
         tokens = ",".join(k for k, v in (("voip", p.voip_token), ("alert", p.alert_token)) if v)
         quarantined = " quarantined" if d.quarantined_until > now else ""
@@ -173,11 +174,12 @@ def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
         )
 
 
-def _split_aor(aor: str) -> tuple[str, str]:
-    user, sep, domain = aor.partition("@")
-    if not sep or not user or not domain:
-        raise CliError(f"want user@domain, got {aor!r}")
-    return user, domain
+def _aor(text: str) -> Aor:
+    """`user@domain` or `sip:user@domain`, in the one spelling the proxy stores (pushlib.aor)."""
+    try:
+        return parse_aor(text)
+    except AorError as exc:
+        raise CliError(f"want user@domain: {exc}") from None
 
 
 def _read_password(given: str | None) -> str:
@@ -195,7 +197,7 @@ def _read_password(given: str | None) -> str:
 
 def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
     """SIP digest credentials (stored as HA1 only) for the proxy's digest auth."""
-    user, domain = _split_aor(args.aor)
+    user, domain = aor_parts(_aor(args.aor))
     client = sync_client(store.settings.redis_url, timeout=SUBSCRIBER_TIMEOUT)
     try:
         subscribers = Subscribers(client)
@@ -217,7 +219,7 @@ def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
     if args.ttl is not None:
         data["ttl"] = str(args.ttl)
     job = PushJob(
-        job_id=str(uuid.uuid4()), kind=PushKind(args.kind), aor=args.aor,
+        job_id=str(uuid.uuid4()), kind=PushKind(args.kind), aor=_aor(args.aor),
         deadline=time.time() + (args.ttl or store.settings.message_ttl), data=data, created_at=time.time(),
     )
     store.enqueue(job)

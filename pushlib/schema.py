@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from pushlib.aor import ascii_lower
 from pushlib.models import (
     AppCredentials,
     Device,
@@ -143,7 +144,8 @@ def pending_key(aor: str, device_id: str) -> str:
 
 
 def subscriber_key(user: str, domain: str) -> str:
-    return f"pn:sub:{user}@{domain}"
+    # the domain in the AOR's spelling (pushlib.aor): REGISTER's To and the CLI meet on one key
+    return f"pn:sub:{user}@{ascii_lower(domain)}"
 
 
 def window_entry(ts: float, bad: bool) -> str:

@@ -80,9 +80,10 @@ def test_uamap_roundtrip_and_bad_regex(redis_url: str, capsys) -> None:
 
 def test_push_enqueues_a_custom_job_and_devices_lists(redis_url: str, capsys) -> None:
     store = SyncStore(redis_url, Settings())
-    store.save_device(Device("alice@example.com", "dev1", PushParams(Provider.FCM, "proj", alert_token="tok"),
+    store.save_device(Device("sip:alice@example.com", "dev1", PushParams(Provider.FCM, "proj", alert_token="tok"),
                              registered_at=1e9, expires_at=4e9))
-    assert main(["--redis-url", redis_url, "devices", "alice@example.com"]) == 0
+    # the operator's spelling (user@domain, any case of the domain) is the router's AOR
+    assert main(["--redis-url", redis_url, "devices", "alice@Example.COM"]) == 0
     assert "dev1\tfcm\tproj\ttokens=alert" in capsys.readouterr().out
     assert main(["--redis-url", redis_url, "push", "alice@example.com", "--title", "Hi", "--body", "there",
                  "--data", "room=42"]) == 0
@@ -91,7 +92,7 @@ def test_push_enqueues_a_custom_job_and_devices_lists(redis_url: str, capsys) ->
     assert len(entries) == 1
     fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
               for k, v in entries[0][1].items()}
-    assert fields["kind"] == "custom" and fields["aor"] == "alice@example.com"
+    assert fields["kind"] == "custom" and fields["aor"] == "sip:alice@example.com"
     assert json.loads(fields["data"]) == {"room": "42", "title": "Hi", "body": "there"}
 
 
