@@ -1269,13 +1269,13 @@ def options_ping(host: str, port: int, transport: str = "udp", timeout: float = 
     domain = f"[{host}]" if ":" in host else host
     try:
         with SipClient(port, transport, host) as c:
-            c.send_raw(
+            c.send(
                 f"OPTIONS sip:{domain} SIP/2.0\r\n"
                 f"Via: SIP/2.0/{transport.upper()} {domain}:{c.local_port};rport;branch=z9hG4bK{uuid.uuid4().hex}\r\n"
                 f"From: <sip:ping@{domain}>;tag={uuid.uuid4().hex[:8]}\r\nTo: <sip:{domain}>\r\n"
                 f"Call-ID: ping-{uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
                 "Content-Length: 0\r\n\r\n")
-            return c.recv_response(timeout).status
+            return c.response(timeout).status
     except (OSError, TimeoutError, ConnectionError, ValueError):
         return None
 

@@ -273,12 +273,6 @@ class SipClient(SipPhone):
         proxy = (host, proxy_port)
         super().__init__(open_sip_socket(proxy, transport, source), transport, proxy)
 
-    def send_raw(self, data: str) -> None:
-        self.send(data)
-
-    def recv_response(self, timeout: float = 5.0, skip_provisional: bool = True) -> SipResponse:
-        return self.response(timeout, skip_provisional)
-
 
 def rfc8599_apns_contact(port: int, token: str, transport: str = "udp", instance: str | None = None,
                          user: str = "dev", bundle: str = BUNDLE, team: str = TEAM) -> str:

@@ -322,7 +322,7 @@ def _raw_register(stack: Stack, user: str, contact_lines: list[bytes], transport
             else:
                 c.sock.sendall(data)
             try:
-                resp = c.recv_response(timeout=3)
+                resp = c.response(timeout=3)
             except TimeoutError:
                 return ""
             if resp.status != 401 or auth:

@@ -324,9 +324,9 @@ def test_retransmitted_invite_pushes_once(stack: Stack) -> None:
             "", "",
         ])
         for _ in range(3):
-            c.send_raw(invite)
+            c.send(invite)
             time.sleep(0.2)
-        final = c.recv_response(timeout=WAIT + 5)
+        final = c.response(timeout=WAIT + 5)
         assert final.status == 480
     assert [push_kind(p) for p in stack.wait_pushes(tok, 3)].count("incomingCall") == 1
 
@@ -368,7 +368,7 @@ def test_invite_from_local_subscriber_must_authenticate(stack: Stack) -> None:
     stack.add_user(caller)
     assert register(stack, callee, "<sip:desk@127.0.0.1:5979>", "udp").status == 200
     with SipClient(stack.kamailio.port) as c:
-        c.send_raw("\r\n".join([
+        c.send("\r\n".join([
             f"INVITE sip:{callee}@{DOMAIN} SIP/2.0",
             f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};branch=z9hG4bK{uuid.uuid4().hex};rport",
             f"From: <sip:{caller}@{DOMAIN}>;tag=a1",
@@ -380,7 +380,7 @@ def test_invite_from_local_subscriber_must_authenticate(stack: Stack) -> None:
             "Content-Length: 0",
             "", "",
         ]))
-        r = c.recv_response()
+        r = c.response()
     assert r.status == 407 and r.header("Proxy-Authenticate")
 
 

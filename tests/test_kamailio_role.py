@@ -100,7 +100,7 @@ def test_role_mode_timeout_and_cancel(stack: Stack, tmp_path: Path) -> None:
 def _invite(stack: Stack, ruri: str) -> SipResponse:
     with SipClient(stack.kamailio.port, "udp") as c:
         tag, call_id = uuid.uuid4().hex[:8], uuid.uuid4().hex
-        c.send_raw(
+        c.send(
             f"INVITE {ruri} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};rport;branch=z9hG4bK{uuid.uuid4().hex[:12]}\r\n"
             "Max-Forwards: 70\r\n"
@@ -111,7 +111,7 @@ def _invite(stack: Stack, ruri: str) -> SipResponse:
             f"Contact: <sip:caller@127.0.0.1:{c.local_port}>\r\n"
             "Content-Length: 0\r\n\r\n"
         )
-        return c.recv_response()
+        return c.response()
 
 
 def test_role_mode_leaves_foreign_and_pushless_invites_to_the_host(stack: Stack) -> None:

@@ -151,14 +151,14 @@ class _TlsServer:
 
 def _call(stack: Stack, callee: str) -> int:
     with SipClient(stack.kamailio.port) as c:
-        c.send_raw(
+        c.send(
             f"INVITE sip:{callee}@{DOMAIN} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{c.local_port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
             f"From: <sip:caller@elsewhere.example>;tag={secrets.token_hex(4)}\r\n"
             f"To: <sip:{callee}@{DOMAIN}>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 INVITE\r\n"
             f"Contact: <sip:caller@127.0.0.1:{c.local_port}>\r\nMax-Forwards: 70\r\n"
             f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n{SDP}")
-        return c.recv_response(timeout=15).status
+        return c.response(timeout=15).status
 
 
 def test_outgoing_tls_connections_verify_the_peer_certificate(stack: Stack, pki: SandboxPki, tls_dir: Path) -> None:
