@@ -64,6 +64,7 @@ _MAPPING_TTL = 10.0
 _LEGACY_NOTICE_TTL = 3600.0  # one "legacy-params-no-ua-mapping" notice per AOR and hour
 _HA1_TTL = 5.0  # a changed password applies within this many seconds
 _APP_TTL = 10.0  # an app added, disabled or removed applies to REGISTERs within this many seconds
+_END_NOW_DELAY = 0.03  # s an async task waits before ending a rejected call (see ksr_end_now)
 
 
 def _get_def(name: str) -> str | None:
@@ -170,6 +171,9 @@ class Router:
         self.limits = access.limits_from(_get_def)
         self.served = access.served_domains(_unquoted_def("LOCAL_DOMAINS"))
         self.role = KSR.kx.ifdef("PUSHER_ROLE") > 0
+        # async task route that ends a rejected call at once: a Python method in KEMI mode, the
+        # native route of kamailio/pusher-role.cfg in role mode
+        self._end_now_route = "PUSHER_END_NOW" if self.role else "ksr_end_now"
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
@@ -855,10 +859,14 @@ class Router:
             self._end_parked(key, reason=calls.end_reason(code), answered=True)
         elif calls.failure_action(code, True, False) is calls.FailureAction.END_ALL:
             # busy/decline ends the call for everyone. tm cannot end the parking branch from
-            # inside a reply route, so the wait-window timer is re-armed to fire now with this
-            # code: the timer process answers the caller and tm cancels every other branch.
+            # inside a reply route (the transaction's reply lock is held), so an async task
+            # process answers the caller at once and tm cancels every other branch. If no task
+            # can be queued, the wait-window timer is re-armed to do it within 1-2 s.
             KSR.htable.sht_rm(WAIT_TABLE, key)  # a replaced item would keep its old expiry
             KSR.htable.sht_setxs(WAIT_TABLE, key, entry.with_code(code).encode(), 1)
+            # (`async` is a Python keyword: the KEMI module is reached by name)
+            if getattr(KSR, "async").task_data(self._end_now_route, key) < 0:
+                _log(KSR.warn, "end-now-not-queued", call=key, code=code)
             _log(KSR.info, "end-all", call=key, code=code)
         else:
             _log(KSR.info, "keep-waiting", call=key, code=code)
@@ -900,11 +908,31 @@ class Router:
             _crashed("expired", exc)
         return 1
 
+    def ksr_end_now(self, msg: object, evname: str = "") -> int:
+        """async task process (queued by _onreply): end a call a device rejected for everyone."""
+        try:
+            # The worker that queued this is still inside the reply route of the rejecting branch;
+            # tm records that branch's final reply only after the route returns. Ending the call
+            # before that would make tm CANCEL a branch that has already answered.
+            time.sleep(_END_NOW_DELAY)
+            key = _pv("$async(data)")
+            entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+            if entry is not None and entry.code:
+                KSR.htable.sht_rm(WAIT_TABLE, key)  # (the timer's backstop entry: whoever removes it ends it)
+                self._end(key, entry)
+        except Exception as exc:
+            _crashed("end-now", exc)
+        return 1
+
     def _window_expired(self) -> None:
         key = _pv("$shtrecord(key)")
         entry = calls.WaitEntry.decode(_pv("$shtrecord(value)"))
         if not key or entry is None:
             return
+        self._end(key, entry)
+
+    def _end(self, key: str, entry: calls.WaitEntry) -> None:
+        """The call's wait is over (window end, or a busy/decline code in the entry): answer it."""
         end = entry.window_end(fallback=bool(self.cfg.fallback_uri))
         if end.to_fallback:
             KSR.htable.sht_setxs(FALLBACK_TABLE, key, entry.aor, 120)
@@ -953,6 +981,9 @@ class Router:
 
     def pusher_failure(self, msg: object) -> int:
         return self.ksr_failure_route(msg)
+
+    def pusher_end_now(self, msg: object) -> int:
+        return self.ksr_end_now(msg)
 
     def pusher_expired(self, msg: object) -> int:
         return self.ksr_htable_event(msg, f"htable:expired:{WAIT_TABLE}")

@@ -30,6 +30,7 @@ from tests.support import (
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
+    sipp_events,
     stop_all_sipp,
     wait_log,
 )
@@ -243,6 +244,10 @@ def test_busy_device_ends_the_call_for_everyone(stack: Stack, tmp: Path) -> None
     caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
     assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [486]
     assert busy.wait(10) == 0
+    # the 486 ends the call at once (not at the next tick of the window timer)
+    sent = next(t for t, d, f in sipp_events(busy) if d == "sent" and f.startswith("SIP/2.0 486"))
+    got = next(t for t, d, f in sipp_events(caller) if d == "received" and f.startswith("SIP/2.0 486"))
+    assert got - sent < 0.5, f"486 reached the caller {got - sent:.3f} s after the device sent it"
     kinds = [push_kind(p) for p in stack.wait_pushes(tok, 3)]
     assert kinds[0] == "incomingCall" and sorted(kinds[1:]) == ["cancelIncomingCall", "missedCall"]
 

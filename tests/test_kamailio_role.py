@@ -27,6 +27,7 @@ from tests.support import (
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
+    sipp_events,
     stop_all_sipp,
 )
 
@@ -139,3 +140,19 @@ def test_role_mode_refuses_registers_for_foreign_domains_and_keeps_domains_apart
         r = c.register(user, "*", expires=0, domain="evil.example")
     assert r.status == 403
     assert [d.params.voip_token for d in stack.store.devices(f"sip:{user}@127.0.0.1")] == [tok]
+
+
+def test_role_mode_busy_device_ends_the_call_at_once(stack: Stack, tmp_path: Path) -> None:
+    """The 486 of an awake device ends a call parked for a sleeping one through the role's async
+    route (PUSHER_END_NOW), not at the next tick of the window timer."""
+    user, tok = "n" + uuid.uuid4().hex[:10], fcm_token()
+    busy = sipp_device(tmp_path, "udp", scenario="device-reject.xml")
+    assert register(stack, user, rfc8599_fcm_contact(5964, tok), "udp").status == 200
+    asleep(stack, user)
+    assert register(stack, user, f"<sip:desk@127.0.0.1:{busy.port}>", "udp").status == 200
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp")
+    assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [486]
+    assert busy.wait(10) == 0
+    sent = next(t for t, d, f in sipp_events(busy) if d == "sent" and f.startswith("SIP/2.0 486"))
+    got = next(t for t, d, f in sipp_events(caller) if d == "received" and f.startswith("SIP/2.0 486"))
+    assert got - sent < 0.5, f"486 reached the caller {got - sent:.3f} s after the device sent it"
