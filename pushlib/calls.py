@@ -322,28 +322,51 @@ def plan_invite(
     """
     ring: list[Binding] = []
     push: list[Device] = []
-    by_contact = {d.contact: d for d in devices or ()}
+    # newest first: of two records of one phone (same token, say before and after it began to
+    # send +sip.instance), the fresher one is kept
+    fresh = sorted(devices or (), key=lambda d: d.registered_at, reverse=True)
+    by_contact: dict[str, Device] = {}
+    for d in fresh:
+        by_contact.setdefault(d.contact, d)
     matched: set[str] = set()
+    matched_phones: set[tuple[str, str, str]] = set()  # push identities of devices with a binding
+    rung: set[tuple[str, str]] = set()
+    pushed: set[tuple[str, str, str]] = set()
+
+    def ring_once(b: Binding) -> None:
+        # two bindings with one contact (a phone re-registered from a new Call-ID) are one phone
+        if (b.uri, b.received) not in rung:
+            rung.add((b.uri, b.received))
+            ring.append(b)
+
+    def push_once(d: Device) -> None:
+        # one push per phone: the same token (per app) is the same device, whatever its id
+        token = _push_identity(d)
+        if token not in pushed and d.device_id not in {p.device_id for p in push}:
+            pushed.add(token)
+            push.append(d)
+
     for b in bindings:
         device = by_contact.get(b.uri)
         if device is not None:
             matched.add(device.device_id)
+            matched_phones.add(_push_identity(device))
             if awake_window > 0 and now - device.registered_at < awake_window:
-                ring.append(b)
+                ring_once(b)
             elif device.quarantined_until <= now:
-                push.append(device)
+                push_once(device)
             continue
         if devices is None and looks_push(b.uri):
             if awake_window > 0 and b.modified and now - b.modified < awake_window:
-                ring.append(b)
+                ring_once(b)
             continue
-        ring.append(b)
-    for d in devices or ():
-        if d.device_id in matched or d.quarantined_until > now:
+        ring_once(b)
+    for d in fresh:
+        if d.device_id in matched or _push_identity(d) in matched_phones or d.quarantined_until > now:
             continue
         if d.expires_at and d.expires_at <= now:
             continue
-        push.append(d)
+        push_once(d)
     if push:
         return InvitePlan(Verdict.PARK, tuple(ring), tuple(push))
     if ring:
@@ -351,6 +374,11 @@ def plan_invite(
     if not bindings and not devices and devices is not None:
         return InvitePlan(Verdict.NOT_FOUND)
     return InvitePlan(Verdict.UNAVAILABLE)
+
+
+def _push_identity(device: Device) -> tuple[str, str, str]:
+    p = device.params
+    return (p.provider.value, p.app_id, p.voip_token or p.alert_token or device.device_id)
 
 
 class FailureAction(Enum):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections.abc import Callable
@@ -21,11 +22,12 @@ import ksrlog
 NOW = 1_800_000_000.0
 
 
-def dev(device_id: str, contact: str, registered_ago: float, **kw: float) -> Device:
+def dev(device_id: str, contact: str, registered_ago: float, token: str = "", **kw: float) -> Device:
     return Device(
         aor="sip:bob@example.com",
         device_id=device_id,
-        params=PushParams(Provider.APNS, "com.example.phone", voip_token="ab" * 32),
+        params=PushParams(Provider.APNS, "com.example.phone",
+                          voip_token=token or hashlib.sha256(device_id.encode()).hexdigest()),
         contact=contact,
         registered_at=NOW - registered_ago,
         expires_at=kw.get("expires_at", NOW + 3600),
@@ -49,6 +51,24 @@ def test_recent_push_contact_rings_old_one_is_pushed() -> None:
     assert calls.plan_invite([b], [dev("d1", PUSH_URI, 3)], NOW, 10).verdict is calls.Verdict.RING
     plan = calls.plan_invite([b], [dev("d1", PUSH_URI, 30)], NOW, 10)
     assert plan.verdict is calls.Verdict.PARK and [d.device_id for d in plan.push] == ["d1"] and not plan.ring
+
+
+def test_one_phone_is_pushed_once_and_rung_once() -> None:
+    """A phone registered without, then with +sip.instance (same token) left two records and two
+    bindings with one contact: one push and one fork, never two."""
+    token = "cd" * 32
+    old, new = dev("tok-id", PUSH_URI, 60, token=token), dev("instance-id", PUSH_URI, 30, token=token)
+    plan = calls.plan_invite([calls.Binding(PUSH_URI), calls.Binding(PUSH_URI)], [old, new], NOW, 10)
+    assert plan.verdict is calls.Verdict.PARK and [d.device_id for d in plan.push] == ["instance-id"]
+    desk = calls.Binding("sip:desk@10.0.0.2")
+    plan = calls.plan_invite([desk, calls.Binding("sip:desk@10.0.0.2"), calls.Binding(PUSH_URI)],
+                             [old, new], NOW, 120)
+    assert [b.uri for b in plan.ring] == ["sip:desk@10.0.0.2", PUSH_URI] and not plan.push
+    # another app with the same token string is another device
+    other = Device(old.aor, "other-app", PushParams(Provider.APNS, "com.example.other", voip_token=token),
+                   contact="sip:x@10.0.0.3", registered_at=NOW - 60, expires_at=NOW + 3600)
+    plan = calls.plan_invite([], [old, other], NOW, 10)
+    assert sorted(d.device_id for d in plan.push) == ["other-app", "tok-id"]
 
 
 def test_awake_window_zero_always_pushes() -> None:
