@@ -173,6 +173,8 @@ class AsyncStore:
         return replies
 
     async def app(self, provider: str, app_id: str) -> AppCredentials | None:
+        """The app a device names by `app_id`, its own id or one of its aliases, in one HGETALL
+        (an alias's key holds a copy of its app: the answer's `app_id` is the app's own)."""
         with unavailable_on_connection_error("app"):
             raw = await self._r.hgetall(schema.app_key(provider, app_id))
         return schema.decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None

@@ -28,6 +28,7 @@ from pushlib.aor import Aor, AorError, aor_parts, parse_aor
 from pushlib.credentials import Subscribers
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
+from pushlib.params import PushParamError, parse_push_params
 from pushlib.redisconn import StoreUnavailable, sync_client
 from pushlib.schema import describe_app
 from pushlib.settings import Settings, read_redis_url_file
@@ -100,6 +101,22 @@ def parse_data(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def check_fcm_alias(alias: str) -> str:
+    """`alias` if an FCM device can name an app so: the Contact parser takes it verbatim as the app
+    id of `pn-provider=fcm;pn-param=<alias>` (a sender id, a package name...)."""
+    try:
+        params = parse_push_params({"pn-provider": "fcm", "pn-param": alias, "pn-prid": "x"}, "", ())
+    except PushParamError as exc:
+        raise CliError(f"alias {alias[:80]!r} cannot be an FCM pn-param: {exc}") from None
+    if params is None or params.app_id != alias:
+        raise CliError(f"alias {alias[:80]!r} cannot be an FCM pn-param (a device names it differently)")
+    return alias
+
+
+def _aliases(given: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(check_fcm_alias(a) for a in given))
+
+
 def _app_from_args(args: argparse.Namespace) -> AppCredentials:
     ca_pem = _read(args.ca_file, "CA file") if args.ca_file else None
     if ca_pem and not args.host:
@@ -116,13 +133,26 @@ def _app_from_args(args: argparse.Namespace) -> AppCredentials:
             Provider.APNS, args.bundle_id, apns_cert_pem=cert_pem, apns_cert_key_pem=key_pem, **common
         )
     text, project_id = load_service_account(args.service_account)
-    return AppCredentials(Provider.FCM, project_id, fcm_service_account=text, **common)
+    return AppCredentials(Provider.FCM, project_id, fcm_service_account=text, aliases=_aliases(args.alias),
+                          **common)
+
+
+def _save_app(store: SyncStore, app: AppCredentials) -> None:
+    try:
+        store.save_app(app)
+    except ValueError as exc:  # AppNameConflict, an alias that is the app's own id
+        raise CliError(str(exc)) from None
 
 
 def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
     if args.cmd in ("set-apns", "set-apns-cert", "set-fcm"):
         app = _app_from_args(args)
-        store.save_app(app)
+        if not getattr(args, "alias", None):
+            # new credentials for an app keep its aliases (`--alias` replaces them)
+            stored = store.app(app.provider, app.app_id)
+            if stored is not None and stored.app_id == app.app_id:
+                app = replace(app, aliases=stored.aliases)
+        _save_app(store, app)
         print(f"saved {describe_app(app)}")
         return
     if args.cmd == "reindex":
@@ -131,16 +161,39 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
     found = store.app(args.provider, args.app_id)
     if found is None:
         raise CliError(f"no app {args.provider}:{args.app_id}")
+    alias_of = found.app_id if found.app_id != args.app_id else None
     if args.cmd == "show":
+        if alias_of:
+            print(f"{args.provider}:{args.app_id} is an alias of {args.provider}:{alias_of}")
         print(describe_app(found))
-        print(json.dumps(store.app_status(args.provider, args.app_id), indent=2, sort_keys=True))
-    elif args.cmd in ("enable", "disable"):
+        print(json.dumps(store.app_status(args.provider, found.app_id), indent=2, sort_keys=True))
+        return
+    if alias_of:
+        hint = (f"; `app alias-remove {args.provider} {alias_of} {args.app_id}` removes the alias"
+                if args.cmd == "remove" else "")
+        raise CliError(f"{args.provider}:{args.app_id} is an alias of {args.provider}:{alias_of}, "
+                       f"not an app: name the app{hint}")
+    if args.cmd in ("enable", "disable"):
         changed = replace(found, enabled=args.cmd == "enable")
-        store.save_app(changed)
+        _save_app(store, changed)
         print(f"saved {describe_app(changed)}")
     elif args.cmd == "remove":
         store.remove_app(args.provider, args.app_id)
-        print(f"removed {args.provider}:{args.app_id}")
+        print(f"removed {args.provider}:{args.app_id}"
+              + (f" and its aliases {', '.join(found.aliases)}" if found.aliases else ""))
+    elif args.cmd == "aliases":
+        for alias in found.aliases:
+            print(alias)
+    elif args.cmd == "alias-add":
+        try:
+            saved = store.add_app_aliases(args.provider, args.app_id, _aliases(args.alias))
+        except ValueError as exc:  # AppNameConflict
+            raise CliError(str(exc)) from None
+        print(f"saved {describe_app(saved)}")
+    elif args.cmd == "alias-remove":
+        if not store.remove_app_alias(args.provider, args.app_id, args.alias):
+            raise CliError(f"{args.provider}:{args.app_id} has no alias {args.alias}")
+        print(f"removed alias {args.alias} of {args.provider}:{args.app_id}")
 
 
 def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
@@ -162,9 +215,30 @@ def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
         print(f"removed UA mapping {args.name}")
 
 
+DEVICES_USAGE = """pushlib-admin devices [-h] user@domain
+       pushlib-admin devices remove user@domain (DEVICE_ID | --all)"""
+
+
 def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
+    """List a user's devices, or remove one (`remove AOR DEVICE_ID`) or all (`remove AOR --all`)."""
+    words = list(args.words)
+    if words[0] == "remove":
+        if len(words) == 2 and args.all:
+            aor = _aor(words[1])
+            removed = store.remove_all_devices(aor)
+            print(f"removed {len(removed)} devices of {aor}" + (f": {', '.join(removed)}" if removed else ""))
+        elif len(words) == 3 and not args.all:
+            aor = _aor(words[1])
+            if not store.remove_device(aor, words[2]):
+                raise CliError(f"no device {words[2]} of {aor}")
+            print(f"removed device {words[2]} of {aor}")
+        else:
+            raise CliError("want `devices remove user@domain DEVICE_ID` or `devices remove user@domain --all`")
+        return
+    if len(words) != 1 or args.all:
+        raise CliError("want `devices user@domain` (list) or `devices remove user@domain (DEVICE_ID | --all)`")
     now = time.time()
-    for d in store.devices(_aor(args.aor)):
+    for d in store.devices(_aor(words[0])):
         p = d.params
         tokens = ",".join(k for k, v in (("voip", p.voip_token), ("alert", p.alert_token)) if v)
         quarantined = " quarantined" if d.quarantined_until > now else ""
@@ -256,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--key-file", required=True)
         else:
             p.add_argument("--service-account", required=True)
+            p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                           help="another name devices give the app in pn-param (the sender id, the package "
+                                "name...); repeatable. Replaces the app's aliases; without it a saved app "
+                                "keeps them")
         p.add_argument("--sandbox", action="store_true", help="APNs development environment")
         p.add_argument("--host", help="custom host:port instead of Apple's or Google's (e.g. the sandbox)")
         p.add_argument("--ca-file", help="the only CA trusted for --host (e.g. the sandbox CA)")
@@ -264,6 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = app.add_parser(name)
         p.add_argument("provider", choices=[p.value for p in Provider])
         p.add_argument("app_id")
+    for name, help_text in (
+        ("aliases", "list the other names devices may give an FCM app"),
+        ("alias-add", "add names devices may give an FCM app (sender id, package name...)"),
+        ("alias-remove", "remove a name: devices using it are refused (555) and no longer pushed"),
+    ):
+        p = app.add_parser(name, help=help_text)
+        p.add_argument("provider", choices=[Provider.FCM.value])
+        p.add_argument("app_id", metavar="project_id")
+        if name == "alias-add":
+            p.add_argument("alias", nargs="+")
+        elif name == "alias-remove":
+            p.add_argument("alias")
 
     ua = sub.add_parser("uamap", help="legacy User-Agent mappings").add_subparsers(dest="cmd", required=True)
     p = ua.add_parser("set")
@@ -282,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="avoid: visible in the process list")
     subs.add_parser("remove").add_argument("aor", help="user@domain")
 
-    sub.add_parser("devices", help="a user's push devices").add_argument("aor", help="user@domain")
+    p = sub.add_parser("devices", help="a user's push devices: list them, or remove one or all",
+                       usage=DEVICES_USAGE)
+    p.add_argument("words", nargs="+", metavar="ARG",
+                   help="user@domain to list; remove user@domain DEVICE_ID (or --all) to remove")
+    p.add_argument("--all", action="store_true", help="with remove: every device of the user")
 
     p = sub.add_parser("push", help="send a notification to a user's devices")
     p.add_argument("aor", help="user@domain")

@@ -411,8 +411,10 @@ class Dispatcher:
                 await self._acks.submit(entry_id)
 
     async def _app(self, provider: str, app_id: str) -> AppCredentials | None:
-        """App credentials, cached for APP_CACHE_SECONDS (saves a Redis read per push). Pushes
-        that miss the cache together share one read instead of each reading the app."""
+        """The credentials of the app a device names by `app_id`: the app's own id or one of its
+        aliases (an alias's key holds a copy of its app: still one read, and the answer's `app_id`
+        is the app's own). Cached per name for APP_CACHE_SECONDS (saves a Redis read per push);
+        pushes that miss the cache together share one read instead of each reading the app."""
         now = time.monotonic()
         key = (provider, app_id)
         cached = self._apps.get(key)
@@ -462,7 +464,7 @@ class Dispatcher:
                     app, device, request, min(self.settings.push_timeout, remaining)
                 )
             if result.outcome is not Outcome.RETRYABLE:
-                return await self._final(job, device, request, result)
+                return await self._final(job, device, request, result, app.app_id)
             attempt += 1
             delay = backoff_delay(attempt, result.retry_after)
             if time.time() + delay >= job.deadline:
@@ -474,8 +476,10 @@ class Dispatcher:
             await asyncio.sleep(delay)
 
     async def _final(self, job: PushJob, device: Device, request: ApnsRequest | FcmMessage,
-                     result: PushResult) -> None:
-        provider, app_id = device.params.provider.value, device.params.app_id
+                     result: PushResult, app_id: str) -> None:
+        """Act on a final result. `app_id`: the app's own id (the device may name it by an alias):
+        its status and counters are the app's, whatever name its devices use."""
+        provider = device.params.provider.value
         outcome = result.outcome
         if outcome is Outcome.DELIVERED:
             # First, before anything else: this is the duplicate window.
@@ -486,7 +490,8 @@ class Dispatcher:
             await self._store.quarantine_device(device.aor, device.device_id)
         elif outcome is Outcome.CONFIG_ERROR:
             await self._store.record_app_error(provider, app_id, f"{result.status} {result.reason}".strip())
-            self._apps.pop((provider, app_id), None)  # pick up fixed credentials at once
+            # pick up fixed credentials at once (cached under the name the device uses)
+            self._apps.pop((provider, device.params.app_id), None)
         self._outcomes.add(provider, app_id, outcome, time.time())
         if outcome is Outcome.DEVICE_SUSPECT:
             # The suspicion check compares bad pushes with all recent ones: write the app's

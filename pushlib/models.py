@@ -69,6 +69,9 @@ class AppCredentials:
     service-account JSON (`fcm_service_account`), whose project id the v1 URL needs.
     `custom_host` ("host:port") replaces Apple's or Google's host; `ca_pem`, when set, is the only
     CA trusted for that custom host (the sandbox providers); it never applies to the real hosts.
+    `aliases` are other names devices may give the app (an FCM device names it by whatever its app
+    puts in `pn-param`: often the sender id or the package name, not the project id): a device
+    registered under an alias is pushed with these credentials (FCM: to `app_id`'s project).
     """
 
     provider: Provider
@@ -83,6 +86,7 @@ class AppCredentials:
     fcm_service_account: str | None = field(default=None, repr=False)
     custom_host: str | None = None
     ca_pem: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

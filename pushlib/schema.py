@@ -23,10 +23,19 @@ Per user (AOR hash tag):
 
 Apps (secrets live in the app hash by design; the SIP workers' Redis user needs only `pn:apps`):
 - `pn:app:<provider>:<app_id>` (`app_key`, scan pattern APP_KEY_PATTERN) hash, app credentials
-  (`encode_app`). No TTL.
+  (`encode_app`), with field `aliases` (comma-separated, omitted when none): the other names
+  devices may give the app (an FCM device names it by its `pn-param`: the sender id or the
+  package name as often as the project id). No TTL.
+- `pn:app:<provider>:<alias>` (`app_key` of an alias) hash, one per alias: a copy of its app's
+  hash (`encode_app_alias`: the same fields, `app_id` the app's own id, plus field `alias`), so the
+  dispatcher resolves a device's app id, alias or not, with one HGETALL of one key (a pointer
+  would cost a second read, and a script following it could cross Redis Cluster slots). No TTL;
+  written with its app (save, enable, disable), removed with the alias or the app, repaired by
+  reindex (`SyncStore.save_app`, `remove_app`, `reindex_apps`). An app id or alias names one app.
 - `pn:apps` (APP_INDEX_KEY) hash, `<provider>:<app_id>` (`app_index_field`) -> `enabled`/`disabled`
   (`app_index_value`): which apps exist, without their secrets (the SIP workers refuse REGISTERs
-  naming an app not here). No TTL; written with the app, removed with it.
+  naming an app not here), and one field `<provider>:<alias>` per alias, with its app's state. No
+  TTL; written with the app, removed with it (an alias's field with the alias).
 - `pn:appstatus:{<provider>:<app_id>}` (`app_status_key`) hash, operator status: last error, env
   suspicion, counters. TTL: APP_STATUS_TTL after its last write (every write refreshes it: an app
   that still pushes keeps its status, one nobody pushes to any more, or an app id invented by a
@@ -221,12 +230,24 @@ def decode_device(raw: Mapping[str, str]) -> Device:
 
 _APP_BOOL_FIELDS = ("enabled", "sandbox")
 _APP_STR_FIELDS = tuple(
-    f.name for f in fields(AppCredentials) if f.name not in ("provider", "app_id", *_APP_BOOL_FIELDS)
+    f.name for f in fields(AppCredentials) if f.name not in ("provider", "app_id", "aliases", *_APP_BOOL_FIELDS)
 )
+# The field of an alias's copy of its app's hash that names the alias (`encode_app_alias`).
+APP_ALIAS_FIELD = "alias"
+
+
+def check_app_name(name: str) -> str:
+    """`name` if it can be an app id or alias in the stored encoding (non-empty, no comma: the
+    `aliases` field joins them with commas; no whitespace or control characters); ValueError
+    otherwise. What a device can actually name is the push-parameter parser's business."""
+    if not name or "," in name or any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"not a usable app name: {name[:80]!r}")
+    return name
 
 
 def encode_app(app: AppCredentials) -> dict[str, str]:
-    """Every AppCredentials field as hash fields (None fields omitted)."""
+    """Every AppCredentials field as hash fields (None fields and an empty alias list omitted).
+    ValueError for an alias `check_app_name` refuses."""
     out = {
         "provider": app.provider.value,
         "app_id": app.app_id,
@@ -237,10 +258,19 @@ def encode_app(app: AppCredentials) -> dict[str, str]:
         value = getattr(app, name)
         if value is not None:
             out[name] = value
+    if app.aliases:
+        out["aliases"] = ",".join(check_app_name(a) for a in app.aliases)
     return out
 
 
+def encode_app_alias(app: AppCredentials, alias: str) -> dict[str, str]:
+    """The hash stored under `app_key(provider, alias)`: the app's own fields (so it decodes to
+    the app itself, `app_id` included) plus APP_ALIAS_FIELD naming the alias."""
+    return {**encode_app(app), APP_ALIAS_FIELD: check_app_name(alias)}
+
+
 def decode_app(raw: Mapping[str, str]) -> AppCredentials:
+    """Inverse of `encode_app` (an alias's copy decodes to its app)."""
     try:
         optional: dict[str, str | None] = {name: raw.get(name) or None for name in _APP_STR_FIELDS}
         return AppCredentials(
@@ -248,6 +278,7 @@ def decode_app(raw: Mapping[str, str]) -> AppCredentials:
             app_id=raw["app_id"],
             enabled=raw.get("enabled", "1") == "1",
             sandbox=raw.get("sandbox") == "1",
+            aliases=tuple(a for a in raw.get("aliases", "").split(",") if a),
             **optional,
         )
     except (KeyError, ValueError, TypeError) as exc:
@@ -265,7 +296,9 @@ def describe_app(app: AppCredentials) -> str:
     else:
         auth = "no-credentials"
     host = f" host={app.custom_host}" if app.custom_host else ""
-    return f"{app.provider.value}:{app.app_id} auth={auth} sandbox={app.sandbox} enabled={app.enabled}{host}"
+    aliases = f" aliases={','.join(app.aliases)}" if app.aliases else ""
+    return (f"{app.provider.value}:{app.app_id} auth={auth} sandbox={app.sandbox} enabled={app.enabled}"
+            f"{host}{aliases}")
 
 
 # --- UA mappings ---------------------------------------------------------------------------

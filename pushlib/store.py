@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pushlib import schema
@@ -22,6 +24,15 @@ from pushlib.redisconn import SIP_SOCKET_TIMEOUT, sync_client, unavailable_on_er
 from pushlib.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class AppNameConflict(ValueError):
+    """An app id or alias that already names another app (as its id or one of its aliases)."""
+
+    def __init__(self, provider: str, name: str, owner: str) -> None:
+        what = "the id" if name == owner else "an alias"
+        super().__init__(f"{provider}:{name} is already {what} of app {provider}:{owner}")
+        self.provider, self.name, self.owner = provider, name, owner
 
 
 class SyncStore:
@@ -84,6 +95,20 @@ class SyncStore:
                      device.aor, i, self.settings.max_devices_per_user)
         return evicted
 
+    def remove_all_devices(self, aor: str) -> list[str]:
+        """Delete every device of the AOR (also records that no longer decode); returns the ids
+        the AOR's set listed. One transaction (the keys share the AOR's hash tag)."""
+        skey = schema.devices_key(aor)
+        with unavailable_on_error("remove_all_devices"):
+            ids = sorted(self._r.smembers(skey))
+            if not ids:
+                return []
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(*(schema.device_key(aor, i) for i in ids))
+            pipe.srem(skey, *ids)  # not DEL: a device saved meanwhile stays listed
+            pipe.execute()
+        return ids
+
     def remove_device(self, aor: str, device_id: str) -> bool:
         """Delete a device; True when it existed."""
         with unavailable_on_error("remove_device"):
@@ -127,44 +152,140 @@ class SyncStore:
 
     # --- apps -----------------------------------------------------------------------------------
 
-    def save_app(self, app: AppCredentials) -> None:
-        """Replace an app's credentials. Clears its recorded last error and environment suspicion
-        (an operator saving credentials is fixing them); counters are kept."""
+    def save_app(self, app: AppCredentials, *, reset_status: bool = True) -> None:
+        """Replace an app's credentials and aliases, with the index entries and alias copies that
+        go with them (see `schema`): aliases the stored app had and `app` has not stop resolving.
+        Clears its recorded last error and environment suspicion (an operator saving credentials is
+        fixing them; `reset_status=False` keeps them); counters are kept.
+
+        Raises AppNameConflict when the app id or an alias already names another app (as its id
+        or as one of its aliases), ValueError for an alias that is the app's own id, repeats one
+        or cannot be stored (`schema.check_app_name`); nothing is written then. (Not one
+        transaction: the keys live in different Redis Cluster slots. The index names an app or alias
+        only once its hash is written, and drops an alias before its copy goes, so the SIP workers
+        never accept a name the dispatcher cannot resolve; `reindex_apps` repairs what an
+        interrupted save leaves.)"""
+        provider, app_id = app.provider.value, app.app_id
+        if app_id in app.aliases:
+            raise ValueError(f"{provider}:{app_id}: an alias cannot be the app's own id")
+        if len(set(app.aliases)) != len(app.aliases):
+            raise ValueError(f"{provider}:{app_id}: an alias is given twice")
+        names = (app_id, *app.aliases)
+        encoded = schema.encode_app(app)  # refuses unusable aliases before anything is read
         with unavailable_on_error("save_app"):
+            owners = self._owners(provider, names)
+            for name, owner in zip(names, owners, strict=True):
+                if owner is not None and owner != app_id:
+                    raise AppNameConflict(provider, name, owner)
+            previous = self._stored_aliases(provider, app_id)
+            dropped = [a for a in previous if a not in app.aliases]
+            dropped_owners = self._owners(provider, dropped)
+            state = schema.app_index_value(app.enabled)
             pipe = self._r.pipeline(transaction=False)
-            pipe.delete(schema.app_key(app.provider, app.app_id))
-            pipe.hset(schema.app_key(app.provider, app.app_id), mapping=schema.encode_app(app))
-            pipe.hset(schema.APP_INDEX_KEY, schema.app_index_field(app.provider, app.app_id),
-                      schema.app_index_value(app.enabled))
-            pipe.hdel(schema.app_status_key(app.provider, app.app_id), *schema.APP_STATUS_RESET_FIELDS)
+            pipe.delete(schema.app_key(provider, app_id))
+            pipe.hset(schema.app_key(provider, app_id), mapping=encoded)
+            for alias in app.aliases:
+                pipe.delete(schema.app_key(provider, alias))
+                pipe.hset(schema.app_key(provider, alias), mapping=schema.encode_app_alias(app, alias))
+            pipe.hset(schema.APP_INDEX_KEY, mapping={schema.app_index_field(provider, n): state for n in names})
+            for alias, owner in zip(dropped, dropped_owners, strict=True):
+                if owner in (None, app_id):  # never another app's name
+                    pipe.hdel(schema.APP_INDEX_KEY, schema.app_index_field(provider, alias))
+                    pipe.delete(schema.app_key(provider, alias))
+            if reset_status:
+                pipe.hdel(schema.app_status_key(provider, app_id), *schema.APP_STATUS_RESET_FIELDS)
             pipe.execute()
         log.info("store: saved app %s", schema.describe_app(app))
 
+    def _owners(self, provider: str, names: Sequence[str]) -> list[str | None]:
+        """For each name, the id of the app it names (its own id or one of its aliases), None when
+        it names none. One round trip."""
+        if not names:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(schema.app_key(provider, name), "app_id")
+        return list(pipe.execute())
+
+    def _stored_aliases(self, provider: str, app_id: str) -> tuple[str, ...]:
+        """The aliases stored with the app `app_id` (none when no such app is stored)."""
+        raw = self._r.hget(schema.app_key(provider, app_id), "aliases")
+        return tuple(a for a in (raw or "").split(",") if a)
+
     def app_enabled(self, provider: str, app_id: str) -> bool | None:
         """Whether an app is configured (None: it is not) and enabled, from the app index alone:
-        no credentials are read (the SIP workers' Redis user cannot read them)."""
+        no credentials are read (the SIP workers' Redis user cannot read them). `app_id` may be an
+        alias of the app."""
         with unavailable_on_error("app_enabled"):
             value = self._r.hget(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
         return None if value is None else value == schema.app_index_value(True)
 
     def reindex_apps(self) -> int:
-        """Rebuild the app index from the stored credentials (apps saved before the index existed);
-        returns how many apps it lists."""
+        """Rebuild the app index from the stored credentials (apps saved before the index existed),
+        and repair the alias copies: every alias an app lists gets a fresh copy of the app, a copy
+        whose alias no app lists any more is deleted (an alias that is another app's id, or that
+        two apps list, is left out and logged). Returns how many apps it lists."""
         with unavailable_on_error("reindex_apps"):
-            found: dict[str, str] = {}
+            records: dict[str, dict[str, str]] = {}
             for key in self._r.scan_iter(match=schema.APP_KEY_PATTERN, count=500):
                 raw = self._r.hgetall(key)
-                app = schema.decode_or_log(schema.decode_app, raw, "app", str(key)) if raw else None
-                if app is not None:
-                    found[schema.app_index_field(app.provider, app.app_id)] = schema.app_index_value(app.enabled)
-            pipe = self._r.pipeline(transaction=True)
+                if raw:
+                    records[str(key)] = raw
+            apps: dict[str, AppCredentials] = {}  # by key: the apps themselves, not alias copies
+            copies: dict[str, AppCredentials] = {}
+            corrupt: set[str] = set()
+            for key, raw in sorted(records.items()):
+                app = schema.decode_or_log(schema.decode_app, raw, "app", key)
+                if app is None:
+                    corrupt.add(key)
+                elif key == schema.app_key(app.provider, app.app_id) and schema.APP_ALIAS_FIELD not in raw:
+                    apps[key] = app
+                elif schema.APP_ALIAS_FIELD in raw:
+                    copies[key] = app
+                else:
+                    log.warning("store: reindex: %s holds app %s:%s under another name; left alone",
+                                key, app.provider.value, app.app_id)
+            aliases: dict[str, tuple[AppCredentials, str]] = {}  # alias copy key -> (app, alias)
+            for app in apps.values():
+                for alias in app.aliases:
+                    akey = schema.app_key(app.provider, alias)
+                    if akey in apps or akey in aliases:
+                        other = apps[akey] if akey in apps else aliases[akey][0]
+                        log.error("store: reindex: alias %s of %s:%s already names %s:%s; left out",
+                                  alias, app.provider.value, app.app_id, other.provider.value, other.app_id)
+                        continue
+                    aliases[akey] = (app, alias)
+            found = {schema.app_index_field(a.provider, a.app_id): schema.app_index_value(a.enabled)
+                     for a in apps.values()}
+            found.update({schema.app_index_field(a.provider, alias): schema.app_index_value(a.enabled)
+                          for a, alias in aliases.values()})
+            # (a copy of an app whose own record is corrupt is left alone: it still serves devices)
+            stale = [key for key, app in copies.items() if key not in aliases
+                     and schema.app_key(app.provider, app.app_id) not in corrupt]
+            # as save_app: copies before the index names them, the index before stale copies go
+            if aliases:
+                pipe = self._r.pipeline(transaction=False)
+                for akey, (app, alias) in aliases.items():
+                    pipe.delete(akey)
+                    pipe.hset(akey, mapping=schema.encode_app_alias(app, alias))
+                pipe.execute()
+            pipe = self._r.pipeline(transaction=True)  # one key: also atomic on a cluster
             pipe.delete(schema.APP_INDEX_KEY)
             if found:
                 pipe.hset(schema.APP_INDEX_KEY, mapping=found)
             pipe.execute()
-        return len(found)
+            if stale:
+                pipe = self._r.pipeline(transaction=False)  # one DEL each: different cluster slots
+                for key in stale:
+                    pipe.delete(key)
+                pipe.execute()
+        for key in stale:
+            log.info("store: reindex: removed %s (an alias its app no longer lists)", key)
+        return len(apps)
 
     def app(self, provider: str, app_id: str) -> AppCredentials | None:
+        """The app `app_id` names: its own id, or one of its aliases (the answer's `app_id` then
+        differs from the one asked for)."""
         with unavailable_on_error("app"):
             raw = self._r.hgetall(schema.app_key(provider, app_id))
         return schema.decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
@@ -177,16 +298,56 @@ class SyncStore:
         return schema.app_status_view(raw, window, time.time())
 
     def remove_app(self, provider: str, app_id: str) -> bool:
-        """Delete an app's credentials with its status and outcome window; True when the app
-        existed. (Separate DELs: the keys live in different Redis Cluster slots.)"""
+        """Delete an app's credentials with its aliases, status and outcome window; True when the
+        app existed. False, and nothing changed, when `app_id` is an alias of another app (remove
+        the alias with `remove_app_alias`). (Separate DELs: the keys live in different Redis
+        Cluster slots; the aliases go first, so none outlives its app.)"""
         with unavailable_on_error("remove_app"):
+            [owner] = self._owners(provider, [app_id])
+            if owner is not None and owner != app_id:
+                return False
+            aliases = self._stored_aliases(provider, app_id)
+            alias_owners = self._owners(provider, aliases)
             pipe = self._r.pipeline(transaction=False)
+            for alias, alias_owner in zip(aliases, alias_owners, strict=True):
+                if alias_owner in (None, app_id):
+                    pipe.hdel(schema.APP_INDEX_KEY, schema.app_index_field(provider, alias))
+                    pipe.delete(schema.app_key(provider, alias))
+            pipe.hdel(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
             pipe.delete(schema.app_key(provider, app_id))
             pipe.delete(schema.app_status_key(provider, app_id))
             pipe.delete(schema.app_window_key(provider, app_id))
-            pipe.hdel(schema.APP_INDEX_KEY, schema.app_index_field(provider, app_id))
-            existed, _, _, _ = pipe.execute()
+            existed = pipe.execute()[-3]
         return bool(existed)
+
+    def add_app_aliases(self, provider: str, app_id: str, aliases: Sequence[str]) -> AppCredentials:
+        """Add aliases to the app `app_id` (those it already has are kept once); returns the app
+        as saved. LookupError when there is no app `app_id` (an alias is not one); what
+        `save_app` raises otherwise."""
+        app = self._own_app(provider, app_id)
+        added = tuple(a for a in dict.fromkeys(aliases) if a not in app.aliases)
+        if not added:
+            return app
+        changed = replace(app, aliases=(*app.aliases, *added))
+        self.save_app(changed, reset_status=False)
+        return changed
+
+    def remove_app_alias(self, provider: str, app_id: str, alias: str) -> bool:
+        """Remove one alias of the app `app_id`: devices naming it stop resolving (REGISTERs get
+        555, the dispatcher finds no credentials). False when the app has no such alias;
+        LookupError when there is no app `app_id`."""
+        app = self._own_app(provider, app_id)
+        if alias not in app.aliases:
+            return False
+        self.save_app(replace(app, aliases=tuple(a for a in app.aliases if a != alias)), reset_status=False)
+        return True
+
+    def _own_app(self, provider: str, app_id: str) -> AppCredentials:
+        app = self.app(provider, app_id)
+        if app is None or app.app_id != app_id:
+            raise LookupError(f"no app {provider}:{app_id}"
+                              + (f" ({app_id} is an alias of {provider}:{app.app_id})" if app else ""))
+        return app
 
     # --- UA mappings --------------------------------------------------------------------------
 

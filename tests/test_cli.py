@@ -164,3 +164,107 @@ def test_app_reindex_lists_apps_saved_before_the_index(redis_url: str, tmp_path:
     assert main(["--redis-url", redis_url, "app", "reindex"]) == 0
     assert "app index rebuilt:" in capsys.readouterr().out
     assert store.app_enabled("apns", "com.example.old") is True
+
+
+def _service_account(tmp_path: Path, project: str) -> str:
+    path = tmp_path / f"{project}.json"
+    path.write_text(json.dumps({"project_id": project, "client_email": f"x@{project}.iam.gserviceaccount.com",
+                                "private_key": "-----BEGIN PRIVATE KEY-----SECRET", "token_uri": "https://x/token"}))
+    return str(path)
+
+
+def test_fcm_app_aliases_are_set_listed_shown_and_removed(redis_url: str, tmp_path: Path, capsys) -> None:
+    url = ["--redis-url", redis_url]
+    sa = _service_account(tmp_path, "example-phone")
+    assert main([*url, "app", "set-fcm", "--service-account", sa,
+                 "--alias", "123456789012", "--alias", "com.example.phone"]) == 0
+    out = capsys.readouterr().out
+    assert "fcm:example-phone" in out and "aliases=123456789012,com.example.phone" in out and "SECRET" not in out
+    store = SyncStore(redis_url, Settings())
+    assert store.app_enabled("fcm", "123456789012") is True and store.app_enabled("fcm", "com.example.phone")
+
+    assert main([*url, "app", "aliases", "fcm", "example-phone"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["123456789012", "com.example.phone"]
+    assert main([*url, "app", "show", "fcm", "example-phone"]) == 0
+    assert "aliases=123456789012,com.example.phone" in capsys.readouterr().out
+    assert main([*url, "app", "show", "fcm", "123456789012"]) == 0
+    assert capsys.readouterr().out.startswith("fcm:123456789012 is an alias of fcm:example-phone\n")
+
+    # new credentials (a key rotation) keep the aliases; --alias replaces them
+    assert main([*url, "app", "set-fcm", "--service-account", sa]) == 0
+    app = store.app("fcm", "example-phone")
+    assert app is not None and app.aliases == ("123456789012", "com.example.phone")
+
+    assert main([*url, "app", "alias-remove", "fcm", "example-phone", "com.example.phone"]) == 0
+    assert "removed alias com.example.phone of fcm:example-phone" in capsys.readouterr().out
+    assert store.app_enabled("fcm", "com.example.phone") is None and store.app("fcm", "com.example.phone") is None
+    assert main([*url, "app", "alias-remove", "fcm", "example-phone", "com.example.phone"]) == 2
+    assert "has no alias com.example.phone" in capsys.readouterr().err
+    assert main([*url, "app", "alias-add", "fcm", "example-phone", "210987654321", "123456789012"]) == 0
+    app = store.app("fcm", "example-phone")
+    assert app is not None and app.aliases == ("123456789012", "210987654321")
+
+    # an alias is not an app: the app-wide commands want the app's own id
+    for cmd in ("disable", "remove"):
+        assert main([*url, "app", cmd, "fcm", "123456789012"]) == 2
+        assert "fcm:123456789012 is an alias of fcm:example-phone" in capsys.readouterr().err
+    assert main([*url, "app", "aliases", "fcm", "123456789012"]) == 2
+    assert store.app_enabled("fcm", "123456789012") is True
+
+    assert main([*url, "app", "disable", "fcm", "example-phone"]) == 0
+    assert store.app_enabled("fcm", "123456789012") is False
+    assert main([*url, "app", "remove", "fcm", "example-phone"]) == 0
+    assert "and its aliases 123456789012, 210987654321" in capsys.readouterr().out
+    assert store.app_enabled("fcm", "123456789012") is None and store.app("fcm", "123456789012") is None
+
+
+def test_an_alias_naming_another_app_is_refused(redis_url: str, tmp_path: Path, capsys) -> None:
+    url = ["--redis-url", redis_url]
+    assert main([*url, "app", "set-fcm", "--service-account", _service_account(tmp_path, "example-phone"),
+                 "--alias", "123456789012"]) == 0
+    other = _service_account(tmp_path, "other-project")
+    for alias, what in (("example-phone", "the id"), ("123456789012", "an alias")):
+        assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", alias]) == 2
+        assert f"fcm:{alias} is already {what} of app fcm:example-phone" in capsys.readouterr().err
+    assert SyncStore(redis_url, Settings()).app("fcm", "other-project") is None  # nothing stored
+    assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", "other-project"]) == 2
+    assert "cannot be the app's own id" in capsys.readouterr().err
+    assert main([*url, "app", "set-fcm", "--service-account", other]) == 0
+    assert main([*url, "app", "alias-add", "fcm", "other-project", "123456789012"]) == 2
+    assert "fcm:123456789012 is already an alias of app fcm:example-phone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alias", ["has space", "-leading-dash", "a,b", "x" * 200, ""])
+def test_an_alias_no_device_could_send_is_refused(redis_url: str, tmp_path: Path, capsys, alias: str) -> None:
+    assert main(["--redis-url", redis_url, "app", "set-fcm", "--service-account",
+                 _service_account(tmp_path, "example-phone"), f"--alias={alias}"]) == 2
+    assert "cannot be an FCM pn-param" in capsys.readouterr().err
+    assert SyncStore(redis_url, Settings()).app("fcm", "example-phone") is None
+
+
+def test_devices_remove_one_or_all(redis_url: str, capsys) -> None:
+    url = ["--redis-url", redis_url]
+    store = SyncStore(redis_url, Settings())
+    aor = "sip:alice@example.com"
+    for name in ("dev1", "dev2", "dev3"):
+        store.save_device(Device(aor, name, PushParams(Provider.FCM, "proj", alert_token="tok-" + name),
+                                 registered_at=1e9, expires_at=4e9))
+    # the operator's spelling of the AOR is the router's
+    assert main([*url, "devices", "remove", "sip:alice@Example.COM", "dev1"]) == 0
+    assert "removed device dev1 of sip:alice@example.com" in capsys.readouterr().out
+    assert [d.device_id for d in store.devices(aor)] == ["dev2", "dev3"]
+    assert main([*url, "devices", "remove", "alice@example.com", "dev1"]) == 2
+    assert "no device dev1 of sip:alice@example.com" in capsys.readouterr().err
+    for bad in (["remove", "alice@example.com"], ["remove", "alice@example.com", "dev2", "--all"],
+                ["alice@example.com", "--all"], ["alice@example.com", "dev2"]):
+        assert main([*url, "devices", *bad]) == 2
+        assert "want `devices" in capsys.readouterr().err
+    assert main([*url, "devices", "remove", "no-domain", "dev2"]) == 2
+    assert "want user@domain" in capsys.readouterr().err
+    assert main([*url, "devices", "remove", "alice@example.com", "--all"]) == 0
+    assert "removed 2 devices of sip:alice@example.com: dev2, dev3" in capsys.readouterr().out
+    assert store.devices(aor) == [] and store.client.exists(f"pn:{{{aor}}}:devs") == 0
+    assert main([*url, "devices", "remove", "alice@example.com", "--all"]) == 0
+    assert "removed 0 devices" in capsys.readouterr().out
+    assert main([*url, "devices", "alice@example.com"]) == 0
+    assert capsys.readouterr().out == ""

@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,42 @@ def test_configuration_errors_are_recorded_not_retried(env: tuple[SandboxHandle,
     assert "403" in app_status(cfg, "apns", BUNDLE)["last_error"]
     assert "403" in app_status(cfg, "fcm", PROJECT)["last_error"]
     assert "no credentials" in app_status(cfg, "fcm", "no-such-project")["last_error"]
+
+
+def test_a_device_naming_the_app_by_an_alias_is_pushed_to_the_project(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    """An FCM device's app id is its pn-param: the sender id or the package name resolves to the
+    project's credentials; the push goes to the project's URL and counts for the project."""
+    sandbox, store, cfg = env
+    app = store.app("fcm", PROJECT)
+    assert app is not None
+    store.save_app(replace(app, aliases=("123456789012", "com.example.phone")))
+    aor = "sip:ivan@example.com"
+    by_sender, by_package = fcm_token(), fcm_token()
+    now = time.time()
+    for name, alias, tok in (("sender", "123456789012", by_sender), ("package", "com.example.phone", by_package)):
+        store.save_device(Device(aor, name, PushParams(Provider.FCM, alias, alert_token=tok),
+                                 registered_at=now, expires_at=now + 3600))
+    store.enqueue(job(PushKind.INCOMING_CALL, aor))
+
+    d = run_dispatcher(cfg, lambda: stream_done(cfg))
+
+    assert d.stats["delivered"] == 2
+    records = sandbox.control.pushes()
+    assert sorted(r["token"] for r in records) == sorted([by_sender, by_package])
+    assert all(r["project_id"] == PROJECT for r in records)
+    assert app_status(cfg, "fcm", PROJECT)["counters"] == {"delivered": 2}
+    assert app_status(cfg, "fcm", "123456789012")["counters"] == {}
+
+    # a removed alias stops resolving: its devices get no push
+    sandbox.control.clear()
+    assert store.remove_app_alias("fcm", PROJECT, "123456789012")
+    store.enqueue(job(PushKind.MESSAGE, aor))
+    d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert d2.stats["config_error"] == 1 and d2.stats["delivered"] == 1
+    assert [r["token"] for r in sandbox.control.pushes()] == [by_package]
+    assert "no credentials" in app_status(cfg, "fcm", "123456789012")["last_error"]
 
 
 def test_malformed_entries_are_acked_and_the_loop_goes_on(
