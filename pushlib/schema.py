@@ -437,16 +437,29 @@ class SavePlan:
     set_ttl: int
 
 
+def same_phone(device: Device, provider: str | None, app_id: str | None, voip_token: str | None,
+               alert_token: str | None) -> bool:
+    """Whether a stored record (its provider, app and tokens) is the phone `device` is: a push
+    token of one app is one device, whatever device id (+sip.instance or not) it was saved under."""
+    p = device.params
+    if provider != p.provider.value or app_id != p.app_id:
+        return False
+    return bool((p.voip_token and p.voip_token == voip_token) or (p.alert_token and p.alert_token == alert_token))
+
+
 def plan_device_save(
-    device: Device, others: Mapping[str, tuple[float, float] | None], max_devices: int, now: float
+    device: Device, others: Mapping[str, tuple[float, float] | None], max_devices: int, now: float,
+    duplicates: frozenset[str] = frozenset(),
 ) -> SavePlan:
     """Decide a save: `others` maps every other id in the AOR set to (registered_at, expires_at),
-    or None when its hash is gone. Keeps at most `max_devices` live devices, evicting the
-    oldest by registered_at (never the one being saved)."""
+    or None when its hash is gone; `duplicates` are other ids holding the same phone (same_phone).
+    Evicts the duplicates, then keeps at most `max_devices` live devices, evicting the oldest by
+    registered_at (never the one being saved)."""
     stale = tuple(sorted(i for i, v in others.items() if v is None))
-    live = sorted(((v[0], i) for i, v in others.items() if v is not None))
+    dups = tuple(sorted(i for i in duplicates if others.get(i) is not None))
+    live = sorted(((v[0], i) for i, v in others.items() if v is not None and i not in duplicates))
     overflow = max(0, len(live) + 1 - max(1, max_devices))
-    evict = tuple(i for _, i in live[:overflow])
+    evict = dups + tuple(i for _, i in live[:overflow])
     kept_expiry = [exp for (_, exp) in (others[i] or (0.0, 0.0) for _, i in live[overflow:])]
     device_ttl = ttl_until(device.expires_at, now)
     set_ttl = max([device_ttl, *(ttl_until(e, now) for e in kept_expiry)])

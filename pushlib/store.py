@@ -71,11 +71,16 @@ class SyncStore:
             members = [m for m in pipe.smembers(skey) if m != device.device_id]
             reads = self._r.pipeline(transaction=False)
             for m in members:
-                reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at")
+                reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at", "provider", "app_id",
+                            "voip_token", "alert_token")
             others: dict[str, tuple[float, float] | None] = {}
-            for m, (reg, exp) in zip(members, reads.execute(), strict=True):
+            duplicates: set[str] = set()
+            for m, (reg, exp, provider, app_id, voip, alert) in zip(members, reads.execute(), strict=True):
                 others[m] = None if reg is None else (float(reg), float(exp or 0))
-            plan = schema.plan_device_save(device, others, self.settings.max_devices_per_user, time.time())
+                if reg is not None and schema.same_phone(device, provider, app_id, voip, alert):
+                    duplicates.add(m)
+            plan = schema.plan_device_save(device, others, self.settings.max_devices_per_user, time.time(),
+                                           frozenset(duplicates))
             pipe.multi()
             pipe.delete(dkey)  # drop fields the new record no longer has (e.g. a removed token)
             pipe.hset(dkey, mapping=encoded)
@@ -91,8 +96,8 @@ class SyncStore:
         with unavailable_on_error("save_device"):
             evicted: list[str] = self._r.transaction(txn, skey, value_from_callable=True)
         for i in evicted:
-            log.info("store: evicted device aor=%s device=%s (over %d devices)",
-                     device.aor, i, self.settings.max_devices_per_user)
+            log.info("store: evicted device aor=%s device=%s (same phone as %s, or over %d devices)",
+                     device.aor, i, device.device_id, self.settings.max_devices_per_user)
         return evicted
 
     def remove_all_devices(self, aor: str) -> list[str]:

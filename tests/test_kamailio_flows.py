@@ -405,3 +405,25 @@ def test_sipp_register_scenario_with_auth_and_unregister(stack: Stack, tmp: Path
                         args=[*keys, "-key", "expires", "0"])
     assert unreg.wait(20) == 0, unreg.logs()
     assert stack.store.devices(f"sip:{user}@{DOMAIN}") == []
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_one_record_per_phone_whatever_its_instance_history(stack: Stack, tmp: Path, transport: str) -> None:
+    """A client registered once without +sip.instance, then with one (same token): one device record,
+    one binding, one push, one fork."""
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    dev = sipp_device(tmp, transport)
+    assert register(stack, user, rfc8599_apns_contact(dev.port, tok, transport), transport).status == 200
+    with_instance = rfc8599_apns_contact(dev.port, tok, transport, instance=instance)
+    r = register(stack, user, with_instance, transport, call_id=uuid.uuid4().hex)
+    assert r.status == 200
+    assert len(r.header("Contact")) == 1, r.header("Contact")  # the registrar lists one binding
+    devices = stack.store.devices(f"sip:{user}@{DOMAIN}")
+    assert len(devices) == 1 and devices[0].params.voip_token == tok
+    asleep(stack, user)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, transport)
+    assert len(stack.wait_pushes(tok, 1, kind="incomingCall")) == 1
+    assert register(stack, user, with_instance, transport).status == 200  # woken
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    assert dev.wait(15) == 0 and dev.received("INVITE") == 1
+    assert [push_kind(p) for p in stack.pushes(tok)].count("incomingCall") == 1

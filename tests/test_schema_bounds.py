@@ -192,3 +192,21 @@ def test_dispatcher_app_cache_is_bounded_lru(monkeypatch: pytest.MonkeyPatch) ->
         assert list(d._apps) == [("apns", "com.invented.9"), ("apns", "com.invented.7"), ("apns", "com.new")]
 
     asyncio.run(scenario())
+
+
+def test_a_record_holding_the_same_phone_is_evicted_first() -> None:
+    """A push token of one app is one device, whatever id it was saved under."""
+    from pushlib.models import Device, Provider, PushParams
+    from pushlib.schema import plan_device_save, same_phone
+
+    phone = Device("sip:a@b", "instance-id", PushParams(Provider.APNS, "com.x", voip_token="ab" * 32),
+                   registered_at=100.0, expires_at=4000.0)
+    assert same_phone(phone, "apns", "com.x", "ab" * 32, None)
+    assert not same_phone(phone, "apns", "com.other", "ab" * 32, None)
+    assert not same_phone(phone, "fcm", "com.x", "ab" * 32, None)
+    assert not same_phone(phone, "apns", "com.x", "cd" * 32, None)
+    others = {"token-id": (50.0, 3000.0), "tablet": (10.0, 3000.0)}
+    plan = plan_device_save(phone, others, 10, 100.0, frozenset({"token-id"}))
+    assert plan.evict == ("token-id",)
+    plan = plan_device_save(phone, others, 2, 100.0, frozenset({"token-id"}))
+    assert plan.evict == ("token-id",)  # the duplicate made room: the tablet stays
