@@ -74,7 +74,8 @@ class _Wire:
 
 _WIRE = {
     PushKind.INCOMING_CALL: _Wire("voip", 10, "high", alert=False),
-    PushKind.CANCEL_INCOMING_CALL: _Wire("alert", 10, "high", alert=False),
+    # Apple: a push with only content-available is a background push: push type background, priority 5
+    PushKind.CANCEL_INCOMING_CALL: _Wire("background", 5, "high", alert=False),
     PushKind.MISSED_CALL: _Wire("alert", 10, "high", alert=True),
     PushKind.MESSAGE: _Wire("alert", 10, "high", alert=True),
     PushKind.VOICEMAIL: _Wire("alert", 5, "normal", alert=True),

@@ -130,7 +130,7 @@ def app_status(cfg: Settings, provider: str, app_id: str) -> dict[str, Any]:
 # kind -> (iOS token field, topic suffix, push type, priority), Android priority; design.md §5.
 WIRE = {
     PushKind.INCOMING_CALL: (("voip", ".voip", "voip", 10), "high"),
-    PushKind.CANCEL_INCOMING_CALL: (("alert", "", "alert", 10), "high"),
+    PushKind.CANCEL_INCOMING_CALL: (("alert", "", "background", 5), "high"),
     PushKind.MISSED_CALL: (("alert", "", "alert", 10), "high"),
     PushKind.MESSAGE: (("alert", "", "alert", 10), "high"),
     PushKind.VOICEMAIL: (("alert", "", "alert", 5), "normal"),

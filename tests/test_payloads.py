@@ -35,7 +35,7 @@ K = PushKind
 # kind: (token, topic, push-type, priority, expiration - int(NOW) or None for the deadline, fcm priority, ttl)
 TABLE = [
     (K.INCOMING_CALL, VOIP, "org.x.phone.voip", "voip", "10", None, "high", "30s"),
-    (K.CANCEL_INCOMING_CALL, REMOTE, "org.x.phone", "alert", "10", 60, "high", "60s"),
+    (K.CANCEL_INCOMING_CALL, REMOTE, "org.x.phone", "background", "5", 60, "high", "60s"),
     (K.MISSED_CALL, REMOTE, "org.x.phone", "alert", "10", 7200, "high", "7200s"),
     (K.MESSAGE, REMOTE, "org.x.phone", "alert", "10", 7200, "high", "7200s"),
     (K.VOICEMAIL, REMOTE, "org.x.phone", "alert", "5", 7200, "normal", "7200s"),
