@@ -193,6 +193,7 @@ class Dispatcher:
         self._owns_pool = pool is None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._apps: OrderedDict[_AppKey, tuple[float, AppCredentials | None]] = OrderedDict()
+        self._voip_only_warned: set[tuple[str, str]] = set()
         self._app_reads: dict[_AppKey, asyncio.Future[AppCredentials | None]] = {}
         self._redis_down = False
         self._outcomes = _OutcomeBuffer()
@@ -434,6 +435,23 @@ class Dispatcher:
             self._apps.popitem(last=False)
         return app
 
+    def _warn_voip_only(self, job: PushJob, device: Device) -> None:
+        """Once per device: an iOS device with a VoIP token only cannot get missed-call, cancel or
+        other non-call pushes (Apple forbids VoIP pushes that report no call to CallKit)."""
+        p = device.params
+        if p.provider is not Provider.APNS or not p.voip_token or p.alert_token:
+            return
+        key = (device.aor, device.device_id)
+        if key in self._voip_only_warned:
+            return
+        if len(self._voip_only_warned) >= 10_000:
+            self._voip_only_warned.clear()
+        self._voip_only_warned.add(key)
+        log.warning("push job=%s kind=%s aor=%s device=%s: iOS device has a VoIP token only; Apple forbids "
+                    "VoIP pushes that report no call, so it gets no %s (nor missed-call/cancel) pushes: "
+                    "its app must also register a remote-notification token",
+                    job.job_id, job.kind.value, device.aor, device.device_id, job.kind.value)
+
     async def _push(self, job: PushJob, device: Device, sent: bool) -> None:
         """Push one device to a final outcome, retrying RETRYABLE results until the deadline.
         `sent`: the (job, device) mark existed when the job's devices were read."""
@@ -458,6 +476,7 @@ class Dispatcher:
             except ValueError as exc:  # PayloadTooLarge: the job's own fields cannot fit
                 return self._final_line(job, device, "rejected", None, f"cannot build payload: {exc}")
             if request is None:
+                self._warn_voip_only(job, device)
                 return self._final_line(job, device, "no_token", None, f"no token for {job.kind.value}")
             async with self._slots:
                 result = await self._pool_in_use.send(

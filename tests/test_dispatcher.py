@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import shutil
@@ -165,6 +166,21 @@ def test_every_kind_arrives_on_both_platforms(env: tuple[SandboxHandle, SyncStor
             assert msg["payload"]["android"]["priority"] == fcm_priority, kind
     r = raw(cfg)
     assert all(r.exists(schema.sent_key(aor, j.job_id, dev)) for j in jobs.values() for dev in ("iphone", "pixel"))
+
+
+def test_voip_only_iphone_gets_no_missed_call_and_it_is_said_once(
+    env: tuple[SandboxHandle, SyncStore, Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    sandbox, store, cfg = env
+    aor = "sip:vo@example.com"
+    store.save_device(ios(aor, "iphone", apns_token(), None))
+    for kind in (PushKind.MISSED_CALL, PushKind.CANCEL_INCOMING_CALL, PushKind.MESSAGE):
+        store.enqueue(job(kind, aor))
+    with caplog.at_level(logging.WARNING, logger="pushlib.dispatcher"):
+        run_dispatcher(cfg, lambda: stream_done(cfg))
+    assert sandbox.control.pushes() == []
+    lines = [r.getMessage() for r in caplog.records if "VoIP token only" in r.getMessage()]
+    assert len(lines) == 1 and "device=iphone" in lines[0]
 
 
 def test_job_for_chosen_devices_only(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
