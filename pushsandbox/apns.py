@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from pushlib.apns import PRODUCTION_HOST, SANDBOX_HOST
+from pushlib.h2transport import split_host
 from pushlib.provider_limits import (
     APNS_COLLAPSE_ID_BYTES,
     APNS_PAYLOAD_BYTES,
@@ -24,6 +26,9 @@ from pushlib.provider_limits import (
 from pushsandbox.state import ProviderJwt, Reply, SandboxState
 
 PATH_PREFIX = "/3/device/"
+
+# Apple's APNs hosts and the environment each one is: a client picks the environment by the host.
+APNS_ENVIRONMENTS = {PRODUCTION_HOST: "production", SANDBOX_HOST: "development"}
 PROVIDER_TOKEN_LIFETIME = 3600.0
 
 _HEX_TOKEN = re.compile(f"[0-9a-fA-F]{{{APNS_TOKEN_MIN_HEX},{APNS_TOKEN_MAX_HEX}}}")
@@ -70,6 +75,18 @@ def _error(status: int, reason: str, apns_id: str, retry_after: float | None = N
 
 def _format_seconds(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def environment_of(authority: str | None) -> str | None:
+    """"production" or "development" when the request named one of Apple's APNs hosts
+    (`:authority` / `Host`, port ignored), None when it named the sandbox by its own address."""
+    if not authority:
+        return None
+    try:
+        host, _ = split_host(authority)
+    except ValueError:
+        return None
+    return APNS_ENVIRONMENTS.get(host.rstrip(".").lower())
 
 
 def bundle_of(topic: str) -> str:
@@ -212,6 +229,8 @@ def _check_and_record(
             "collapse_id": collapse_id,
             "apns_id": apns_id,
             "auth": auth,
+            "authority": headers.get("host"),
+            "environment": environment_of(headers.get("host")),
             "project_id": None,
             "headers": {k: v for k, v in headers.items() if k != "authorization"},
             "payload": payload,

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pushsandbox.apns import APNS_ENVIRONMENTS
+
 CA_FILE = "ca.pem"
 CA_KEY_FILE = "ca-key.pem"
 SERVER_CERT_FILE = "server.pem"
@@ -78,7 +80,8 @@ class SandboxPki:
     @classmethod
     def load_or_create(cls, directory: Path) -> SandboxPki:
         """Reuse the CA found in `directory` (so clients keep trusting it across restarts),
-        else create one; always (re)issue the server certificate for 127.0.0.1, ::1 and localhost."""
+        else create one; always (re)issue the server certificate for 127.0.0.1, ::1, localhost and
+        Apple's APNs host names."""
         directory.mkdir(parents=True, exist_ok=True)
         ca_path, ca_key_path = directory / CA_FILE, directory / CA_KEY_FILE
         if ca_path.exists() and ca_key_path.exists():
@@ -119,6 +122,10 @@ class SandboxPki:
                 x509.DNSName("localhost"),
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                 x509.IPAddress(ipaddress.ip_address("::1")),
+                # Apple's APNs names too: a client that resolves them to the sandbox (curl
+                # --connect-to, /etc/hosts) and trusts only the sandbox CA gets through TLS, and
+                # the sandbox records which environment it asked for (apns.environment_of).
+                *(x509.DNSName(name) for name in APNS_ENVIRONMENTS),
             ]
         )
         cert = (

@@ -12,6 +12,7 @@ import secrets
 import ssl
 import string
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -23,6 +24,18 @@ from pushlib.models import AppCredentials, Provider
 
 class SandboxControlError(RuntimeError):
     """The sandbox refused a control request (status and its error text in the message)."""
+
+
+DEFAULT_TEAM_ID = "TEAM000001"
+
+
+@dataclass(frozen=True)
+class ApnsTokenKey:
+    """An APNs token key as Apple hands it out: the .p8 text (PKCS#8 PEM), its key id, its team."""
+
+    key_id: str
+    team_id: str
+    private_pem: str = field(repr=False)
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
@@ -75,14 +88,22 @@ class SandboxControl:
         self._call("POST", "/apns/keys", {"key_id": key_id, "team_id": team_id,
                                           "public_key_pem": public_key_pem, "topics": topics})
 
-    def apns_token_app(self, bundle_id: str, team_id: str = "TEAM000001") -> AppCredentials:
-        """A fresh APNs token key allowed to push to `bundle_id` (and its .voip etc. topics)."""
+    def apns_token_key(self, bundle_ids: list[str], key_id: str | None = None,
+                       team_id: str = DEFAULT_TEAM_ID) -> ApnsTokenKey:
+        """A fresh APNs token key (a new P-256 key; `key_id` random unless given) of `team_id`,
+        registered for `bundle_ids` (and their .voip etc. topics), like one .p8 key from Apple
+        serves all the apps of a team."""
         key = ec.generate_private_key(ec.SECP256R1())
-        key_id = _key_id()
-        self.register_apns_key(key_id, team_id, _public_pem(key), [bundle_id])
+        key_id = key_id or _key_id()
+        self.register_apns_key(key_id, team_id, _public_pem(key), list(bundle_ids))
+        return ApnsTokenKey(key_id, team_id, _private_pem(key))
+
+    def apns_token_app(self, bundle_id: str, team_id: str = DEFAULT_TEAM_ID) -> AppCredentials:
+        """A fresh APNs token key allowed to push to `bundle_id` (and its .voip etc. topics)."""
+        key = self.apns_token_key([bundle_id], team_id=team_id)
         return AppCredentials(
-            provider=Provider.APNS, app_id=bundle_id, sandbox=True, apns_key_pem=_private_pem(key),
-            apns_key_id=key_id, apns_team_id=team_id, custom_host=self.host, ca_pem=self.ca_pem,
+            provider=Provider.APNS, app_id=bundle_id, sandbox=True, apns_key_pem=key.private_pem,
+            apns_key_id=key.key_id, apns_team_id=key.team_id, custom_host=self.host, ca_pem=self.ca_pem,
         )
 
     def apns_client_cert(self, bundle_id: str) -> tuple[str, str]:

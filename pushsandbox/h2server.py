@@ -118,6 +118,8 @@ class H2ServerConnection:
                 pseudo[name] = value
             else:
                 regular.append((name, value))
+        if b":authority" in pseudo and not any(name == b"host" for name, _ in regular):
+            regular.append((b"host", pseudo[b":authority"]))  # as HTTP/1.1 servers see it (ASGI does this too)
         path, _, query = pseudo.get(b":path", b"/").decode("latin-1").partition("?")
         scope = {
             "type": "http",

@@ -18,7 +18,7 @@ from pushsandbox.certs import CA_FILE
 from pushsandbox.control import SandboxControl
 
 READY_PREFIX = "sandbox: listening on "
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

@@ -17,6 +17,7 @@ import google.auth.transport.requests
 import httpx
 import pytest
 import requests
+from cryptography import x509
 from google.auth import crypt
 from google.auth import jwt as google_jwt
 from google.oauth2 import service_account
@@ -158,6 +159,41 @@ def test_apns_client_certificate_auth(sandbox, tmp_path) -> None:
         assert (r.status_code, reason(r)) == (400, "TopicDisallowed")
     recs = sandbox.control.pushes(TOKEN)
     assert [(x["auth"], x["topic"]) for x in recs] == [("cert", BUNDLE), ("cert", BUNDLE + ".voip")]
+
+
+@pytest.mark.parametrize(
+    ("host", "environment"),
+    [("api.sandbox.push.apple.com", "development"), ("api.push.apple.com", "production"), (None, None)],
+)
+@pytest.mark.parametrize("http2", [True, False])
+def test_apns_record_says_which_environment_the_client_asked_for(
+    sandbox, token_app, host, environment, http2
+) -> None:
+    """A client picks the APNs environment by the host it addresses. Resolving Apple's names to the
+    sandbox (like curl --connect-to) works: its certificate names them, so TLS checks pass against
+    the sandbox CA only, and the record says which one was asked for (`:authority` / `Host`).
+    Addressed by its own address (what a custom --host does), it cannot tell: None."""
+    context = ssl.create_default_context(cadata=sandbox.ca_pem)
+    headers = apns_headers(provider_jwt(token_app))
+    extensions = {}
+    if host is not None:
+        headers["host"] = f"{host}:443" if http2 else host
+        extensions = {"sni_hostname": host}
+    with httpx.Client(base_url=sandbox.url, http2=http2, http1=not http2, verify=context, timeout=10) as c:
+        r = c.post(f"/3/device/{TOKEN}", content=VOIP_BODY, headers=headers, extensions=extensions)
+    assert r.status_code == 200, r.text
+    assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    [rec] = sandbox.control.pushes(TOKEN)
+    assert rec["environment"] == environment
+    assert rec["authority"] == headers.get("host", f"127.0.0.1:{sandbox.port}")
+
+
+def test_sandbox_certificate_names_only_its_own_addresses_and_apples_apns_hosts(sandbox) -> None:
+    cert = x509.load_pem_x509_certificate((sandbox.directory / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(san.get_values_for_type(x509.DNSName)) == [
+        "api.push.apple.com", "api.sandbox.push.apple.com", "localhost"]
+    assert sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress)) == ["127.0.0.1", "::1"]
 
 
 @pytest.mark.parametrize("token", ["zz" * 32, "ab" * 31 + "a", "ab" * 20, "ab" * 101])

@@ -1,0 +1,340 @@
+"""The README's commands run as written: Kamailio in KEMI mode, the standalone dispatcher, the
+sandbox (server, credentials, pushes) and the `pushlib-admin` block.
+
+How:
+- `readme_blocks()` reads README.md at test time and finds every code block (fenced, or indented by
+  four spaces) whose first command is `kamailio`, `pushlib-*`, `python -m push…` or `P=…pushlib-admin`.
+  A block of those programs that this module does not know how to run fails the test: a command added
+  to the README gets run here too.
+- Each block runs through `bash` exactly as the README shows it, with one documented change: the
+  README's example values (`EXAMPLES`: SIP port 5060, sandbox port 8443, the Redis URL file
+  /etc/pushproxy/redis-url and the Redis URL redis://10.0.0.5:6379/0) become the test's own (free
+  ports, a private redis-server). Every example value must occur, and no other text changes.
+- The environment is an operator's: the venv's `bin` first on PATH (as after `. .venv/bin/activate`)
+  and PUSHLIB_REDIS_URL_FILE naming the private Redis (what the admin block's comment says it reads).
+  Kamailio runs from the repository root, as the README says, with no $PWD inherited (bash sets it).
+  The other commands run in a fresh temp dir, so their files (sandbox-pki/, the stand-in
+  credentials) never land in the checkout.
+- The sandbox's `# prints:` line must be what it prints; printed `pushlib-admin` lines are run too.
+- Long-running commands start in their own session and are stopped by PID, within fixed timeouts;
+  nothing of them may be left running, and the temp dirs are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from harness.localrun import group_members
+from pushlib.apns import ApnsClient
+from pushlib.models import ApnsRequest, Outcome
+from pushlib.settings import Settings
+from pushlib.store import SyncStore
+from tests.support import ROOT, RedisServer, free_port, redis_server, stop_process
+
+README = ROOT / "README.md"
+VENV_BIN = Path(sys.executable).parent
+TOKEN = "ef" * 32
+
+# The README's example values. Each is replaced, wherever it stands alone, by the test's own value of
+# the same name (see `Run.substitute`); nothing else in a command is changed.
+EXAMPLES = {
+    "sip_port": "5060",
+    "sandbox_port": "8443",
+    "redis_url_file": "/etc/pushproxy/redis-url",
+    "redis_url": "redis://10.0.0.5:6379/0",
+}
+
+_PROGRAMS = ("kamailio", "pushlib-dispatcher", "pushlib-sandbox", "pushlib-admin", "python -m push", "P=")
+_ASSIGNMENTS = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)+")
+KINDS = {
+    "kamailio": re.compile(r"^kamailio -f kamailio/kamailio\.cfg\b"),
+    "dispatcher": re.compile(r"^pushlib-dispatcher\b"),
+    "sandbox": re.compile(r"^python -m pushsandbox\b"),
+    "credentials": re.compile(r"^pushlib-sandbox credentials\b"),
+    "pushes": re.compile(r"^pushlib-sandbox pushes\b"),
+    "admin": re.compile(r"^P=pushlib-admin\b"),
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # a KINDS key, or "unknown"
+    text: str  # as the README shows it (an indented block without its indent)
+    line: int  # where it starts in README.md
+
+
+def _code_blocks(text: str) -> Iterator[tuple[int, str]]:
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("```"):
+                j += 1
+            yield i + 2, "\n".join(lines[i + 1 : j])
+            i = j + 1
+        elif lines[i].startswith("    ") and (i == 0 or not lines[i - 1].strip()):
+            j = i
+            while j < len(lines) and (lines[j].startswith("    ") or not lines[j].strip()):
+                j += 1
+            yield i + 1, "\n".join(line[4:] for line in lines[i:j]).strip("\n")
+            i = j
+        else:
+            i += 1
+
+
+def first_command(block: str) -> str:
+    """The block's first command, continuation lines joined, leading VAR=value assignments dropped
+    (`P=pushlib-admin` alone on its line stays: it is the command)."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            command = _ASSIGNMENTS.sub("", line)
+            return command if command and not command.startswith("#") else line
+    return ""
+
+
+def readme_blocks() -> list[Block]:
+    blocks = []
+    for line, text in _code_blocks(README.read_text()):
+        command = first_command(text)
+        if not command.startswith(_PROGRAMS):
+            continue
+        kind = next((k for k, pattern in KINDS.items() if pattern.match(command)), "unknown")
+        blocks.append(Block(kind, text, line))
+    return blocks
+
+
+@dataclass
+class Run:
+    """The test's values for the README's examples, and how README text becomes what runs."""
+
+    values: dict[str, str]
+    env: dict[str, str]
+    workdir: Path
+    used: set[str]
+
+    def substitute(self, text: str) -> str:
+        for name, example in EXAMPLES.items():
+            pattern = re.compile(rf"(?<![\w.]){re.escape(example)}(?![\w])")
+            text, count = pattern.subn(self.values[name].replace("\\", "\\\\"), text)
+            if count:
+                self.used.add(name)
+        return text
+
+
+def blocks_of(kind: str) -> list[Block]:
+    found = [b for b in readme_blocks() if b.kind == kind]
+    assert found, f"README.md shows no {kind} command any more: update tests/test_readme_commands.py"
+    return found
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture()
+def run(redis: RedisServer) -> Iterator[Run]:
+    client = redis_lib.Redis.from_url(redis.url)
+    client.flushall()  # each test starts from an empty store
+    client.close()
+    with tempfile.TemporaryDirectory(prefix="pn-readme-") as tmp:
+        workdir = Path(tmp) / "work"
+        workdir.mkdir()
+        url_file = Path(tmp) / "redis-url"
+        url_file.write_text(redis.url + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHLIB_") and k != "PWD"}
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+        env["PUSHLIB_REDIS_URL_FILE"] = str(url_file)
+        values = {"sip_port": str(free_port()), "sandbox_port": str(free_port()),
+                  "redis_url_file": str(url_file), "redis_url": redis.url}
+        yield Run(values, env, workdir, set())
+
+
+def shell(run: Run, block: Block, cwd: Path, stdin: str = "", timeout: float = 60) -> str:
+    """Run a block to its end with `bash -e` (any failing line fails it); its stdout."""
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", run.substitute(block.text)], cwd=cwd, env=run.env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, f"README.md:{block.line} failed ({done.returncode}):\n{block.text}\n{done.stderr}"
+    return done.stdout
+
+
+@dataclass
+class Background:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    block: Block
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """The first output line holding `needle`; fails when the command exits or time runs out."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in self.output().splitlines():
+                if needle in line:
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"README.md:{self.block.line}: no {needle!r} in {timeout}s "
+                    f"(exit {self.proc.poll()}):\n{self.block.text}\n{self.output()[-3000:]}")
+
+
+@contextmanager
+def background(run: Run, block: Block, cwd: Path) -> Iterator[Background]:
+    """A long-running block in its own session; stopped by PID (its process group), nothing left."""
+    log = run.workdir.parent / f"{block.kind}-{block.line}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["bash", "-c", run.substitute(block.text)], cwd=cwd, env=run.env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield Background(proc, log, block)
+    finally:
+        stop_process(proc, timeout=15)
+        end = time.monotonic() + 5
+        while group_members({proc.pid}) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not group_members({proc.pid}), f"README.md:{block.line} left processes running"
+
+
+def sip_options(port: int) -> str:
+    """The first line of the answer to an OPTIONS sent over UDP to 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        local = s.getsockname()[1]
+        branch, tag = "z9hG4bK" + uuid.uuid4().hex[:12], uuid.uuid4().hex[:8]
+        s.sendto((
+            f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{local};rport;branch={branch}\r\n"
+            f"From: <sip:readme@127.0.0.1>;tag={tag}\r\nTo: <sip:127.0.0.1:{port}>\r\n"
+            f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        ).encode(), ("127.0.0.1", port))
+        return s.recv(65535).decode(errors="replace").split("\r\n", 1)[0]
+
+
+def wait_group(redis_url: str, *, job_consumed: bool, timeout: float = 30) -> None:
+    """Until the dispatchers' consumer group exists (a dispatcher is up) and, with `job_consumed`,
+    has read a job and none is left in the stream (acked jobs are deleted: README, "At-least-once")."""
+    settings = Settings.from_env()
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                groups = {g["name"].decode(): g for g in client.xinfo_groups(settings.stream)}
+            except redis_lib.ResponseError:  # no stream yet
+                groups = {}
+            group = groups.get(settings.group)
+            if group and (not job_consumed or (
+                    (group.get("entries-read") or 0) >= 1 and client.xlen(settings.stream) == 0)):
+                return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    pytest.fail(f"dispatcher group not {'done with a job' if job_consumed else 'created'} in {timeout}s")
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_readme_commands_are_all_known(run: Run) -> None:
+    blocks = readme_blocks()
+    unknown = [f"README.md:{b.line}: {first_command(b.text)}" for b in blocks if b.kind == "unknown"]
+    assert not unknown, "README commands this test does not run:\n" + "\n".join(unknown)
+    assert {b.kind for b in blocks} == set(KINDS)
+    for block in blocks:
+        run.substitute(block.text)
+    assert run.used == set(EXAMPLES), f"example values the README no longer shows: {set(EXAMPLES) - run.used}"
+
+
+@pytest.mark.timeout(120)
+def test_kemi_mode_command_runs_from_the_repository_root(run: Run) -> None:
+    [block] = blocks_of("kamailio")
+    with background(run, block, ROOT) as kamailio:
+        kamailio.wait_for("pusher: ready", timeout=30)
+        assert sip_options(int(run.values["sip_port"])).startswith("SIP/2.0 ")
+    assert run.used >= {"sip_port", "redis_url_file"}
+
+
+@pytest.mark.timeout(120)
+def test_kemi_mode_with_an_absolute_router_path_runs_from_anywhere(run: Run) -> None:
+    """The README's other way: -A 'KEMI_ROUTER="/abs/path"' (here with the absolute cfg path too),
+    from a directory that is not the checkout."""
+    port = run.values["sip_port"]
+    text = (f"kamailio -f {ROOT}/kamailio/kamailio.cfg -DD -E -A WITH_PUSHER -A SIP_PORT={port} "
+            f"-A 'KEMI_ROUTER=\"{ROOT}/kemi/router.py\"'")
+    with background(run, Block("kamailio", text, 0), run.workdir) as kamailio:
+        kamailio.wait_for("pusher: ready", timeout=30)
+        assert sip_options(int(port)).startswith("SIP/2.0 ")
+
+
+@pytest.mark.timeout(180)
+def test_dispatcher_sandbox_and_admin_commands(run: Run, redis: RedisServer) -> None:
+    [sandbox_block] = blocks_of("sandbox")
+    [dispatcher_block] = blocks_of("dispatcher")
+    [admin_block] = blocks_of("admin")
+    [pushes_block] = blocks_of("pushes")
+    credentials_blocks = blocks_of("credentials")
+    work = run.workdir
+    with background(run, sandbox_block, work) as sandbox, background(run, dispatcher_block, work):
+        ready = sandbox.wait_for("sandbox: listening on ", timeout=30)
+        promised = re.search(r"^# prints: (.*)$", run.substitute(sandbox_block.text), re.M)
+        assert promised and ready == promised.group(1), (ready, sandbox_block.text)
+        wait_group(redis.url, job_consumed=False)
+
+        # The credentials lines (the admin section's stand-ins, the sandbox section's example), then
+        # the pushlib-admin lines each printed, then the admin block: all as written.
+        printed = [shell(run, block, work) for block in credentials_blocks]
+        for lines in printed:
+            assert lines and all(line.startswith("pushlib-admin app set-") for line in lines.splitlines()), lines
+        shell(run, admin_block, work, stdin="a-long-sip-password\n")
+        wait_group(redis.url, job_consumed=True)  # the block's `push` job, taken by the README's dispatcher
+        for lines in printed:
+            shell(run, Block("printed", lines, 0), work)
+
+        # The apps now point at the sandbox; one push through it, then the README's `pushes` line.
+        store = SyncStore(redis.url, Settings.from_env())
+        try:
+            app = store.app("apns", "com.example.phone")
+        finally:
+            store.close()
+        sandbox_host = f"127.0.0.1:{run.values['sandbox_port']}"
+        assert app is not None and app.custom_host == sandbox_host
+
+        async def push_once() -> Outcome:
+            assert app is not None
+            client = ApnsClient(app, sandbox_host)
+            try:
+                request = ApnsRequest(TOKEN, {"apns-topic": app.app_id, "apns-push-type": "alert"},
+                                      json.dumps({"aps": {"alert": {"title": "README"}}}).encode())
+                return (await client.send(request, 10)).outcome
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(push_once()) is Outcome.DELIVERED
+        records = [json.loads(line) for line in shell(run, pushes_block, work).splitlines()]
+        assert [(r["provider"], r["token"], r["environment"]) for r in records] == [("apns", TOKEN, None)]
+    assert run.used >= {"sandbox_port", "redis_url"}
