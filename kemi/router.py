@@ -54,6 +54,8 @@ LOCATION = "location"
 WAIT_TABLE = "pnwait"
 PEND_TABLE = "pnpend"  # "<aor>|<device id>|<call key>": a device pushed for a call parked on this node
 FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
+MISSED_TABLE = "pnmiss"  # call key -> AOR of unparked calls to users with push devices (missed-call owed)
+MISSED_MARK_TTL = 300  # s: longer than any ringing (fr_inv_timer 120 s)
 PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
 PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
 BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
@@ -578,12 +580,12 @@ class Router:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
             return STOP
         if plan.verdict is calls.Verdict.RING:
-            self._ring(plan.ring)
+            self._ring_unparked(aor, plan.ring, devices)
             return STOP
         # limits: calls parked for this user at once, then call pushes per device and minute
         if not self._take_park_slot(aor):
             if plan.ring:
-                self._ring(plan.ring)
+                self._ring_unparked(aor, plan.ring, devices)
             else:
                 KSR.sl.sl_send_reply(486, "Busy Here")
             return STOP
@@ -593,10 +595,17 @@ class Router:
             return STOP
         self._give_back_park_slot(aor)
         if plan.ring:
-            self._ring(plan.ring)
+            self._ring_unparked(aor, plan.ring, devices)
         else:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
         return STOP
+
+    def _ring_unparked(self, aor: str, ring: tuple[calls.Binding, ...], devices: list[Device] | None) -> None:
+        """Ring without parking. A user with push devices is owed a missed-call push if nobody
+        answers (the failure route sends it): the call is marked in MISSED_TABLE."""
+        if devices:
+            KSR.htable.sht_setxs(MISSED_TABLE, calls.call_key(_pv("$ci")), aor, MISSED_MARK_TTL)
+        self._ring(ring)
 
     def _limit_pushes(self, aor: str, plan: calls.InvitePlan, now: float) -> calls.InvitePlan:
         """Leave out of the plan the devices already pushed MAX_CALL_PUSHES_PER_MINUTE times this
@@ -805,6 +814,10 @@ class Router:
     def _failure_route(self) -> None:
         key = calls.call_key(_pv("$ci"))
         code = KSR.pv.geti("$T_reply_code") or 0
+        missed_aor = KSR.htable.sht_get(MISSED_TABLE, key)
+        if missed_aor is not None:
+            KSR.htable.sht_rm(MISSED_TABLE, key)
+            self._owe_missed_call(str(missed_aor), key, code)
         entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
         aor = None if entry is None else entry.aor
         fallback_aor = KSR.htable.sht_get(FALLBACK_TABLE, key)
@@ -820,6 +833,19 @@ class Router:
                 self._end_parked(key, reason=calls.end_reason(0))  # (the fallback was set up by the timer)
             if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
                 KSR.tm.t_reply(480, calls.reason_phrase(480))
+
+    def _owe_missed_call(self, aor: str, key: str, code: int) -> None:
+        """An unparked call to a user with push devices ended unanswered (rang out, busy, or the
+        caller hung up): one missedCall push (its job id comes from the Call-ID: once per call)."""
+        caller = calls.pushed_caller(calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")),
+                                     self.cfg.settings.hide_caller)
+        job = calls.missed_call_job(aor, _pv("$ci"), caller, time.time(), self.cfg.settings.message_ttl)
+        try:
+            self.store.enqueue(job)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "missed-call-push-unavailable", aor=aor, call=key, error=exc)
+            return
+        _log(KSR.info, "missed", aor=aor, call=key, code=code)
 
     def _to_fallback(self, aor: str) -> bool:
         """Relay the unanswered call to FALLBACK_URI as a new branch (failure route only).

@@ -427,3 +427,20 @@ def test_one_record_per_phone_whatever_its_instance_history(stack: Stack, tmp: P
     assert caller.wait(30) == 0 and caller.final_codes() == [200]
     assert dev.wait(15) == 0 and dev.received("INVITE") == 1
     assert [push_kind(p) for p in stack.pushes(tok)].count("incomingCall") == 1
+
+
+def test_unparked_call_nobody_answers_owes_one_missed_call_push(stack: Stack, tmp: Path) -> None:
+    """An awake push phone that is busy (no park, no incomingCall push) still gets the missed-call
+    push, once; an answered call gets none."""
+    user, tok = _user(), fcm_token()
+    busy = sipp_device(tmp, "udp", scenario="device-reject.xml")
+    assert register(stack, user, rfc8599_fcm_contact(busy.port, tok), "udp").status == 200  # awake
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [486]
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=5)] == ["missedCall"]
+    answering = sipp_device(tmp, "udp")
+    assert register(stack, user, rfc8599_fcm_contact(answering.port, tok), "udp").status == 200
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert caller.wait(30) == 0 and caller.final_codes() == [200]
+    time.sleep(0.5)
+    assert [push_kind(p) for p in stack.pushes(tok)] == ["missedCall"]  # still only the first one
