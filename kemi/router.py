@@ -337,9 +337,9 @@ class Router:
         if KSR.sanity.sanity_check(17895, 7) < 0:
             _log(KSR.err, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}")
             return STOP
-        if not _clean_uris("$ru", "$fu", "$tu"):
-            # RFC 3261 URIs are UTF-8 without NULs; anything else would reach Redis keys, usrloc and
-            # the KSR calls (which cannot take a NUL) as garbage
+        if not _clean_uris("$ru", "$fu", "$tu", "$ci"):
+            # RFC 3261 URIs (and Call-IDs) are UTF-8 without NULs; anything else would reach Redis
+            # keys, usrloc and the KSR calls (which cannot take a NUL) as garbage
             _log(KSR.notice, "malformed-request", src=f"{_pv('$si')}:{_pv('$sp')}", reason="uri-bytes")
             KSR.sl.sl_send_reply(400, "Bad Request (Invalid URI Bytes)")
             return STOP

@@ -14,6 +14,7 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -472,7 +473,12 @@ def caller_identity(from_header: str, from_user: str) -> tuple[str, str]:
         name = params.parse_name_addr(from_header).display_name.strip()
     except params.MalformedPushParams:
         name = ""
-    return name or from_user, from_user
+    # bytes that were not UTF-8 (kept as lone surrogates by the router) cannot be stored: U+FFFD
+    name, user = (_LONE_SURROGATES.sub("\ufffd", v) for v in (name or from_user, from_user))
+    return name, user
+
+
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def pushed_caller(caller: tuple[str, str], hide_caller: bool) -> tuple[str, str]:

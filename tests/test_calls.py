@@ -363,3 +363,10 @@ def test_ksrlog_handler_one_line_per_record_by_level() -> None:
     assert fake.lines[1][1] == "pushlib.test-ksrlog: push outcome=delivered\n"
     assert all(text.count("\n") == 1 and text.endswith("\n") for _, text in fake.lines)
     assert "ValueError: boom" in fake.lines[-1][1]
+
+
+def test_caller_identity_never_holds_lone_surrogates() -> None:
+    raw = b'"Bob \xff\xfe" <sip:b\xffob@example.com>'.decode("utf-8", "surrogateescape")
+    name, number = calls.caller_identity(raw, b"b\xffob".decode("utf-8", "surrogateescape"))
+    assert (name + number).encode("utf-8")  # storable
+    assert "\ufffd" in name and number == "b\ufffdob"

@@ -577,11 +577,14 @@ _NOT_UTF8 = [
     b"INVITE sip:\x00u1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:{p};rport;branch=z9hG4bK6{n}\r\n"
     b"From: <sip:a@example.invalid>;tag=1\r\nTo: <sip:u1@127.0.0.1>\r\nCall-ID: r6{n}\r\nCSeq: 1 INVITE\r\n"
     b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+    b"INVITE sip:u1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:{p};rport;branch=z9hG4bK7{n}\r\n"
+    b"From: <sip:a@example.invalid>;tag=1\r\nTo: <sip:u1@127.0.0.1>\r\nCall-ID: r7\xff{n}\r\nCSeq: 1 INVITE\r\n"
+    b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
 ]
 
 
 @pytest.mark.parametrize("index", range(len(_NOT_UTF8)), ids=["to-user", "from-user", "ruri-user", "ruri-host",
-                                                              "in-dialog-to-user", "ruri-nul"])
+                                                              "in-dialog-to-user", "ruri-nul", "call-id"])
 def test_uris_with_bytes_no_uri_holds_get_400_not_a_router_error(stack: Stack, index: int) -> None:
     """Found by the fuzzer: such bytes reached Redis keys and KSR calls and ended in route-error."""
     before = stack.kamailio.log().count("route-error")
@@ -590,4 +593,20 @@ def test_uris_with_bytes_no_uri_holds_get_400_not_a_router_error(stack: Stack, i
                          .replace(b"{n}", uuid.uuid4().hex[:8].encode()), peer.proxy)
         r = peer.response(5)
     assert (r.status, r.reason) == (400, "Bad Request (Invalid URI Bytes)")
+    assert stack.kamailio.log().count("route-error") == before
+
+
+def test_caller_name_that_is_not_utf8_still_parks_and_pushes(stack: Stack) -> None:
+    """A From display name with bytes that are not UTF-8 never reaches the job stream (the fuzzer,
+    seed 3, found the same kind of bytes in a Call-ID reaching it: now a 400, case "call-id")."""
+    user, tok = _sleeping_push_user(stack)
+    before = stack.kamailio.log().count("route-error")
+    with Peer(stack.kamailio.port, "udp", LEGIT) as p:
+        text = _invite_text(p, user).replace(f"From: <sip:c@{EVIL}>", 'From: "Bob \udcff" <sip:c@example.invalid>')
+        p.sock.sendto(text.encode("utf-8", "surrogateescape"), p.proxy)
+        assert p.response(5, skip_provisional=False).status == 100
+        (push,) = stack.wait_pushes(tok, 1, kind="incomingCall")
+        payload = push["payload"]  # (the unreadable display name gives way to the From user)
+        assert isinstance(payload, dict) and payload["caller_name"] == "c"
+        assert p.response(WAIT + 5).status == 480
     assert stack.kamailio.log().count("route-error") == before
