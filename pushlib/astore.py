@@ -179,6 +179,14 @@ class AsyncStore:
             raw = await self._r.hgetall(schema.app_key(provider, app_id))
         return schema.decode_or_log(schema.decode_app, raw, provider, app_id) if raw else None
 
+    async def parked_device_state(self, aor: str, key: str, device_id: str) -> str | None:
+        """The state of `device_id` in the call parked as `key` (`calls.call_key`) for `aor`:
+        `schema.PUSHED` until the device re-registers, then `schema.WOKEN`; None when the call is
+        no longer parked (its hash is deleted when it ends) or does not list the device."""
+        with unavailable_on_connection_error("parked_device_state"):
+            state = await self._r.hget(schema.call_key(aor, key), schema.parked_device_field(device_id))
+        return None if state is None else str(state)
+
     # --- outcome helpers ------------------------------------------------------------------------
 
     async def remove_token(self, aor: str, device_id: str, token: str) -> bool:

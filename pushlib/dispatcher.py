@@ -15,6 +15,17 @@ acked only after its marks are written). Per-app outcome counters and environmen
 are buffered in memory and flushed every OUTCOME_FLUSH_SECONDS; a BadDeviceToken flushes its
 app's buffer at once so the suspicion check sees the totals.
 
+An iOS device without a VoIP token is rung with a visible alert (`payloads`), which rings once:
+after such an incomingCall was delivered, the same push (same `apns-collapse-id`, so it replaces
+the previous one on the phone) is sent again every `Settings.call_alert_repeat` seconds while the
+call is still parked for that device (its field in the parked-call hash `schema.call_key` is still
+`pushed`: the hash is deleted when the call ends, the field becomes `woken` when the device
+re-registers), until the job's deadline. In-process and best-effort: at most one repeat task per
+(call, device), at most deadline / interval repeats each, stopped at once when this dispatcher
+reads the call's cancel or missed-call job, and cancelled when the dispatcher stops. A missed-call
+job waits (up to `push_timeout`) for this dispatcher's in-flight cancel job of the same call, so
+the missed-call alert, not the "Call ended" one, is the last to replace the ringing alert.
+
 Runs standalone (`python -m pushlib.dispatcher`, console script `pushlib-dispatcher`) or
 inside Kamailio (`asyncio.run(Dispatcher(Settings.from_env()).run(stop))` in an evrexec
 process); `run()` installs no signal handlers.
@@ -42,6 +53,7 @@ from redis.exceptions import RedisError
 
 from pushlib import schema
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
+from pushlib.calls import call_key
 from pushlib.logutil import redact_url, setup_logging, token_prefix
 from pushlib.models import (
     ApnsRequest,
@@ -54,7 +66,7 @@ from pushlib.models import (
     PushKind,
     PushResult,
 )
-from pushlib.payloads import build_apns, build_fcm
+from pushlib.payloads import build_apns, build_fcm, is_alert_call
 from pushlib.providers import ProviderPool
 from pushlib.redisconn import StoreUnavailable
 from pushlib.settings import Settings, read_redis_url_file
@@ -63,7 +75,7 @@ log = logging.getLogger(__name__)
 
 STAT_NAMES = (
     "delivered", "token_dead", "suspect", "retried", "deadline_dropped", "config_error", "rejected",
-    "quarantined_skipped", "already_sent", "no_token", "malformed", "failed",
+    "quarantined_skipped", "already_sent", "no_token", "malformed", "failed", "repeated",
 )
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -75,11 +87,19 @@ READ_BLOCK_MS = 500
 READ_BATCH = 100
 # Counters and environment-window entries of an app may lag this much behind its pushes.
 OUTCOME_FLUSH_SECONDS = 1.0
+# Alert-style incoming-call repeats: never more often than this (seconds), never with less than
+# REPEAT_MIN_LEFT seconds of the wait window left (too late to open the app and answer), and at
+# most REPEAT_TASKS_MAX calls x devices repeating at once in one dispatcher.
+REPEAT_MIN_INTERVAL = 1.0
+REPEAT_MIN_LEFT = 1.0
+REPEAT_TASKS_MAX = 10_000
+_CALL_END_KINDS = (PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL)
 # Outcomes whose log line is INFO (the rest are WARNING: an operator may have to act).
 _QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped", "no_token"))
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _AppKey = tuple[str, str]  # (provider, app_id)
+_CallKey = tuple[str, str]  # (aor, call_id)
 
 _Builder = Callable[
     [PushKind, Device, dict[str, str], float, float, Settings], ApnsRequest | FcmMessage | None
@@ -173,7 +193,8 @@ class _OutcomeBuffer:
 
 class Dispatcher:
     """One consumer of the job stream (see module doc). `stats` counts final outcomes per
-    device push (and `deadline_dropped` also counts whole jobs that were too late when read)."""
+    device push (and `deadline_dropped` also counts whole jobs that were too late when read);
+    `repeated` counts the alert-style incomingCall repeats sent (each also counted by outcome)."""
 
     def __init__(
         self,
@@ -194,6 +215,10 @@ class Dispatcher:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._apps: OrderedDict[_AppKey, tuple[float, AppCredentials | None]] = OrderedDict()
         self._voip_only_warned: set[tuple[str, str]] = set()
+        self._repeats: dict[_CallKey, dict[str, asyncio.Task[None]]] = {}  # call -> device id -> task
+        self._repeat_tasks: set[asyncio.Task[None]] = set()
+        self._cancels: dict[_CallKey, asyncio.Event] = {}  # cancel jobs in flight, set when done
+        self._stopping = False
         self._app_reads: dict[_AppKey, asyncio.Future[AppCredentials | None]] = {}
         self._redis_down = False
         self._outcomes = _OutcomeBuffer()
@@ -241,8 +266,10 @@ class Dispatcher:
             await self._shutdown(background)
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
-        for task in background:
+        self._stopping = True  # no new repeats from the jobs still finishing
+        for task in (*background, *self._repeat_tasks):
             task.cancel()
+        await asyncio.gather(*self._repeat_tasks, return_exceptions=True)
         await asyncio.gather(*background, return_exceptions=True)
         inflight = list(self._inflight.values())
         if inflight:
@@ -382,21 +409,15 @@ class Dispatcher:
                 log.error("dispatcher: malformed stream entry %s dropped: %s", entry_id, exc)
                 await self._acks.submit(entry_id)
                 return
-            if job.deadline <= time.time():
-                self.stats["deadline_dropped"] += 1
-                log.info("push job=%s kind=%s aor=%s outcome=deadline_dropped (late by %.1fs when read)",
-                         job.job_id, job.kind.value, job.aor, time.time() - job.deadline)
-                await self._acks.submit(entry_id)
-                return
-            targets = await self._lookups.submit((job.aor, job.job_id, job.device_ids))
-            if not targets:
-                log.info("push job=%s kind=%s aor=%s outcome=no_device", job.job_id, job.kind.value, job.aor)
-            elif len(targets) == 1:  # the common case: no gather() wrapper task
-                await self._push(job, *targets[0])
-            else:
-                await asyncio.gather(*(self._push(job, d, sent) for d, sent in targets))
-            # After every mark of the job is written: an ack never outruns a mark.
-            await self._acks.submit(entry_id)
+            cancel_done = self._call_ending(job)  # before any await: entries start in stream order
+            try:
+                await self._run_job(entry_id, job)
+            finally:
+                if cancel_done is not None:
+                    cancel_done.set()
+                    key = (job.aor, job.data.get("call_id", ""))
+                    if self._cancels.get(key) is cancel_done:
+                        del self._cancels[key]
         except StoreUnavailable as exc:
             self._redis_failed(exc)
         except RedisError as exc:
@@ -410,6 +431,120 @@ class Dispatcher:
             log.exception("dispatcher: job entry %s failed unexpectedly; dropped", entry_id)
             with contextlib.suppress(StoreUnavailable):
                 await self._acks.submit(entry_id)
+
+    async def _run_job(self, entry_id: str, job: PushJob) -> None:
+        if job.deadline <= time.time():
+            self.stats["deadline_dropped"] += 1
+            log.info("push job=%s kind=%s aor=%s outcome=deadline_dropped (late by %.1fs when read)",
+                     job.job_id, job.kind.value, job.aor, time.time() - job.deadline)
+            await self._acks.submit(entry_id)
+            return
+        if job.kind is PushKind.MISSED_CALL:
+            await self._after_cancel(job)
+        targets = await self._lookups.submit((job.aor, job.job_id, job.device_ids))
+        if not targets:
+            log.info("push job=%s kind=%s aor=%s outcome=no_device", job.job_id, job.kind.value, job.aor)
+        elif len(targets) == 1:  # the common case: no gather() wrapper task
+            await self._push(job, *targets[0])
+        else:
+            await asyncio.gather(*(self._push(job, d, sent) for d, sent in targets))
+        # After every mark of the job is written: an ack never outruns a mark.
+        await self._acks.submit(entry_id)
+
+    # --- the end of a call, alert-style call repeats --------------------------------------------
+
+    def _call_ending(self, job: PushJob) -> asyncio.Event | None:
+        """An end-of-call job (cancel, missed call) stops the call's alert repeats at once. For a
+        cancel job: the event it sets when done (the same call's missed-call job waits for it)."""
+        call_id = job.data.get("call_id", "")
+        if job.kind not in _CALL_END_KINDS or not call_id:
+            return None
+        for task in self._repeats.get((job.aor, call_id), {}).values():
+            task.cancel()
+        if job.kind is not PushKind.CANCEL_INCOMING_CALL:
+            return None
+        done = asyncio.Event()
+        self._cancels[(job.aor, call_id)] = done
+        return done
+
+    async def _after_cancel(self, job: PushJob) -> None:
+        """Wait (up to push_timeout) until this dispatcher's in-flight cancel job of the same call
+        is done: on a phone that shows the call as an alert, the cancel's "Call ended" alert and the
+        missed-call alert share a collapse id, and the one sent last stays."""
+        pending = self._cancels.get((job.aor, job.data.get("call_id", "")))
+        if pending is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), self.settings.push_timeout)
+
+    def _repeat_later(self, job: PushJob, device: Device) -> None:
+        """Schedule the repeats of an alert-style incomingCall just delivered to `device`."""
+        every = self.settings.call_alert_repeat
+        call_id = job.data.get("call_id", "")
+        if self._stopping or not call_id or not every > 0:
+            return
+        devices = self._repeats.get((job.aor, call_id), {})
+        if device.device_id in devices:
+            return  # a reclaimed or repeated job: it repeats already
+        if len(self._repeat_tasks) >= REPEAT_TASKS_MAX:
+            log.warning("push job=%s aor=%s device=%s: %d call alerts repeating already, this one is not",
+                        job.job_id, job.aor, device.device_id, len(self._repeat_tasks))
+            return
+        key = (job.aor, call_id)
+        task = asyncio.create_task(self._repeat_call_alert(job, device, max(every, REPEAT_MIN_INTERVAL)))
+        self._repeats.setdefault(key, {})[device.device_id] = task
+        self._repeat_tasks.add(task)
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._repeat_tasks.discard(task)
+            tasks = self._repeats.get(key)
+            if tasks is not None and tasks.get(device.device_id) is task:
+                del tasks[device.device_id]
+                if not tasks:
+                    del self._repeats[key]
+
+        task.add_done_callback(forget)
+
+    async def _repeat_call_alert(self, job: PushJob, device: Device, every: float) -> None:
+        """Send the alert-style incomingCall of `job` to `device` again every `every` seconds
+        while the call is parked with the device not yet woken, until REPEAT_MIN_LEFT before the
+        deadline (at most deadline / every times); stops at the first push that is not delivered
+        and when Redis cannot tell the call's state."""
+        parked = call_key(job.data["call_id"])
+        provider, app_id = device.params.provider.value, device.params.app_id
+        try:
+            for repeat in range(1, int((job.deadline - time.time()) / every) + 1):
+                await asyncio.sleep(every)
+                now = time.time()
+                if job.deadline - now < REPEAT_MIN_LEFT:
+                    return
+                state = await self._store.parked_device_state(job.aor, parked, device.device_id)
+                app = await self._app(provider, app_id) if state == schema.PUSHED else None
+                if app is None:  # the call ended, the device woke, or the app is gone
+                    return
+                request = build_apns(job.kind, device, dict(job.data), job.deadline, now, self.settings)
+                if request is None or not is_alert_call(job.kind, request):
+                    return
+                self.stats["repeated"] += 1
+                async with self._slots:
+                    result = await self._pool_in_use.send(
+                        app, device, request, min(self.settings.push_timeout, job.deadline - now)
+                    )
+                if result.outcome is Outcome.RETRYABLE:  # busy provider (429, 503): push less, not more
+                    return self._final_line(job, device, "retryable", request, result.status,
+                                            f"{result.reason} repeat={repeat}; repeats stopped".strip())
+                await self._final(job, device, request, result, app.app_id, repeat=repeat)
+                if result.outcome is not Outcome.DELIVERED:
+                    return
+        except (StoreUnavailable, RedisError) as exc:  # cannot tell whether the call still rings
+            log.info("push job=%s aor=%s device=%s: call alert repeats stopped: %s",
+                     job.job_id, job.aor, device.device_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("push job=%s aor=%s device=%s: call alert repeat failed; repeats stopped",
+                          job.job_id, job.aor, device.device_id)
+
+    # --- apps and devices -----------------------------------------------------------------------
 
     async def _app(self, provider: str, app_id: str) -> AppCredentials | None:
         """The credentials of the app a device names by `app_id`: the app's own id or one of its
@@ -483,7 +618,10 @@ class Dispatcher:
                     app, device, request, min(self.settings.push_timeout, remaining)
                 )
             if result.outcome is not Outcome.RETRYABLE:
-                return await self._final(job, device, request, result, app.app_id)
+                await self._final(job, device, request, result, app.app_id)
+                if result.outcome is Outcome.DELIVERED and is_alert_call(job.kind, request):
+                    self._repeat_later(job, device)
+                return
             attempt += 1
             delay = backoff_delay(attempt, result.retry_after)
             if time.time() + delay >= job.deadline:
@@ -495,12 +633,13 @@ class Dispatcher:
             await asyncio.sleep(delay)
 
     async def _final(self, job: PushJob, device: Device, request: ApnsRequest | FcmMessage,
-                     result: PushResult, app_id: str) -> None:
+                     result: PushResult, app_id: str, repeat: int = 0) -> None:
         """Act on a final result. `app_id`: the app's own id (the device may name it by an alias):
-        its status and counters are the app's, whatever name its devices use."""
+        its status and counters are the app's, whatever name its devices use. `repeat`: the
+        number of an alert-style incomingCall repeat (0: the job's own push)."""
         provider = device.params.provider.value
         outcome = result.outcome
-        if outcome is Outcome.DELIVERED:
+        if outcome is Outcome.DELIVERED and not repeat:
             # First, before anything else: this is the duplicate window.
             await self._marks.submit((job.aor, job.job_id, device.device_id))
         elif outcome is Outcome.TOKEN_DEAD:
@@ -517,7 +656,8 @@ class Dispatcher:
             # buffered outcomes with this one, now.
             await self._flush_outcomes((provider, app_id))
         name = "suspect" if outcome is Outcome.DEVICE_SUSPECT else outcome.value
-        self._final_line(job, device, name, request, result.status, result.reason)
+        detail = f"{result.reason} repeat={repeat}".strip() if repeat else result.reason
+        self._final_line(job, device, name, request, result.status, detail)
 
     async def _flush_outcomes(self, check: _AppKey | None = None) -> None:
         """Write the buffered per-app outcomes (one round trip) and, for `check`, evaluate the

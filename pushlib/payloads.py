@@ -18,6 +18,16 @@ several accounts, or to another one since it registered, refuses a call push not
 - custom: `title`, `body` and every other data field except the reserved ones.
 Empty or absent inputs are left out. `settings.hide_caller` drops caller name and
 number from call kinds. `badge` (digits) sets `aps.badge` on alert pushes.
+
+iOS devices without a VoIP token (an app that registered only its remote-notification token:
+RFC 8599 `pn-param` without `.voip`, Kazoo's `app-id=<bundle>;pn-type=apple`) are rung with a
+visible alert instead, as Flexisip does for "remote" pushes: incomingCall is an `alert` push,
+priority 10, topic `<bundle>`, `aps.alert` {title "Incoming call", body the caller line or
+"Hidden caller"}, `sound` "default", `interruption-level` "time-sensitive", expiring at the
+deadline; cancelIncomingCall replaces that alert (same `apns-collapse-id`) with a silent, passive
+alert {title "Call ended", body the reason: "Answered elsewhere", "The caller hung up"...}.
+Devices with a VoIP token keep the VoIP incomingCall and the background cancel.
+`is_alert_call` tells which style a request is.
 """
 
 from __future__ import annotations
@@ -45,10 +55,23 @@ MAX_BODY_CHARS = 1024
 ELLIPSIS = "…"
 
 MISSED_CALL_TITLE = "Missed Call"
+INCOMING_CALL_TITLE = "Incoming call"
+CALL_ENDED_TITLE = "Call ended"
 VOICEMAIL_TITLE = "Voicemail"
 NEW_MESSAGE_TITLE = "New Message"
 UNKNOWN_CALLER = "Unknown caller"
 HIDDEN_CALLER = "Hidden caller"
+
+# The body of an alert-style cancel, by the job's `reason` (`calls.end_reason`); other
+# `rejected-<code>` reasons say "Declined", anything else leaves the body out.
+CALL_ENDED_BODIES = {
+    "answered": "Answered elsewhere",
+    "canceled": "The caller hung up",
+    "timeout": "Not answered",
+    "rejected-486": "Busy",
+    "rejected-600": "Busy",
+}
+DECLINED = "Declined"
 
 # Keys a custom push may not set: ours, or reserved by FCM (`from`, `google*`, `gcm*` ...).
 _CUSTOM_RESERVED = {"type", "aps", "title", "body", "ttl", "badge", "sent_at", "from", "message_type",
@@ -70,6 +93,8 @@ class _Wire:
     apns_priority: int
     fcm_priority: str
     alert: bool  # shows title/body (aps.alert); otherwise content-available or voip
+    sound: bool = True  # an alert's aps.sound "default"
+    interruption: str = ""  # an alert's aps.interruption-level (iOS 15+), "" = the default (active)
 
 
 _WIRE = {
@@ -81,6 +106,11 @@ _WIRE = {
     PushKind.VOICEMAIL: _Wire("alert", 5, "normal", alert=True),
     PushKind.REGISTRATION_REFRESH: _Wire("background", 5, "normal", alert=False),
     PushKind.CUSTOM: _Wire("alert", 10, "high", alert=True),
+}
+# iOS devices without a VoIP token: the call is a visible alert, its cancel a silent alert replacing it.
+_ALERT_CALL_WIRE = {
+    PushKind.INCOMING_CALL: _Wire("alert", 10, "high", alert=True, interruption="time-sensitive"),
+    PushKind.CANCEL_INCOMING_CALL: _Wire("alert", 10, "high", alert=True, sound=False, interruption="passive"),
 }
 _CALL_KINDS = {PushKind.INCOMING_CALL, PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL}
 _ID_FIELDS = {
@@ -130,10 +160,19 @@ def _caller_line(name: str, number: str) -> str:
     return name or number or UNKNOWN_CALLER
 
 
+def _call_ended_body(reason: str) -> str:
+    if reason in CALL_ENDED_BODIES:
+        return CALL_ENDED_BODIES[reason]
+    return DECLINED if reason.startswith("rejected-") else ""
+
+
 def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: float,
-             settings: Settings) -> _Content:
+             settings: Settings, wire: _Wire) -> _Content:
+    """The fields of `kind`; `wire` is the kind's wire form for this device (an alert-style call
+    push gets a title and body)."""
+    alert_call = kind in _ALERT_CALL_WIRE and wire.alert
     get = {k: _text(v) for k, v in data.items() if k in
-           ("caller_name", "caller_number", "title", "body", "message", "sender")}
+           ("caller_name", "caller_number", "title", "body", "message", "sender", "reason")}
     content = _Content(numbers={"sent_at": _number(now, "now")})
     for key in _ID_FIELDS.get(kind, ()):
         if data.get(key):
@@ -147,6 +186,14 @@ def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: floa
                 content.texts[key] = (value, MAX_TITLE_CHARS)
     if kind is PushKind.INCOMING_CALL:
         content.numbers["deadline"] = _number(deadline, "deadline")
+        if alert_call:
+            body = _caller_line(name, number) if show_caller else HIDDEN_CALLER
+            content.texts["title"] = (INCOMING_CALL_TITLE, MAX_TITLE_CHARS)
+            content.texts["body"] = (body, MAX_BODY_CHARS)
+    elif kind is PushKind.CANCEL_INCOMING_CALL:
+        if alert_call:
+            content.texts["title"] = (CALL_ENDED_TITLE, MAX_TITLE_CHARS)
+            content.texts["body"] = (_call_ended_body(get.get("reason", "")), MAX_BODY_CHARS)
     elif kind is PushKind.MISSED_CALL:
         body = _caller_line(name, number) if show_caller else HIDDEN_CALLER
         content.texts["title"] = (MISSED_CALL_TITLE, MAX_TITLE_CHARS)
@@ -171,7 +218,7 @@ def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: floa
             if get.get(key):
                 content.texts[key] = (get[key], cap)
     content.texts = {k: v for k, v in content.texts.items() if v[0]}
-    content.alert = _WIRE[kind].alert and any(k in content.texts for k in ("title", "body"))
+    content.alert = wire.alert and any(k in content.texts for k in ("title", "body"))
     if content.alert:
         content.badge = _digits(data.get("badge"), 99_999)
     return content
@@ -239,27 +286,35 @@ def _ttl(kind: PushKind, data: Mapping[str, str], deadline: float, now: float, s
 
 def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline: float, now: float,
                settings: Settings) -> ApnsRequest | None:
-    """The APNs request for `kind`, or None when the device has no token for it (incomingCall
-    needs the VoIP token, every other kind the alert token) or is not an APNs device.
+    """The APNs request for `kind`, or None when the device has no token for it or is not an
+    APNs device. incomingCall goes to the VoIP token; a device without one but with an alert
+    token gets it as a visible alert, and then its cancelIncomingCall as a silent alert (see the
+    module doc); every other kind needs the alert token.
 
     Raises PayloadTooLarge when ids/custom fields cannot fit, ValueError on non-finite times.
     """
     params = device.params
     if params.provider is not Provider.APNS:
         return None
-    wire = _WIRE[kind]
-    voip = kind is PushKind.INCOMING_CALL
+    voip = kind is PushKind.INCOMING_CALL and bool(params.voip_token)
     token = params.voip_token if voip else params.alert_token
     if not token:
         return None
-    content = _content(kind, data, deadline, now, settings)
-    expiration = int(deadline) if voip else int(now) + _ttl(kind, data, deadline, now, settings)
+    wire = _ALERT_CALL_WIRE[kind] if kind in _ALERT_CALL_WIRE and not params.voip_token else _WIRE[kind]
+    content = _content(kind, data, deadline, now, settings, wire)
+    if kind is PushKind.INCOMING_CALL:  # VoIP or alert: nothing should ring past the deadline
+        expiration = int(deadline)
+    else:
+        expiration = int(now) + _ttl(kind, data, deadline, now, settings)
 
     def render(texts: dict[str, str]) -> tuple[bytes, int]:
         aps: dict[str, object] = {}
         if content.alert:
             aps["alert"] = {k: texts[k] for k in ("title", "body") if k in texts}
-            aps["sound"] = "default"
+            if wire.sound:
+                aps["sound"] = "default"
+            if wire.interruption:
+                aps["interruption-level"] = wire.interruption
             if content.badge is not None:
                 aps["badge"] = content.badge
         elif not voip:
@@ -282,6 +337,12 @@ def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline
     return ApnsRequest(token=token, headers=headers, payload=payload)
 
 
+def is_alert_call(kind: PushKind, request: ApnsRequest | FcmMessage) -> bool:
+    """True for an incomingCall sent as a visible APNs alert (a device without a VoIP token)."""
+    return (kind is PushKind.INCOMING_CALL and isinstance(request, ApnsRequest)
+            and request.headers.get("apns-push-type") == "alert")
+
+
 def build_fcm(kind: PushKind, device: Device, data: Mapping[str, str], deadline: float, now: float,
               settings: Settings) -> FcmMessage | None:
     """The FCM v1 `messages:send` body for `kind`, or None when the device has no
@@ -295,7 +356,7 @@ def build_fcm(kind: PushKind, device: Device, data: Mapping[str, str], deadline:
         return None
     token = params.alert_token
     wire = _WIRE[kind]
-    content = _content(kind, data, deadline, now, settings)
+    content = _content(kind, data, deadline, now, settings, wire)
     android = {"priority": wire.fcm_priority, "ttl": f"{_ttl(kind, data, deadline, now, settings)}s"}
     numbers = {k: str(v) for k, v in content.numbers.items()}
     badge = {} if content.badge is None else {"badge": str(content.badge)}

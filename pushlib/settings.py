@@ -5,6 +5,10 @@ The Redis URL may hold a password (or an ACL user and its password): it is a sec
 surrounding white space is stripped), never only from a command line, where `ps` would show it.
 `redis_connection_options` gives the options every pushlib Redis client is built with: a
 `rediss://` URL always verifies the server certificate and host name.
+
+`call_alert_repeat` (PUSHLIB_CALL_ALERT_REPEAT, seconds, 0 or less = off): how often the dispatcher
+sends an iOS device that has no VoIP token its visible incoming-call alert again while the call
+is still parked for it (see `pushlib.dispatcher`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Settings:
     push_timeout: float = 10.0
     concurrency: int = 256
     reclaim_idle_ms: int = 30_000
+    call_alert_repeat: float = 10.0
 
     def __repr__(self) -> str:  # the URL may hold a password: shown redacted
         shown = (

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from pushlib import schema
+from pushlib.calls import call_key
 from pushlib.dispatcher import Dispatcher, backoff_delay
 from pushlib.models import (
     ApnsRequest,
@@ -29,13 +30,15 @@ from pushlib.models import (
     Device,
     FcmMessage,
     Outcome,
+    ParkedCall,
     Provider,
     PushJob,
     PushKind,
     PushParams,
     PushResult,
 )
-from pushlib.settings import Settings
+from pushlib.parked import ParkedCalls
+from pushlib.settings import Settings, SettingsError
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle
 from tests.support import ROOT, VENV_PYTHON, stop_process, stored_device
@@ -214,10 +217,11 @@ def test_dead_tokens_disappear(env: tuple[SandboxHandle, SyncStore, Settings]) -
     assert iphone is not None and iphone.params.voip_token is None and iphone.params.alert_token == alert
     assert stored_device(store, aor, "pixel") is None  # its only token died
     assert sandbox.control.pushes() == []
-    # The next call finds no VoIP token to push to: nothing is sent.
+    # The next call finds no VoIP token: it rings the alert token with a visible alert instead.
     store.enqueue(job(PushKind.INCOMING_CALL, aor))
     d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
-    assert d2.stats["no_token"] == 1 and sandbox.control.pushes() == []
+    assert d2.stats["delivered"] == 1 and d2.stats["no_token"] == 0
+    assert [(p["token"], p["push_type"]) for p in sandbox.control.pushes()] == [(alert, "alert")]
 
 
 def test_suspect_devices_are_quarantined_and_the_app_flagged(
@@ -463,6 +467,158 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
     assert all(0.25 * 2 ** (n - 1) <= d <= 0.5 * 2 ** (n - 1) or d <= 30 for n, d in enumerate(delays, 1))
     assert max(delays) <= 30 and delays[0] <= 0.5 < delays[3]
     assert backoff_delay(1, 7.0, rng) == 7.0
+
+
+# --- iOS devices without a VoIP token: the alert-style call push is repeated while the call is parked -----
+
+
+def park(store: SyncStore, call: PushJob, devices: tuple[str, ...]) -> str:
+    """Park `call` as the router does (`ParkedCalls.park`); returns its parked-call hash key."""
+    key = call_key(call.data["call_id"])
+    parked = ParkedCall(call.aor, key, call.data["call_id"], "1", "Bob", "+15550100", call.deadline, devices)
+    assert ParkedCalls(store.client).park(parked, time.time())
+    return schema.call_key(call.aor, key)
+
+
+def end_jobs(call: PushJob, reason: str) -> list[PushJob]:
+    """The cancel and missed-call jobs of `call`, as `calls.end_of_call_jobs` queues them."""
+    now, data = time.time(), {"call_id": call.data["call_id"], "callee": call.aor}
+    return [
+        PushJob(uuid.uuid4().hex, PushKind.CANCEL_INCOMING_CALL, call.aor, now + 60, call.device_ids,
+                {**data, "reason": reason}, now),
+        PushJob(uuid.uuid4().hex, PushKind.MISSED_CALL, call.aor, now + 3600,
+                data={**data, "caller_name": "Bob", "caller_number": "+15550100"}, created_at=now),
+    ]
+
+
+def run_until_pushes(cfg: Settings, sandbox: SandboxHandle, token: str, count: int,
+                     then: Callable[[], None], linger: float = 2.5) -> Dispatcher:
+    """Run a dispatcher until `token` got `count` pushes, call `then()` at once, go on `linger`
+    seconds more (long enough for any further repeat to arrive), then stop."""
+    state: dict[str, float] = {}
+
+    def until() -> bool:
+        if "at" not in state:
+            if len(sandbox.control.pushes(token)) >= count:
+                then()
+                state["at"] = time.monotonic()
+            return False
+        return time.monotonic() - state["at"] >= linger
+
+    return run_dispatcher(cfg, until)
+
+
+def _repeat_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if " repeat=" in r.getMessage()]
+
+
+@pytest.mark.parametrize("end", ["call-ended", "device-woke"])
+def test_alert_call_is_repeated_while_the_call_is_parked_for_the_device(
+    env: tuple[SandboxHandle, SyncStore, Settings], caplog: pytest.LogCaptureFixture, end: str
+) -> None:
+    sandbox, store, cfg = env
+    cfg = replace(cfg, call_alert_repeat=1.0)
+    aor, token = "sip:rita@example.com", apns_token()
+    store.save_device(ios(aor, "iphone", alert=token))  # an app that registered its alert token only
+    call = job(PushKind.INCOMING_CALL, aor, device_ids=("iphone",))
+    hash_key = park(store, call, ("iphone",))
+    store.enqueue(call)
+
+    def call_ends() -> None:
+        if end == "call-ended":
+            store.client.delete(hash_key)  # what ParkedCalls.finish does
+        else:
+            assert ParkedCalls(store.client).wake(aor, "iphone") == [call_key("call-1")]
+
+    with caplog.at_level(logging.INFO, logger="pushlib.dispatcher"):
+        d = run_until_pushes(cfg, sandbox, token, 3, call_ends)
+
+    pushes = sandbox.control.pushes(token)
+    assert len(pushes) == 3, pushes  # the push and two repeats, and none after the end
+    assert pushes[2]["time"] - pushes[0]["time"] <= 2.5
+    for p in pushes:
+        assert (p["topic"], p["push_type"], int(p["priority"])) == (BUNDLE, "alert", 10)
+        assert p["collapse_id"] == "call-1" and p["expiration"] == int(call.deadline)
+        assert p["payload"]["type"] == "incomingCall" and p["payload"]["call_id"] == "call-1"
+        assert p["payload"]["aps"]["alert"] == {"title": "Incoming call", "body": "Bob (+15550100)"}
+    assert len({p["payload"]["sent_at"] for p in pushes}) == 3  # each one built afresh
+    assert d.stats["repeated"] == 2 and d.stats["delivered"] == 3
+    lines = _repeat_lines(caplog)
+    assert len(lines) == 2 and all("outcome=delivered" in line and "device=iphone" in line for line in lines)
+    assert "repeat=1" in lines[0] and "repeat=2" in lines[1]
+    assert token not in " ".join(lines)
+
+
+@pytest.mark.parametrize("case", ["no-parked-call", "voip-device", "repeat-off"])
+def test_alert_call_is_not_repeated(
+    env: tuple[SandboxHandle, SyncStore, Settings], caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    sandbox, store, cfg = env
+    cfg = replace(cfg, call_alert_repeat=0.0 if case == "repeat-off" else 1.0)
+    aor, token = "sip:sam@example.com", apns_token()
+    if case == "voip-device":
+        store.save_device(ios(aor, "iphone", voip=token, alert=apns_token()))
+    else:
+        store.save_device(ios(aor, "iphone", alert=token))
+    call = job(PushKind.INCOMING_CALL, aor, device_ids=("iphone",))
+    if case != "no-parked-call":
+        park(store, call, ("iphone",))
+    store.enqueue(call)
+    with caplog.at_level(logging.INFO, logger="pushlib.dispatcher"):
+        d = run_until_pushes(cfg, sandbox, token, 1, lambda: None)
+    [push] = sandbox.control.pushes(token)
+    assert push["push_type"] == ("voip" if case == "voip-device" else "alert")
+    assert d.stats["repeated"] == 0 and d.stats["delivered"] == 1 and _repeat_lines(caplog) == []
+
+
+def test_end_of_call_jobs_stop_the_repeats_and_the_missed_call_alert_comes_last(
+    env: tuple[SandboxHandle, SyncStore, Settings],
+) -> None:
+    sandbox, store, cfg = env
+    cfg = replace(cfg, call_alert_repeat=1.0)
+    aor, token = "sip:tom@example.com", apns_token()
+    store.save_device(ios(aor, "iphone", alert=token))
+    call = job(PushKind.INCOMING_CALL, aor, device_ids=("iphone",))
+    park(store, call, ("iphone",))  # still parked: only the end-of-call jobs stop the repeats
+    store.enqueue(call)
+
+    def call_ends() -> None:
+        for end in end_jobs(call, "timeout"):
+            store.enqueue(end)
+
+    d = run_until_pushes(cfg, sandbox, token, 2, call_ends)
+    pushes = sandbox.control.pushes(token)
+    assert [p["payload"]["type"] for p in pushes] == [
+        "incomingCall", "incomingCall", "cancelIncomingCall", "missedCall"]
+    assert {p["collapse_id"] for p in pushes} == {"call-1"}
+    cancel, missed = pushes[2], pushes[3]
+    assert (cancel["push_type"], int(cancel["priority"])) == ("alert", 10)
+    assert cancel["payload"]["aps"] == {"alert": {"title": "Call ended", "body": "Not answered"},
+                                        "interruption-level": "passive"}
+    assert missed["payload"]["aps"]["alert"] == {"title": "Missed Call", "body": "Bob (+15550100)"}
+    assert d.stats["repeated"] == 1 and stream_done(cfg)
+
+
+def test_stopping_the_dispatcher_cancels_the_repeats(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+    sandbox, store, cfg = env
+    cfg = replace(cfg, call_alert_repeat=1.0)
+    aor, token = "sip:uma@example.com", apns_token()
+    store.save_device(ios(aor, "iphone", alert=token))
+    call = job(PushKind.INCOMING_CALL, aor, device_ids=("iphone",))
+    park(store, call, ("iphone",))
+    store.enqueue(call)
+    d = run_until_pushes(cfg, sandbox, token, 1, lambda: None, linger=0.0)
+    assert not d._repeat_tasks and not d._repeats
+    time.sleep(1.5)
+    assert len(sandbox.control.pushes(token)) == 1
+
+
+def test_call_alert_repeat_setting_comes_from_the_environment() -> None:
+    assert Settings().call_alert_repeat == 10.0
+    assert Settings.from_env({"PUSHLIB_CALL_ALERT_REPEAT": "2.5"}).call_alert_repeat == 2.5
+    assert Settings.from_env({"PUSHLIB_CALL_ALERT_REPEAT": "0"}).call_alert_repeat == 0.0
+    with pytest.raises(SettingsError, match="PUSHLIB_CALL_ALERT_REPEAT"):
+        Settings.from_env({"PUSHLIB_CALL_ALERT_REPEAT": "nan"})
 
 
 def _pushes_by_token(sandbox: SandboxHandle) -> dict[str, list[float]]:

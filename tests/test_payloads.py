@@ -16,6 +16,7 @@ from pushlib.payloads import (
     PayloadTooLarge,
     build_apns,
     build_fcm,
+    is_alert_call,
 )
 from pushlib.provider_limits import APNS_PAYLOAD_BYTES, APNS_VOIP_PAYLOAD_BYTES, FCM_DATA_BYTES
 from pushlib.settings import Settings
@@ -28,6 +29,8 @@ DEADLINE = NOW + 29.5
 SETTINGS = Settings(message_ttl=7200, cancel_ttl=60, refresh_ttl=900)
 IOS = Device("sip:alice@example.com", "d1", PushParams(Provider.APNS, "org.x.phone", voip_token=VOIP,
                                                           alert_token=REMOTE, team_id="ABCD1234"))
+ALERT_ONLY = Device("sip:alice@example.com", "d3", PushParams(Provider.APNS, "org.x.phone", alert_token=REMOTE))
+VOIP_ONLY = Device("sip:alice@example.com", "d4", PushParams(Provider.APNS, "org.x.phone", voip_token=VOIP))
 ANDROID = Device("sip:alice@example.com", "d2", PushParams(Provider.FCM, "proj-1", alert_token=FCM_TOKEN))
 CALL = {"call_id": "abc123@10.0.0.1", "caller_name": "Bob", "caller_number": "+15550100"}
 K = PushKind
@@ -179,9 +182,9 @@ def test_custom_without_text_is_silent_and_bad_ttl_falls_back():
 
 
 def test_none_when_device_lacks_the_needed_token():
-    no_voip = replace(IOS, params=replace(IOS.params, voip_token=None))
+    no_token = replace(IOS, params=replace(IOS.params, voip_token=None, alert_token=None))
     no_remote = replace(IOS, params=replace(IOS.params, alert_token=None))
-    assert build_apns(K.INCOMING_CALL, no_voip, CALL, DEADLINE, NOW, SETTINGS) is None
+    assert build_apns(K.INCOMING_CALL, no_token, CALL, DEADLINE, NOW, SETTINGS) is None
     assert build_apns(K.CANCEL_INCOMING_CALL, no_remote, CALL, DEADLINE, NOW, SETTINGS) is None
     assert build_apns(K.MISSED_CALL, no_remote, CALL, DEADLINE, NOW, SETTINGS) is None
     assert build_apns(K.INCOMING_CALL, no_remote, CALL, DEADLINE, NOW, SETTINGS) is not None
@@ -238,6 +241,11 @@ def test_any_text_gives_valid_json_within_limits_with_ids_intact(
     limit = APNS_VOIP_PAYLOAD_BYTES if kind is K.INCOMING_CALL else APNS_PAYLOAD_BYTES
     assert len(request.payload) <= limit
     payload = json.loads(request.payload.decode("utf-8"))
+    alert_request = build_apns(kind, ALERT_ONLY, data, DEADLINE, NOW, SETTINGS)  # the alert-style call kinds
+    assert alert_request is not None and len(alert_request.payload) <= APNS_PAYLOAD_BYTES
+    alert_payload = json.loads(alert_request.payload.decode("utf-8"))
+    if kind in (K.INCOMING_CALL, K.CANCEL_INCOMING_CALL):
+        assert alert_payload["call_id"] == call_id and "title" in alert_payload["aps"]["alert"]
     message = build_fcm(kind, ANDROID, data, DEADLINE, NOW, SETTINGS)
     assert message is not None
     body = json.loads(message.body.decode("utf-8"))["message"]
@@ -248,3 +256,122 @@ def test_any_text_gives_valid_json_within_limits_with_ids_intact(
         assert payload["call_id"] == call_id and body["data"]["call_id"] == call_id
     if kind in (K.MESSAGE, K.VOICEMAIL, K.CUSTOM):
         assert payload["message_id"] == message_id and body["data"]["message_id"] == message_id
+
+
+# --- iOS devices without a VoIP token: the call is a visible alert (as Flexisip's "remote" pushes) -------
+
+CALLEE = "sip:alice@example.com"
+ALERT_CALL = {**CALL, "callee": CALLEE}
+
+
+def test_alert_only_incoming_call_headers():
+    request, _ = apns_json(K.INCOMING_CALL, ALERT_CALL, device=ALERT_ONLY)
+    assert request.token == REMOTE
+    assert request.headers["apns-push-type"] == "alert"
+    assert request.headers["apns-priority"] == "10"
+    assert request.headers["apns-topic"] == "org.x.phone"  # the bundle: no .voip
+    assert request.headers["apns-collapse-id"] == CALL["call_id"]
+    assert request.headers["apns-expiration"] == str(int(DEADLINE))  # the wait window's end
+    assert uuid.UUID(request.headers["apns-id"]).version == 4
+    assert is_alert_call(K.INCOMING_CALL, request)
+
+
+def test_alert_only_incoming_call_payload_rings_visibly_with_the_call_fields():
+    _, payload = apns_json(K.INCOMING_CALL, ALERT_CALL, device=ALERT_ONLY)
+    assert payload["aps"] == {
+        "alert": {"title": "Incoming call", "body": "Bob (+15550100)"},
+        "sound": "default",
+        "interruption-level": "time-sensitive",
+    }
+    assert payload["type"] == "incomingCall"
+    assert payload["call_id"] == CALL["call_id"] and payload["callee"] == CALLEE
+    assert payload["deadline"] == DEADLINE and payload["sent_at"] == NOW
+    assert payload["caller_name"] == "Bob" and payload["caller_number"] == "+15550100"
+    assert "title" not in payload and "body" not in payload  # shown through aps.alert only
+
+
+@pytest.mark.parametrize(
+    ("caller", "body"),
+    [({"caller_name": "Bob"}, "Bob"), ({"caller_number": "+15550100"}, "+15550100"), ({}, "Unknown caller")],
+)
+def test_alert_only_incoming_call_body_is_the_caller_line(caller, body):
+    _, payload = apns_json(K.INCOMING_CALL, {"call_id": "c1", **caller}, device=ALERT_ONLY)
+    assert payload["aps"]["alert"] == {"title": "Incoming call", "body": body}
+
+
+def test_alert_only_incoming_call_respects_hide_caller():
+    hidden = replace(SETTINGS, hide_caller=True)
+    request, payload = apns_json(K.INCOMING_CALL, ALERT_CALL, device=ALERT_ONLY, cfg=hidden)
+    assert payload["aps"]["alert"] == {"title": "Incoming call", "body": "Hidden caller"}
+    assert "Bob" not in request.payload.decode() and "+15550100" not in request.payload.decode()
+    assert "caller_name" not in payload and "caller_number" not in payload
+
+
+def test_alert_only_incoming_call_fits_the_alert_limit():
+    request, payload = apns_json(K.INCOMING_CALL, {**ALERT_CALL, "caller_name": "😀" * 5000}, device=ALERT_ONLY)
+    assert len(request.payload) <= APNS_PAYLOAD_BYTES
+    assert payload["aps"]["alert"]["body"].endswith("…") and payload["call_id"] == CALL["call_id"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "body"),
+    [
+        ("answered", "Answered elsewhere"),
+        ("canceled", "The caller hung up"),
+        ("timeout", "Not answered"),
+        ("rejected-486", "Busy"),
+        ("rejected-603", "Declined"),
+    ],
+)
+def test_alert_only_cancel_replaces_the_ringing_alert_silently(reason, body):
+    request, payload = apns_json(K.CANCEL_INCOMING_CALL, {**ALERT_CALL, "reason": reason}, device=ALERT_ONLY)
+    assert request.token == REMOTE
+    assert request.headers["apns-push-type"] == "alert"
+    assert request.headers["apns-priority"] == "10"
+    assert request.headers["apns-topic"] == "org.x.phone"
+    assert request.headers["apns-collapse-id"] == CALL["call_id"]
+    assert request.headers["apns-expiration"] == str(int(NOW) + SETTINGS.cancel_ttl)
+    assert payload["aps"] == {"alert": {"title": "Call ended", "body": body}, "interruption-level": "passive"}
+    assert "sound" not in payload["aps"] and "content-available" not in payload["aps"]
+    assert payload["type"] == "cancelIncomingCall"
+    assert payload["call_id"] == CALL["call_id"] and payload["callee"] == CALLEE
+    assert not is_alert_call(K.CANCEL_INCOMING_CALL, request)
+
+
+def test_alert_only_cancel_without_a_known_reason_has_a_title_only():
+    _, payload = apns_json(K.CANCEL_INCOMING_CALL, ALERT_CALL, device=ALERT_ONLY)
+    assert payload["aps"]["alert"] == {"title": "Call ended"}
+
+
+@pytest.mark.parametrize("call_id", [CALL["call_id"], "x" * 300 + "@host", "call é id"])
+def test_alert_only_call_pushes_share_one_collapse_id(call_id):
+    data = {**ALERT_CALL, "call_id": call_id, "reason": "timeout"}
+    ids = {apns_json(kind, data, device=ALERT_ONLY)[0].headers["apns-collapse-id"]
+           for kind in (K.INCOMING_CALL, K.CANCEL_INCOMING_CALL, K.MISSED_CALL)}
+    assert len(ids) == 1
+    [collapse_id] = ids
+    assert len(collapse_id.encode()) <= 64 and collapse_id.isascii()
+    _, missed = apns_json(K.MISSED_CALL, data, device=ALERT_ONLY)
+    assert missed["aps"]["alert"] == {"title": "Missed Call", "body": "Bob (+15550100)"}
+
+
+@pytest.mark.parametrize("device", [IOS, VOIP_ONLY], ids=["voip+alert", "voip-only"])
+def test_devices_with_a_voip_token_keep_the_voip_call_and_background_cancel(device):
+    request, payload = apns_json(K.INCOMING_CALL, ALERT_CALL, device=device)
+    assert request.token == VOIP
+    assert (request.headers["apns-push-type"], request.headers["apns-topic"]) == ("voip", "org.x.phone.voip")
+    assert payload["aps"] == {} and not is_alert_call(K.INCOMING_CALL, request)
+    cancel = build_apns(K.CANCEL_INCOMING_CALL, device, {**ALERT_CALL, "reason": "answered"}, DEADLINE, NOW,
+                        SETTINGS)
+    if device is VOIP_ONLY:
+        assert cancel is None  # no alert token: Apple forbids a VoIP push that reports no call
+    else:
+        assert cancel is not None and json.loads(cancel.payload)["aps"] == {"content-available": 1}
+        assert (cancel.headers["apns-push-type"], cancel.headers["apns-priority"]) == ("background", "5")
+
+
+def test_android_call_pushes_are_unchanged_by_the_alert_style():
+    for kind in (K.INCOMING_CALL, K.CANCEL_INCOMING_CALL):
+        message, body = fcm_json(kind, {**ALERT_CALL, "reason": "answered"})
+        assert "title" not in body["data"] and "notification" not in body
+        assert not is_alert_call(kind, message)
