@@ -256,13 +256,15 @@ def plan_register(
             return _rejected(400, "Contact URI Too Long", "contact-uri-too-long")
         uri_params = addr.uri_params()
         header_params = addr.header_params()
-        push = params.parse_push_params(uri_params, user_agent, mappings)
+        # Push params belong in the URI (RFC 8599), but Kazoo's own sample puts its legacy ones
+        # after the `>`: read both, the URI's winning
+        push = params.parse_push_params({**header_params, **uri_params}, user_agent, mappings)
     except params.UnsupportedProvider as exc:
         return _rejected(555, PNS_NOT_SUPPORTED, str(exc))
     except params.PushParamError as exc:
         return _rejected(400, str(exc), str(exc))
     if push is None:
-        legacy = params.has_legacy_params(uri_params, mappings)
+        legacy = params.has_legacy_params({**header_params, **uri_params}, mappings)
         return SaveBinding(feature_caps(None), user_agent[:80] if legacy else None)
     enabled = app_enabled(push.provider.value, push.app_id)
     refusal = app_refusal(enabled is not None, enabled is True)

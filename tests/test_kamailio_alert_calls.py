@@ -190,12 +190,15 @@ def test_rfc8599_remote_only_iphone_caller_hangs_up(stack: Stack, tmp: Path) -> 
     assert "Alice Caller" in json.dumps(missed["payload"]["aps"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Kazoo's docs sample puts the push params after the URI (`<sip:user@host>;reg-id=1;app-id=...;"
-    "pn-tok=...;pn-type=apple`): header parameters, which calls.plan_register does not read"))
-def test_kazoo_docs_sample_with_push_params_as_contact_header_params(stack: Stack) -> None:
+def test_kazoo_docs_sample_with_push_params_as_contact_header_params(stack: Stack, tmp_path: Path) -> None:
+    """Kazoo's docs sample, verbatim in form: the legacy push params after the `>`."""
     user, tok = _user(), apns_token()
     contact = f"<sip:{user}@127.0.0.1:5987>;reg-id=1;app-id={KAZOO_APP};pn-tok={tok};pn-type=apple"
     assert register(stack, user, contact, "udp", user_agent=KAZOO_UA).status == 200
     [device] = stack.store.devices(f"sip:{user}@{DOMAIN}")
     assert device.params.alert_token == tok
+    asleep(stack, user)
+    caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp")
+    [push] = stack.wait_pushes(tok, 1, kind="incomingCall")
+    _assert_ringing_alert(push, KAZOO_APP, f"sip:{user}@{DOMAIN}")
+    assert caller.wait(WAIT + 10) == 0 and caller.final_codes() == [480]
