@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 import site
 import sys
 import time
@@ -34,7 +35,7 @@ import KSR  # noqa: E402
 import ksrlog  # noqa: E402
 
 from pushlib import access, calls  # noqa: E402
-from pushlib.credentials import Subscribers  # noqa: E402
+from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
 # libssl's state in shared memory, so code that touches libssl (Python's _ssl under httpx) must be
@@ -43,7 +44,7 @@ from pushlib.dispatcher import Dispatcher  # noqa: E402
 from pushlib.logutil import log_safe  # noqa: E402
 from pushlib.models import Device, ParkedCall, UaMapping  # noqa: E402
 from pushlib.parked import ParkedCalls  # noqa: E402
-from pushlib.redisconn import StoreUnavailable  # noqa: E402
+from pushlib.redisconn import StoreUnavailable, sync_client  # noqa: E402
 from pushlib.store import SyncStore  # noqa: E402
 from pushlib.ttlcache import TtlCache  # noqa: E402
 
@@ -154,6 +155,7 @@ def mod_init() -> Router:
     if refusal:
         KSR.err(f"pusher: {refusal}\n")
         raise SystemExit(refusal)  # app_python3 fails its mod_init: Kamailio does not start
+    router.load_route_secret()
     return router
 
 
@@ -176,10 +178,35 @@ class Router:
         # async task route that ends a rejected call at once: a Python method in KEMI mode, the
         # native route of kamailio/pusher-role.cfg in role mode
         self._end_now_route = "PUSHER_END_NOW" if self.role else "ksr_end_now"
+        self._route_secret = secrets.token_bytes(32)  # replaced by the deployment's (load_route_secret)
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
         self.fail_open_invite = KSR.kx.ifdef("AUTH_FAIL_OPEN_INVITE") > 0
+
+    def load_route_secret(self) -> None:
+        """In the main process, before the fork, so that every worker signs and checks Record-Route
+        with one key: the deployment's, from Redis (a dialog then survives a restart and may go on
+        through another node); with Redis down at start, a key of this run only."""
+        client = sync_client(self.cfg.settings.redis_url, timeout=2.0)
+        try:
+            self._route_secret = route_secret(client)
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "route-secret-unavailable", error=exc,
+                 effect="dialogs set up now end with this run of Kamailio")
+        finally:
+            client.close()  # no socket may cross the fork
+
+    def _record_route(self) -> None:
+        """record_route() with the dialog's signature (access.dialog_signature) as a parameter."""
+        sig = access.dialog_signature(self._route_secret, _pv("$ci"))
+        KSR.rr.add_rr_param(f";{access.DIALOG_PARAM}={sig}")
+        KSR.rr.record_route()
+
+    def _dialog_ours(self) -> bool:
+        """After loose_route(): whether the Route we consumed carries our signature of this Call-ID."""
+        sig = access.dialog_signature(self._route_secret, _pv("$ci"))
+        return bool(KSR.rr.check_route_param(f"{access.DIALOG_PARAM}={sig}") > 0)
 
     def startup_refusal(self) -> str | None:
         """Why this configuration must not run (auth off on a public address), or None."""
@@ -378,8 +405,15 @@ class Router:
         if KSR.siputils.has_totag() < 0:
             return NEXT
         if KSR.rr.loose_route() > 0:
+            if not self._dialog_ours():
+                # a To tag and a Route naming us do not make a dialog we record-routed: refused,
+                # so nobody can use the proxy to send requests anywhere
+                _log(KSR.notice, "dialog-not-ours", method=_pv("$rm"), src=f"{_pv('$si')}:{_pv('$sp')}")
+                if not KSR.is_ACK():
+                    KSR.sl.sl_send_reply(403, "Dialog Not Recognized")
+                return STOP
             if KSR.is_INVITE():
-                KSR.rr.record_route()
+                self._record_route()
             KSR.nathelper.handle_ruri_alias()
             self._relay()
             return STOP
@@ -574,7 +608,7 @@ class Router:
             return STOP
         if role and plan.verdict is calls.Verdict.RING and not devices:
             return NEXT  # plain contacts only: the host's own lookup() does the same, with its features
-        KSR.rr.record_route()
+        self._record_route()
         if plan.verdict is calls.Verdict.UNAVAILABLE:
             _log(KSR.notice, "unavailable", aor=aor, store="down" if devices is None else "up")
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
@@ -748,7 +782,7 @@ class Router:
             KSR.sl.sl_send_reply(404, "Not Found")
             return STOP
         if KSR.is_INVITE():
-            KSR.rr.record_route()
+            self._record_route()
         if KSR.registrar.lookup(LOCATION) < 0:
             KSR.sl.sl_send_reply(404, "Not Found")
             return STOP

@@ -6,6 +6,8 @@ per-source request rates, htable for parked calls and push counts) and the diges
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections.abc import Callable
@@ -145,6 +147,20 @@ def push_bucket(aor: str, device_id: str, now: float) -> str:
     """The htable key counting one device's call pushes in the current minute (fixed windows:
     a device called now and then never accumulates towards the limit)."""
     return f"{aor}|{device_id}|{int(now // 60)}"
+
+
+# ----------------------------------------------------------------------------- dialogs
+
+DIALOG_PARAM = "pnd"  # Record-Route parameter: the proxy's signature of the dialog's Call-ID
+
+
+def dialog_signature(secret: bytes, call_id: str) -> str:
+    """What the proxy puts in its Record-Route (`;pnd=<this>`) and expects back in the Route of
+    every in-dialog request: without it, anyone could send a request with a To tag and a Route
+    naming us and have it relayed anywhere (loose routing alone does not tell a dialog we
+    record-routed from a forged one)."""
+    digest = hmac.new(secret, call_id.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+    return digest[:24]
 
 
 APP_REFUSAL = "App Not Configured"

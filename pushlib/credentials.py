@@ -1,4 +1,5 @@
-"""SIP digest credentials of subscribers: the one definition of HA1, and where it is stored.
+"""SIP secrets: subscribers' digest credentials (the one definition of HA1, and where it is
+stored) and the key that signs the proxy's Record-Route.
 
 Only HA1 is stored (`schema.subscriber_key`), never the clear password. Written by the operator
 CLI (`pushlib-admin subscriber`), or the tests and the demo; read by the router's REGISTER/INVITE
@@ -8,11 +9,12 @@ digest check. Every method raises `StoreUnavailable` when Redis cannot serve it.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from pushlib import schema
-from pushlib.redisconn import unavailable_on_error
+from pushlib.redisconn import StoreUnavailable, unavailable_on_error
 
 
 def ha1(user: str, realm: str, password: str) -> str:
@@ -45,3 +47,15 @@ class Subscribers:
             return
         with unavailable_on_error("remove_subscribers"):
             self._r.delete(*(schema.subscriber_key(u, d) for u, d in users))
+
+
+def route_secret(client: Any) -> bytes:
+    """The deployment's Record-Route signing key: created once (SET NX, 32 random bytes) by the
+    first proxy to start and shared by every worker and node, so a dialog survives a restart and
+    may continue through another node. Raises StoreUnavailable."""
+    with unavailable_on_error("route_secret"):
+        client.set(schema.ROUTE_SECRET_KEY, secrets.token_hex(32), nx=True)
+        value = client.get(schema.ROUTE_SECRET_KEY)
+    if not value:
+        raise StoreUnavailable("route secret missing after SET NX")
+    return str(value).encode()

@@ -48,6 +48,8 @@ Shared:
 - `pn:uamap` (UAMAP_KEY) hash, UA mapping name -> JSON (`encode_ua_mapping`). No TTL.
 - `pn:sub:<user>@<domain>` (`subscriber_key`) hash, SIP digest credentials: `ha1` (see
   `credentials.ha1`) and `realm`. No TTL; written by the operator CLI.
+- `pn:rrsecret` (ROUTE_SECRET_KEY) string, the key that signs this deployment's Record-Route
+  (`credentials.route_secret`): set once (SET NX) by the first Kamailio to start. No TTL.
 - the job stream: `Settings.stream` (default `pn:jobs`, consumer group `Settings.group`), entries
   of flat string fields (`encode_job`). No TTL: XADD trims it to about `Settings.stream_maxlen`
   entries and the dispatcher deletes every entry that reached a final outcome.
@@ -150,6 +152,9 @@ def call_key(aor: str, key: str) -> str:
 
 def pending_key(aor: str, device_id: str) -> str:
     return f"pn:{{{aor}}}:pend:{device_id}"
+
+
+ROUTE_SECRET_KEY = "pn:rrsecret"
 
 
 def subscriber_key(user: str, domain: str) -> str:

@@ -103,3 +103,11 @@ def test_app_refusal() -> None:
     assert access.app_refusal(True, True) is None
     assert access.app_refusal(False, False) == "App Not Configured"
     assert access.app_refusal(True, False) == "App Disabled"
+
+
+def test_dialog_signature_is_keyed_and_bound_to_the_call() -> None:
+    a = access.dialog_signature(b"k1", "call-1")
+    assert a == access.dialog_signature(b"k1", "call-1") and len(a) == 24 and a.isalnum()
+    assert a != access.dialog_signature(b"k2", "call-1")
+    assert a != access.dialog_signature(b"k1", "call-2")
+    assert access.dialog_signature(b"k1", b"c\xff".decode("utf-8", "surrogateescape"))  # never raises

@@ -610,3 +610,31 @@ def test_caller_name_that_is_not_utf8_still_parks_and_pushes(stack: Stack) -> No
         assert isinstance(payload, dict) and payload["caller_name"] == "c"
         assert p.response(WAIT + 5).status == 480
     assert stack.kamailio.log().count("route-error") == before
+
+
+@pytest.mark.parametrize("method", ["BYE", "INVITE", "MESSAGE"])
+def test_forged_in_dialog_request_is_not_relayed(stack: Stack, method: str) -> None:
+    """A To tag and a Route naming the proxy do not make a dialog it record-routed: without the
+    proxy's signature in that Route the request is refused, never relayed (an open relay else)."""
+    trap = _device(stack)
+    with Peer(stack.kamailio.port, "udp") as peer:
+        text = peer.request_text(
+            method, f"sip:victim@127.0.0.1:{trap.local_port}", f"sip:a@{EVIL}", "sip:victim@elsewhere.example",
+            headers=(f"Route: <sip:127.0.0.1:{stack.kamailio.port};lr>",),
+        ).replace("To: <sip:victim@elsewhere.example>", "To: <sip:victim@elsewhere.example>;tag=forged")
+        r = peer.ask(text)
+        assert (r.status, r.reason) == (403, "Dialog Not Recognized")
+        # the same with a made-up signature
+        r = peer.ask(text.replace(";lr>", ";lr;pnd=000000000000000000000000>").replace("z9hG4bK", "z9hG4bKx"))
+        assert r.status == 403
+    assert _no_invite(trap, 0.3) and not _got_any(trap, 0.2)
+    trap.close()
+
+
+def _got_any(phone: SipPhone, seconds: float) -> bool:
+    try:
+        phone.sock.settimeout(seconds)
+        phone.sock.recv(65535)
+    except (TimeoutError, OSError):
+        return False
+    return True

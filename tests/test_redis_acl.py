@@ -15,6 +15,7 @@ import redis
 from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.cli import main
+from pushlib.credentials import route_secret
 from pushlib.models import AppCredentials, Device, Provider, PushParams
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
@@ -73,6 +74,8 @@ def test_aliases_and_device_removal_work_for_each_user(acl_server: RedisServer, 
     # the SIP workers check the alias in the index, and cannot read credentials
     sip = SyncStore(url_of(acl_server, "pn-sip"), Settings())
     assert sip.app_enabled("fcm", "123456789012") is True
+    first = route_secret(sip.client)  # the SIP workers create the Record-Route key once, then read it
+    assert len(first) == 64 and route_secret(sip.client) == first
     assert sip.app_enabled("fcm", "com.example.phone") is None
     with pytest.raises(redis.exceptions.NoPermissionError):
         sip.client.hgetall(schema.app_key("fcm", "123456789012"))
