@@ -95,10 +95,11 @@ def test_every_request_was_sent_within_the_budget(fuzzed: Fuzzed, transport: str
 def test_udp_fuzz_exercised_the_proxy(fuzzed: Fuzzed) -> None:
     s = fuzzed.stats["udp"]
     # most well-formed and many mutated requests get an answer: auth challenges, 404s, 400s,
-    # 200 keepalives, 100 Trying; a proxy that stopped answering half way would miss this by far
+    # 200 keepalives and registrations; a proxy that stopped answering half way would miss this by far
+    # (no 1xx: the fuzzer's in-dialog requests are forged, and refused since Record-Route is signed)
     assert s.total_replies >= 0.3 * s.sent, s.replies
     assert s.replies.get("4xx", 0) >= 0.2 * s.sent, s.replies
-    assert s.replies.get("2xx", 0) > 0 and s.replies.get("1xx", 0) > 0, s.replies
+    assert s.replies.get("2xx", 0) > 0, s.replies
 
 
 def test_tcp_fuzz_exercised_the_proxy_and_survived_closed_connections(fuzzed: Fuzzed) -> None:

@@ -458,37 +458,6 @@ def test_flood_is_cut_off_and_a_legitimate_user_is_still_served(stack: Stack) ->
     assert f"src={FLOODER}" in wait_log(stack.kamailio, "source-banned")
 
 
-# --------------------------------------------------------------------------- Redis down
-
-
-def test_redis_down_invite_claiming_a_local_caller_gets_503(stack: Stack) -> None:
-    """While Redis is down nobody's credentials can be checked: an INVITE whose From claims one of
-    our domains gets 503 (it could be an impersonation); a caller from another domain is routed."""
-    callee = _user()
-    password = stack.add_user(callee)
-    phone = _device(stack)
-    with Peer(stack.kamailio.port, "udp", LEGIT) as legit:
-        assert _register(legit, callee, f"<sip:desk@127.0.0.1:{phone.local_port}>", password=password).status == 200
-    stack.redis.stop()
-    try:
-        time.sleep(0.2)
-        with Peer(stack.kamailio.port, "udp", LEGIT) as caller:
-            r = _invite(caller, callee, caller=_aor("someone"))
-            assert (r.status, r.reason) == (503, "Credentials Store Unavailable")
-            assert r.header("Retry-After") == ["5"]
-            caller.send(_invite_text(caller, callee))
-            invite = phone.request("INVITE", timeout=5)
-            phone.answer(invite, 486, "Busy Here", to_tag="t3")
-            assert caller.response(5).status == 486
-    finally:
-        stack.redis.start_again()
-        phone.close()
-        stack.store.save_app(stack.apns_app)
-        stack.store.save_app(stack.fcm_app)
-        for user, pw in list(stack.passwords.items()):
-            stack.add_user(user, pw)
-
-
 # --------------------------------------------------------------------------- safe defaults
 
 
@@ -638,3 +607,35 @@ def _got_any(phone: SipPhone, seconds: float) -> bool:
     except (TimeoutError, OSError):
         return False
     return True
+
+
+# --------------------------------------------------------------------------- Redis down (last: the
+# restart empties Redis; the first push after it is issue 10's known loss)
+
+
+def test_redis_down_invite_claiming_a_local_caller_gets_503(stack: Stack) -> None:
+    """While Redis is down nobody's credentials can be checked: an INVITE whose From claims one of
+    our domains gets 503 (it could be an impersonation); a caller from another domain is routed."""
+    callee = _user()
+    password = stack.add_user(callee)
+    phone = _device(stack)
+    with Peer(stack.kamailio.port, "udp", LEGIT) as legit:
+        assert _register(legit, callee, f"<sip:desk@127.0.0.1:{phone.local_port}>", password=password).status == 200
+    stack.redis.stop()
+    try:
+        time.sleep(0.2)
+        with Peer(stack.kamailio.port, "udp", LEGIT) as caller:
+            r = _invite(caller, callee, caller=_aor("someone"))
+            assert (r.status, r.reason) == (503, "Credentials Store Unavailable")
+            assert r.header("Retry-After") == ["5"]
+            caller.send(_invite_text(caller, callee))
+            invite = phone.request("INVITE", timeout=5)
+            phone.answer(invite, 486, "Busy Here", to_tag="t3")
+            assert caller.response(5).status == 486
+    finally:
+        stack.redis.start_again()
+        phone.close()
+        stack.store.save_app(stack.apns_app)
+        stack.store.save_app(stack.fcm_app)
+        for user, pw in list(stack.passwords.items()):
+            stack.add_user(user, pw)
