@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from harness.localstack import Stack, stop_all_sipp
 from pushlib.logutil import QUIET_LOGGERS
 from pushsandbox.process import SandboxHandle, sandbox_process
 from tests.support import RedisServer, redis_server
@@ -58,3 +60,14 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     for name, old in levels.items():
         logging.getLogger(name).setLevel(old)
+
+
+@pytest.fixture()
+def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
+    """A test's temp dir for SIPp runs against its module's `stack`; afterwards every SIPp run is
+    stopped and the proxy's own lines are printed (pytest shows them only when the test failed)."""
+    yield tmp_path
+    stop_all_sipp()
+    (tmp_path / "kamailio.log").write_text(stack.kamailio.log())
+    print("\n".join(line for line in stack.kamailio.log().splitlines()
+                    if "pusher" in line or "ERROR" in line or "push job" in line)[-6000:])

@@ -41,7 +41,6 @@ from tests.support import (
     register,
     sipp_caller,
     sipp_device,
-    stop_all_sipp,
 )
 
 WAIT = 4.0
@@ -81,15 +80,6 @@ def stack() -> Iterator[Stack]:
                 s = es.enter_context(push_stack(auth=True, wait_window=WAIT, awake_window=10, redis=srv))
             s.store.save_app(s.handle.control.apns_token_app(KAZOO_APP, TEAM))
             yield s
-
-
-@pytest.fixture()
-def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    stop_all_sipp()
-    # shown by pytest only when the test failed
-    print("\n".join(line for line in stack.kamailio.log().splitlines()
-                    if "pusher" in line or "ERROR" in line or "push job" in line)[-6000:])
 
 
 def _user() -> str:

@@ -43,7 +43,6 @@ from tests.support import (
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
-    stop_all_sipp,
 )
 
 WAIT = 5.0
@@ -64,15 +63,6 @@ def stack() -> Iterator[Stack]:
             pre.close()
         with push_stack(auth=True, wait_window=WAIT, awake_window=10, redis=srv) as s:
             yield s
-
-
-@pytest.fixture()
-def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    stop_all_sipp()
-    # shown by pytest only when the test failed
-    print("\n".join(line for line in stack.kamailio.log().splitlines()
-                    if "pusher" in line or "ERROR" in line or not line[:1].isdigit())[-6000:])
 
 
 def _user() -> str:

@@ -27,7 +27,6 @@ from tests.support import (
     rfc8599_fcm_contact,
     sipp_caller,
     sipp_device,
-    stop_all_sipp,
 )
 
 WAIT = 4.0
@@ -48,15 +47,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                      "--host", app.custom_host, "--ca-file", str(files / "ca.pem"),
                      "--alias", SENDER, "--alias", PACKAGE]) == 0
         yield s
-
-
-@pytest.fixture()
-def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    stop_all_sipp()
-    # shown by pytest only when the test failed
-    print("\n".join(line for line in stack.kamailio.log().splitlines()
-                    if "pusher" in line or "ERROR" in line)[-6000:])
 
 
 def _user() -> str:

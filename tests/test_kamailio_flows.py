@@ -31,7 +31,6 @@ from tests.support import (
     sipp_caller,
     sipp_device,
     sipp_events,
-    stop_all_sipp,
     wait_log,
 )
 
@@ -43,16 +42,6 @@ TRANSPORTS = ["udp", "tcp"]
 def stack() -> Iterator[Stack]:
     with push_stack(auth=True, wait_window=WAIT, awake_window=10) as s:
         yield s
-
-
-@pytest.fixture()
-def tmp(stack: Stack, tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
-    stop_all_sipp()
-    (tmp_path / "kamailio.log").write_text(stack.kamailio.log())
-    # shown by pytest only when the test failed
-    print("\n".join(line for line in stack.kamailio.log().splitlines()
-                    if "pusher" in line or "ERROR" in line)[-6000:])
 
 
 def _user() -> str:
