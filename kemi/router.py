@@ -600,7 +600,7 @@ class Router:
             _log(KSR.err, "device-store-unavailable", aor=aor, error=exc)
             devices = None
         now = time.time()
-        plan = calls.plan_invite(bindings, devices, now, self.cfg.awake_window)
+        plan = calls.plan_invite(bindings, devices, now, self.cfg.awake_window, self._disconnected(bindings))
         if plan.verdict is calls.Verdict.NOT_FOUND:
             if role:
                 return NEXT
@@ -633,6 +633,18 @@ class Router:
         else:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
         return STOP
+
+    @staticmethod
+    def _disconnected(bindings: list[calls.Binding]) -> frozenset[str]:
+        """Push bindings over TCP/TLS whose connection Kamailio no longer has: the phone was
+        suspended (and its connection dropped) inside the awake window, so it is pushed, not rung."""
+        gone = set()
+        for b in bindings:
+            target = calls.stream_target(b) if calls.looks_push(b.uri) else None
+            # (tcp_get_conid is not a KEMI export in 5.6: called as the cfg function it is)
+            if target and KSR.x.modf("tcp_get_conid", target, "$var(pn_conid)") < 0:
+                gone.add(b.uri)
+        return frozenset(gone)
 
     def _ring_unparked(self, aor: str, ring: tuple[calls.Binding, ...], devices: list[Device] | None) -> None:
         """Ring without parking. A user with push devices is owed a missed-call push if nobody

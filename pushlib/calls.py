@@ -142,6 +142,33 @@ def contact_uri(contact: str) -> str:
         return ""
 
 
+_STREAM_TARGET = re.compile(r"^sips?:(?:[^@;>]*@)?(\[[^\]]+\]|[^:;>?]+)(?::(\d{1,5}))?", re.IGNORECASE)
+
+
+def stream_target(binding: Binding) -> str | None:
+    """`host:port` of the TCP/TLS connection a push binding is reached over (its `received`
+    address when NATed, else its URI), or None for a binding over UDP. The router asks Kamailio
+    whether that connection still exists: a phone the OS suspended right after registering
+    drops it, and calling its contact then rings nothing."""
+    uri = binding.received or binding.uri
+    names = uri_param_names(uri)
+    transport = names.get("transport", "").lower()
+    if transport not in ("tcp", "tls") and not uri.lower().startswith("sips:"):
+        return None
+    m = _STREAM_TARGET.match(uri)
+    if not m:
+        return None
+    default = "5061" if transport == "tls" or uri.lower().startswith("sips:") else "5060"
+    return f"{m.group(1)}:{m.group(2) or default}"
+
+
+def uri_param_names(uri: str) -> dict[str, str]:
+    try:
+        return params.NameAddr("", uri).uri_params()
+    except params.MalformedPushParams:
+        return {}
+
+
 def looks_push(uri: str) -> bool:
     """True when a bare binding URI carries push parameters (without validating them); a URI
     whose parameters cannot be decoded counts as plain."""
@@ -316,9 +343,12 @@ def plan_invite(
     devices: Sequence[Device] | None,
     now: float,
     awake_window: float,
+    disconnected: frozenset[str] = frozenset(),
 ) -> InvitePlan:
     """Decide who rings now and who gets pushed.
 
+    `disconnected` names push bindings whose TCP/TLS connection is gone: their devices are
+    pushed even inside the awake window.
     `devices` is None when the store is unreachable: then only bindings without push
     parameters (or push bindings refreshed within the awake window) are called, and a
     user who could only be pushed is unavailable at once.
@@ -354,7 +384,9 @@ def plan_invite(
         if device is not None:
             matched.add(device.device_id)
             matched_phones.add(_push_identity(device))
-            if awake_window > 0 and now - device.registered_at < awake_window:
+            # a binding whose TCP/TLS connection is gone (`disconnected`: binding URIs) is asleep
+            # whatever the time of its REGISTER
+            if awake_window > 0 and now - device.registered_at < awake_window and b.uri not in disconnected:
                 ring_once(b)
             elif device.quarantined_until <= now:
                 push_once(device)

@@ -370,3 +370,20 @@ def test_caller_identity_never_holds_lone_surrogates() -> None:
     name, number = calls.caller_identity(raw, b"b\xffob".decode("utf-8", "surrogateescape"))
     assert (name + number).encode("utf-8")  # storable
     assert "\ufffd" in name and number == "b\ufffdob"
+
+
+def test_stream_target_of_tcp_and_tls_bindings() -> None:
+    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1:5070;transport=tcp;pn-prid=ab")) == "10.0.0.1:5070"
+    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1;transport=TLS")) == "10.0.0.1:5061"
+    nated = calls.Binding("sip:d@192.168.1.2:5060;transport=tcp", received="sip:203.0.113.9:40123;transport=tcp")
+    assert calls.stream_target(nated) == "203.0.113.9:40123"
+    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1:5070")) is None  # UDP: no connection to ask about
+    assert calls.stream_target(calls.Binding("sip:d@[2001:db8::1]:5070;transport=tcp")) == "[2001:db8::1]:5070"
+
+
+def test_awake_device_whose_connection_is_gone_is_pushed() -> None:
+    uri = PUSH_URI + ";transport=tcp"
+    awake = dev("d1", uri, 2)
+    assert calls.plan_invite([calls.Binding(uri)], [awake], NOW, 10).verdict is calls.Verdict.RING
+    plan = calls.plan_invite([calls.Binding(uri)], [awake], NOW, 10, frozenset({uri}))
+    assert plan.verdict is calls.Verdict.PARK and [d.device_id for d in plan.push] == ["d1"] and not plan.ring

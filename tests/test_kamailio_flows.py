@@ -433,3 +433,33 @@ def test_unparked_call_nobody_answers_owes_one_missed_call_push(stack: Stack, tm
     assert caller.wait(30) == 0 and caller.final_codes() == [200]
     time.sleep(0.5)
     assert [push_kind(p) for p in stack.pushes(tok)] == ["missedCall"]  # still only the first one
+
+
+def test_phone_suspended_inside_the_awake_window_is_pushed_not_rung(stack: Stack, tmp: Path) -> None:
+    """A TCP phone registered a second ago and was then suspended (its connection dropped): calling
+    its contact would ring nothing, so it is pushed, wakes over a new connection and answers."""
+    from harness.sipua import SipPhone, header_values, open_sip_socket
+
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+    proxy = ("127.0.0.1", stack.kamailio.port)
+    first = SipPhone(open_sip_socket(proxy, "tcp"), "tcp")
+    with first:
+        r = first.register(user, rfc8599_apns_contact(first.local_port, tok, "tcp", instance), password=password)
+    assert r.status == 200  # ... and the connection is gone at once: well inside the 10 s awake window
+    time.sleep(0.3)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp", args=["-d", "200"])
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=5)] == ["incomingCall"]
+    phone = SipPhone(open_sip_socket(proxy, "tcp"), "tcp")
+    with phone:
+        r = phone.register(user, rfc8599_apns_contact(phone.local_port, tok, "tcp", instance), password=password)
+        assert r.status == 200
+        invite = phone.request("INVITE")
+        assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port};transport=tcp")
+        phone.answer(invite, 200, "OK", "t1", "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
+                     "t=0 0\r\nm=audio 40000 RTP/AVP 0\r\n")
+        phone.request("ACK")
+        bye = phone.request("BYE", timeout=10)
+        assert header_values(bye, "Call-ID") == header_values(invite, "Call-ID")
+        phone.answer(bye, 200, "OK")
+    assert caller.wait(20) == 0 and caller.final_codes() == [200]
