@@ -37,7 +37,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1310,18 +1310,21 @@ def legit_call(stack: Stack, transport: str = "udp", timeout: float = 30.0) -> C
     user = "legit" + uuid.uuid4().hex[:8]
     password = stack.add_user(user)
     dev = sipp_device(stack.tmpdir, transport)
-    try:
-        with SipClient(stack.kamailio.port, transport) as c:
+    # An awake phone keeps the connection it registered over (over TCP the proxy takes a push
+    # phone whose connection is gone for asleep, and pushes it instead of ringing it)
+    with ExitStack() as registration:
+        try:
+            c = registration.enter_context(SipClient(stack.kamailio.port, transport))
             reg = c.register(user, rfc8599_apns_contact(dev.port, apns_token(), transport), password=password)
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        dev.stop()
-        return CallResult(transport, None, None, [], None, 0, time.monotonic() - start, f"register: {exc!r}")
-    if reg.status != 200:
-        dev.stop()
-        return CallResult(transport, reg.status, None, [], None, 0, time.monotonic() - start, reg.raw[:300])
-    caller = sipp_caller(stack.tmpdir, stack.kamailio.port, user, transport)
-    caller_rc = caller.wait(timeout)
-    device_rc = dev.wait(15)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            dev.stop()
+            return CallResult(transport, None, None, [], None, 0, time.monotonic() - start, f"register: {exc!r}")
+        if reg.status != 200:
+            dev.stop()
+            return CallResult(transport, reg.status, None, [], None, 0, time.monotonic() - start, reg.raw[:300])
+        caller = sipp_caller(stack.tmpdir, stack.kamailio.port, user, transport)
+        caller_rc = caller.wait(timeout)
+        device_rc = dev.wait(15)
     detail = "" if caller_rc == 0 and device_rc == 0 else (caller.logs() + dev.logs())[-2000:]
     return CallResult(transport, reg.status, caller_rc, caller.final_codes(), device_rc, dev.received("INVITE"),
                       time.monotonic() - start, detail)

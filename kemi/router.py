@@ -56,12 +56,15 @@ WAIT_TABLE = "pnwait"
 PEND_TABLE = "pnpend"  # "<aor>|<device id>|<call key>": a device pushed for a call parked on this node
 FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
 MISSED_TABLE = "pnmiss"  # call key -> AOR of unparked calls to users with push devices (missed-call owed)
+BRANCH_TABLE = "pnbranch"  # "<call key>|<branch index>" -> URI rung (calls watched for silence)
+BRANCH_MARK_TTL = 60  # s: longer than PUSH_ON_SILENCE, the only time the marks are read
 MISSED_MARK_TTL = 300  # s: longer than any ringing (fr_inv_timer 120 s)
 PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
 PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
 BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
+BRANCH_FAILURE_ROUTE = "ksr_branch_failure"  # role mode: event_route[tm:branch-failure:ksr_branch_failure]
 PARK_PREFIX = "pn-park-"
 _MAPPING_TTL = 10.0
 _LEGACY_NOTICE_TTL = 3600.0  # one "legacy-params-no-ua-mapping" notice per AOR and hour
@@ -178,6 +181,8 @@ class Router:
         # async task route that ends a rejected call at once: a Python method in KEMI mode, the
         # native route of kamailio/pusher-role.cfg in role mode
         self._end_now_route = "PUSHER_END_NOW" if self.role else "ksr_end_now"
+        # (a native config names the event route in full; KEMI names the Python method)
+        self._branch_failure_route = f"tm:branch-failure:{BRANCH_FAILURE_ROUTE}" if self.role else BRANCH_FAILURE_ROUTE
         self._route_secret = secrets.token_bytes(32)  # replaced by the deployment's (load_route_secret)
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
@@ -636,22 +641,39 @@ class Router:
 
     @staticmethod
     def _disconnected(bindings: list[calls.Binding]) -> frozenset[str]:
-        """Push bindings over TCP/TLS whose connection Kamailio no longer has: the phone was
-        suspended (and its connection dropped) inside the awake window, so it is pushed, not rung."""
-        gone = set()
-        for b in bindings:
-            target = calls.stream_target(b) if calls.looks_push(b.uri) else None
-            # (tcp_get_conid is not a KEMI export in 5.6: called as the cfg function it is)
-            if target and KSR.x.modf("tcp_get_conid", target, "$var(pn_conid)") < 0:
-                gone.add(b.uri)
-        return frozenset(gone)
+        """Push bindings whose REGISTER came over a TCP/TLS connection Kamailio no longer has: the
+        phone was suspended (and its connection dropped) inside the awake window, so it is pushed,
+        not rung (a phone does not accept connections: nothing else could reach it)."""
+        return frozenset(b.uri for b in bindings
+                         if b.conid > 0 and calls.looks_push(b.uri) and KSR.tcpops.tcp_conid_state(b.conid) < 0)
 
     def _ring_unparked(self, aor: str, ring: tuple[calls.Binding, ...], devices: list[Device] | None) -> None:
         """Ring without parking. A user with push devices is owed a missed-call push if nobody
         answers (the failure route sends it): the call is marked in MISSED_TABLE."""
         if devices:
             KSR.htable.sht_setxs(MISSED_TABLE, calls.call_key(_pv("$ci")), aor, MISSED_MARK_TTL)
+            if self.cfg.push_on_silence_ms and calls.rings_push_device(ring, devices):
+                self._watch_silence(aor, ring)
         self._ring(ring)
+
+    def _watch_silence(self, aor: str, ring: tuple[calls.Binding, ...]) -> None:
+        """A push device rung directly may have been suspended since its REGISTER: its branch gets
+        PUSH_ON_SILENCE ms to send a provisional reply (RFC 3261 wants a 100 within 200 ms, so a
+        plain phone rung alongside loses nothing), then tm ends it with 408 and the branch-failure
+        route pushes the device and parks the call for it. The transaction is made and stored in
+        tsilo now, so that the woken device's REGISTER can add its branch."""
+        if KSR.tm.t_newtran() < 0:
+            _log(KSR.err, "silence-watch-failed", aor=aor, call=calls.call_key(_pv("$ci")))
+            return  # (rung without the watch: t_relay makes the transaction)
+        KSR.tm.t_save_lumps()
+        KSR.tsilo.ts_store_uri(aor)
+        KSR.tm.t_set_fr(0, self.cfg.push_on_silence_ms)
+        KSR.tm.t_on_branch_failure(self._branch_failure_route)
+        # the branch-failure route sees the original R-URI and the branch's index only; _ring
+        # makes branch i of tm the i-th binding of `ring`
+        key = calls.call_key(_pv("$ci"))
+        for i, b in enumerate(ring):
+            KSR.htable.sht_setxs(BRANCH_TABLE, f"{key}|{i}", b.uri, BRANCH_MARK_TTL)
 
     def _limit_pushes(self, aor: str, plan: calls.InvitePlan, now: float) -> calls.InvitePlan:
         """Leave out of the plan the devices already pushed MAX_CALL_PUSHES_PER_MINUTE times this
@@ -691,9 +713,6 @@ class Router:
     def _park(self, aor: str, plan: calls.InvitePlan, now: float) -> None:
         call_id = _pv("$ci")
         key = calls.call_key(call_id)
-        caller = calls.pushed_caller(
-            calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")), self.cfg.settings.hide_caller
-        )
         if KSR.tm.t_newtran() < 0:
             _log(KSR.err, "park-newtran-failed", aor=aor, call=key)
             self._give_back_park_slot(aor)
@@ -702,23 +721,8 @@ class Router:
         KSR.tm.t_save_lumps()
         KSR.tsilo.ts_store_uri(aor)
         pushed = tuple(d.device_id for d in plan.push)
-        parked = ParkedCall(
-            aor=aor,
-            key=key,
-            call_id=call_id,
-            cseq=_pv("$cs"),
-            caller_name=caller[0],
-            caller_number=caller[1],
-            deadline=now + self.cfg.settings.wait_window,
-            pushed=pushed,
-        )
         try:
-            # the push first (its job id is derived from the Call-ID, so the dispatcher never
-            # delivers it twice), the bookkeeping after
-            self.store.enqueue(
-                calls.incoming_call_job(aor, call_id, caller, pushed, now, self.cfg.settings.wait_window)
-            )
-            self.state.park(parked, now)
+            self._store_park(aor, key, pushed, now)
         except StoreUnavailable as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
             self._give_back_park_slot(aor)
@@ -727,24 +731,9 @@ class Router:
             else:
                 KSR.tm.t_reply(480, "Temporarily Unavailable")
             return
-        window = max(1, int(self.cfg.settings.wait_window))
-        entry = calls.WaitEntry(aor=aor, call_id=call_id, cseq=_pv("$cs"))
-        KSR.htable.sht_setxs(WAIT_TABLE, key, entry.encode(), window + WINDOW_BACKSTOP)
-        for device_id in pushed:
-            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}|{key}", key, window + 5)
+        self._wait_for(aor, key, call_id, pushed)
         _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
-        # Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
-        # (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
-        # pending until its fr timer, which IS the wait window: failed awake branches do not
-        # end the call while pushed devices may still wake, tsilo can append the woken device's
-        # branch, and when it times out with every other branch ended, tm runs the failure
-        # route, the one place where the call can still be relayed (to FALLBACK_URI) or get
-        # its 480. Devices still ringing then are ended by the htable backstop (pnwait).
-        fr_ms = max(1000, int(self.cfg.settings.wait_window * 1000))
-        KSR.tm.t_set_fr(max(fr_ms + 5000, 120_000), fr_ms)
-        park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
-        KSR.pv.sets("$ru", park_uri)
-        KSR.pv.sets("$du", park_uri)
+        self._set_parking_branch(key)
         KSR.tm.t_reply(100, "Trying")
         if plan.ring:
             KSR.corex.append_branch()
@@ -752,6 +741,47 @@ class Router:
         else:
             KSR.tm.t_on_failure(FAILURE_ROUTE)
             self._relay()
+
+    def _caller(self) -> tuple[str, str]:
+        """The caller's (name, number) as call pushes may carry it (HIDE_CALLER)."""
+        return calls.pushed_caller(calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")),
+                                   self.cfg.settings.hide_caller)
+
+    def _store_park(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> None:
+        """Queue the call push to `pushed` and record the parked call in Redis (StoreUnavailable).
+        The push first (its job id is derived from the Call-ID, so the dispatcher never delivers
+        it twice), the bookkeeping after."""
+        call_id = _pv("$ci")
+        caller = self._caller()
+        wait = self.cfg.settings.wait_window
+        self.store.enqueue(calls.incoming_call_job(aor, call_id, caller, pushed, now, wait))
+        self.state.park(ParkedCall(aor=aor, key=key, call_id=call_id, cseq=_pv("$cs"), caller_name=caller[0],
+                                   caller_number=caller[1], deadline=now + wait, pushed=pushed), now)
+
+    def _wait_for(self, aor: str, key: str, call_id: str, pushed: tuple[str, ...]) -> None:
+        """Shared-memory side of a parked call: its window timer (pnwait) and, per pushed device,
+        the mark its REGISTER looks for (pnpend)."""
+        window = max(1, int(self.cfg.settings.wait_window))
+        entry = calls.WaitEntry(aor=aor, call_id=call_id, cseq=_pv("$cs"))
+        KSR.htable.sht_setxs(WAIT_TABLE, key, entry.encode(), window + WINDOW_BACKSTOP)
+        for device_id in pushed:
+            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}|{key}", key, window + 5)
+
+    def _set_parking_branch(self, key: str) -> None:
+        """Point the request at the parking branch (the caller relays it).
+
+        Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
+        (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
+        pending until its fr timer, which IS the wait window: failed awake branches do not
+        end the call while pushed devices may still wake, tsilo can append the woken device's
+        branch, and when it times out with every other branch ended, tm runs the failure
+        route, the one place where the call can still be relayed (to FALLBACK_URI) or get
+        its 480. Devices still ringing then are ended by the htable backstop (pnwait)."""
+        fr_ms = max(1000, int(self.cfg.settings.wait_window * 1000))
+        KSR.tm.t_set_fr(max(fr_ms + 5000, 120_000), fr_ms)
+        park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
+        KSR.pv.sets("$ru", park_uri)
+        KSR.pv.sets("$du", park_uri)
 
     def _bindings(self, aor: str) -> list[calls.Binding]:
         if KSR.registrar.reg_fetch_contacts(LOCATION, aor, "pn") < 0:
@@ -766,6 +796,7 @@ class Router:
                     modified=float(KSR.pv.geti(f"$(ulc(pn=>modified)[{i}])") or 0),
                     ruid=_pv(f"$(ulc(pn=>ruid)[{i}])"),
                     user_agent=_pv(f"$(ulc(pn=>user_agent)[{i}])"),
+                    conid=KSR.pv.geti(f"$(ulc(pn=>conid)[{i}])") or 0,
                 )
             )
         KSR.registrar.reg_free_contacts("pn")
@@ -880,12 +911,84 @@ class Router:
             if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
                 KSR.tm.t_reply(480, calls.reason_phrase(480))
 
+    def ksr_branch_failure(self, msg: object, evname: str = "") -> int:
+        """tm branch-failure route (armed by _watch_silence): one branch of the call has failed."""
+        try:
+            self._branch_failure()
+        except Exception as exc:
+            _crashed("branch-failure", exc)
+        return 1
+
+    def _branch_failure(self) -> None:
+        """A push device rung directly that stayed silent (tm's 408 after PUSH_ON_SILENCE ms) or
+        answered 503 is pushed, and the call waits for its REGISTER as for a sleeping phone:
+        parked now if it was not yet (the parking branch keeps it open), joined if it was."""
+        if KSR.tm.t_is_canceled() > 0:
+            return
+        key = calls.call_key(_pv("$ci"))
+        entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+        missed_aor = KSR.htable.sht_get(MISSED_TABLE, key)
+        aor = entry.aor if entry is not None else None if missed_aor is None else str(missed_aor)
+        if aor is None:
+            return  # the call has ended (or was never one to a push user)
+        code = KSR.pv.geti("$T_reply_code") or 0
+        branch_uri = KSR.htable.sht_get(BRANCH_TABLE, f"{key}|{KSR.pv.geti('$T_branch_idx') or 0}")
+        if branch_uri is None:
+            return  # (the parking branch, or a mark already expired)
+        now = time.time()
+        try:
+            device = calls.device_to_push_on_failure(str(branch_uri), code, self.store.devices(aor), now)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "device-store-unavailable", aor=aor, call=key, error=exc)
+            return
+        if device is None:
+            return
+        if not self._push_allowed(aor, device, now):
+            return
+        if entry is not None:
+            self._push_into_parked(aor, key, device, now)
+        elif self._take_park_slot(aor):
+            self._park_silent(aor, key, device, now)
+
+    def _push_allowed(self, aor: str, device: Device, now: float) -> bool:
+        plan = self._limit_pushes(aor, calls.InvitePlan(calls.Verdict.PARK, (), (device,)), now)
+        return bool(plan.push)
+
+    def _push_into_parked(self, aor: str, key: str, device: Device, now: float) -> None:
+        """The call is already parked (other devices pushed): this device joins it."""
+        try:
+            if not self.state.add_pushed(aor, key, device.device_id, now):
+                return
+            self.store.enqueue(calls.incoming_call_job(aor, _pv("$ci"), self._caller(), (device.device_id,), now,
+                                                       self.cfg.settings.wait_window))
+        except StoreUnavailable as exc:
+            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            return
+        window = max(1, int(self.cfg.settings.wait_window))
+        KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device.device_id}|{key}", key, window + 5)
+        _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="already")
+
+    def _park_silent(self, aor: str, key: str, device: Device, now: float) -> None:
+        """Park a ringing call for a silent device (branch-failure route): push it, then relay the
+        parking branch; the call's missed-call push is now the parked call's to send."""
+        pushed = (device.device_id,)
+        try:
+            self._store_park(aor, key, pushed, now)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            self._give_back_park_slot(aor)
+            return
+        KSR.htable.sht_rm(MISSED_TABLE, key)
+        self._wait_for(aor, key, _pv("$ci"), pushed)
+        self._set_parking_branch(key)
+        if KSR.tm.t_relay() < 0:
+            _log(KSR.err, "parking-branch-failed", aor=aor, call=key)
+        _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="now")
+
     def _owe_missed_call(self, aor: str, key: str, code: int) -> None:
         """An unparked call to a user with push devices ended unanswered (rang out, busy, or the
         caller hung up): one missedCall push (its job id comes from the Call-ID: once per call)."""
-        caller = calls.pushed_caller(calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")),
-                                     self.cfg.settings.hide_caller)
-        job = calls.missed_call_job(aor, _pv("$ci"), caller, time.time(), self.cfg.settings.message_ttl)
+        job = calls.missed_call_job(aor, _pv("$ci"), self._caller(), time.time(), self.cfg.settings.message_ttl)
         try:
             self.store.enqueue(job)
         except StoreUnavailable as exc:
@@ -1053,6 +1156,9 @@ class Router:
 
     def pusher_failure(self, msg: object) -> int:
         return self.ksr_failure_route(msg)
+
+    def pusher_branch_failure(self, msg: object) -> int:
+        return self.ksr_branch_failure(msg)
 
     def pusher_end_now(self, msg: object) -> int:
         return self.ksr_end_now(msg)

@@ -52,6 +52,9 @@ class ProxyConfig:
     #: where a parked call goes when its wait window ends unanswered ("" = answer 480); one per
     #: deployment for now (a per-user voicemail URI would come from the store)
     fallback_uri: str = ""
+    #: ms a directly rung push device has to send a provisional reply before it is pushed
+    #: instead (0 = never: only a 408/503 from it does); see `device_to_push_on_failure`
+    push_on_silence_ms: int = 3000
     settings: Settings = field(default_factory=Settings)
 
 
@@ -69,7 +72,7 @@ def proxy_config(
 
     A define that is present but has no value (e.g. `#!define WITH_AUTH`) counts as on.
     Recognised: WITH_PUSHER, WITH_AUTH, REDIS_URL, WAIT_WINDOW, AWAKE_WINDOW, AUTH_REALM,
-    HIDE_CALLER, FALLBACK_URI. (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
+    HIDE_CALLER, FALLBACK_URI, PUSH_ON_SILENCE. (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
     Kamailio starts dispatcher processes.)
     """
 
@@ -91,12 +94,14 @@ def proxy_config(
         overrides["hide_caller"] = flag("HIDE_CALLER")
     settings = replace(settings, **overrides)  # type: ignore[arg-type]
     awake = text("AWAKE_WINDOW")
+    silence = text("PUSH_ON_SILENCE")
     return ProxyConfig(
         pusher=flag("WITH_PUSHER"),
         auth=flag("WITH_AUTH"),
         awake_window=10.0 if awake is None else schema.finite_float(awake, "AWAKE_WINDOW"),
         realm=text("AUTH_REALM") or "",
         fallback_uri=text("FALLBACK_URI") or "",
+        push_on_silence_ms=3000 if silence is None else max(0, int(schema.finite_float(silence, "PUSH_ON_SILENCE"))),
         settings=settings,
     )
 
@@ -140,33 +145,6 @@ def contact_uri(contact: str) -> str:
         return params.parse_name_addr(contact).uri
     except params.MalformedPushParams:
         return ""
-
-
-_STREAM_TARGET = re.compile(r"^sips?:(?:[^@;>]*@)?(\[[^\]]+\]|[^:;>?]+)(?::(\d{1,5}))?", re.IGNORECASE)
-
-
-def stream_target(binding: Binding) -> str | None:
-    """`host:port` of the TCP/TLS connection a push binding is reached over (its `received`
-    address when NATed, else its URI), or None for a binding over UDP. The router asks Kamailio
-    whether that connection still exists: a phone the OS suspended right after registering
-    drops it, and calling its contact then rings nothing."""
-    uri = binding.received or binding.uri
-    names = uri_param_names(uri)
-    transport = names.get("transport", "").lower()
-    if transport not in ("tcp", "tls") and not uri.lower().startswith("sips:"):
-        return None
-    m = _STREAM_TARGET.match(uri)
-    if not m:
-        return None
-    default = "5061" if transport == "tls" or uri.lower().startswith("sips:") else "5060"
-    return f"{m.group(1)}:{m.group(2) or default}"
-
-
-def uri_param_names(uri: str) -> dict[str, str]:
-    try:
-        return params.NameAddr("", uri).uri_params()
-    except params.MalformedPushParams:
-        return {}
 
 
 def looks_push(uri: str) -> bool:
@@ -322,6 +300,8 @@ class Binding:
     modified: float = 0.0
     ruid: str = ""
     user_agent: str = ""
+    #: Kamailio's id of the TCP/TLS connection the binding's REGISTER came over (0: UDP)
+    conid: int = 0
 
 
 class Verdict(Enum):
@@ -409,6 +389,37 @@ def plan_invite(
     if not bindings and not devices and devices is not None:
         return InvitePlan(Verdict.NOT_FOUND)
     return InvitePlan(Verdict.UNAVAILABLE)
+
+
+#: final replies of a directly rung push device that mean "asleep", not "no": 408 (tm's own
+#: timeout when it stayed silent, or the phone's) and 503 (an app that cannot take the call now)
+PUSH_ON_FAILURE_CODES = frozenset({408, 503})
+
+
+def rings_push_device(ring: Sequence[Binding], devices: Sequence[Device]) -> bool:
+    """Whether some binding rung directly belongs to a push device (a phone that may have been
+    suspended since its REGISTER): such a call is watched for silence (PUSH_ON_SILENCE)."""
+    contacts = {d.contact for d in devices}
+    return any(b.uri in contacts for b in ring)
+
+
+def device_to_push_on_failure(
+    branch_uri: str, code: int, devices: Sequence[Device], now: float
+) -> Device | None:
+    """The push device to wake for a directly rung branch (`branch_uri`) that failed with `code`,
+    or None. A phone the OS suspended right after its REGISTER is rung as awake; it answers
+    nothing (tm ends its branch with 408 after PUSH_ON_SILENCE ms) or 503: it is pushed and the
+    call waits for it, like a sleeping phone. Other codes (busy, decline, not found) are the
+    phone's answer and stand."""
+    if code not in PUSH_ON_FAILURE_CODES:
+        return None
+    for d in sorted(devices, key=lambda d: d.registered_at, reverse=True):
+        if d.contact != branch_uri or d.quarantined_until > now:
+            continue
+        if d.expires_at and d.expires_at <= now:
+            continue
+        return d
+    return None
 
 
 def _push_identity(device: Device) -> tuple[str, str, str]:

@@ -62,6 +62,21 @@ class ParkedCalls:
             pipe.execute()
         return True
 
+    def add_pushed(self, aor: str, key: str, device_id: str, now: float) -> bool:
+        """Add a device pushed later in the life of a parked call (a directly rung phone that
+        stayed silent). False when the call has ended or the device was already pushed for it."""
+        ck = schema.call_key(aor, key)
+        with unavailable_on_error("add_pushed"):
+            deadline = self._r.hget(ck, "deadline")
+            if deadline is None or not self._r.hsetnx(ck, schema.parked_device_field(device_id), schema.PUSHED):
+                return False
+            pk = schema.pending_key(aor, device_id)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.sadd(pk, key)
+            pipe.expire(pk, schema.parked_ttl(float(deadline), now))
+            pipe.execute()
+        return True
+
     def wake(self, aor: str, device_id: str) -> list[str]:
         """The device re-registered: the keys of the calls it was pushed for and not yet woken for.
 

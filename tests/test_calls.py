@@ -372,18 +372,36 @@ def test_caller_identity_never_holds_lone_surrogates() -> None:
     assert "\ufffd" in name and number == "b\ufffdob"
 
 
-def test_stream_target_of_tcp_and_tls_bindings() -> None:
-    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1:5070;transport=tcp;pn-prid=ab")) == "10.0.0.1:5070"
-    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1;transport=TLS")) == "10.0.0.1:5061"
-    nated = calls.Binding("sip:d@192.168.1.2:5060;transport=tcp", received="sip:203.0.113.9:40123;transport=tcp")
-    assert calls.stream_target(nated) == "203.0.113.9:40123"
-    assert calls.stream_target(calls.Binding("sip:d@10.0.0.1:5070")) is None  # UDP: no connection to ask about
-    assert calls.stream_target(calls.Binding("sip:d@[2001:db8::1]:5070;transport=tcp")) == "[2001:db8::1]:5070"
-
-
 def test_awake_device_whose_connection_is_gone_is_pushed() -> None:
     uri = PUSH_URI + ";transport=tcp"
     awake = dev("d1", uri, 2)
     assert calls.plan_invite([calls.Binding(uri)], [awake], NOW, 10).verdict is calls.Verdict.RING
     plan = calls.plan_invite([calls.Binding(uri)], [awake], NOW, 10, frozenset({uri}))
     assert plan.verdict is calls.Verdict.PARK and [d.device_id for d in plan.push] == ["d1"] and not plan.ring
+
+
+def test_silent_or_unavailable_push_device_is_pushed_other_answers_stand() -> None:
+    awake = dev("d1", PUSH_URI, 2)
+    assert calls.device_to_push_on_failure(PUSH_URI, 408, [awake], NOW) == awake  # silent: tm's 408
+    assert calls.device_to_push_on_failure(PUSH_URI, 503, [awake], NOW) == awake
+    for code in (404, 480, 486, 487, 500, 603):
+        assert calls.device_to_push_on_failure(PUSH_URI, code, [awake], NOW) is None
+    assert calls.device_to_push_on_failure("sip:desk@10.0.0.2", 408, [awake], NOW) is None  # plain phone
+    quarantined = dev("d1", PUSH_URI, 2, quarantined_until=NOW + 60)
+    assert calls.device_to_push_on_failure(PUSH_URI, 408, [quarantined], NOW) is None
+    expired = dev("d1", PUSH_URI, 2, expires_at=NOW - 1)
+    assert calls.device_to_push_on_failure(PUSH_URI, 408, [expired], NOW) is None
+    older, newer = dev("old", PUSH_URI, 50), dev("new", PUSH_URI, 2)
+    assert calls.device_to_push_on_failure(PUSH_URI, 408, [older, newer], NOW) == newer
+
+
+def test_only_calls_ringing_a_push_device_are_watched_for_silence() -> None:
+    awake = dev("d1", PUSH_URI, 2)
+    assert calls.rings_push_device([calls.Binding("sip:desk@10.0.0.2"), calls.Binding(PUSH_URI)], [awake])
+    assert not calls.rings_push_device([calls.Binding("sip:desk@10.0.0.2")], [awake])
+
+
+def test_push_on_silence_define() -> None:
+    assert calls.proxy_config(lambda name: None, env={}).push_on_silence_ms == 3000
+    assert calls.proxy_config({"PUSH_ON_SILENCE": "1500"}.get, env={}).push_on_silence_ms == 1500
+    assert calls.proxy_config({"PUSH_ON_SILENCE": "0"}.get, env={}).push_on_silence_ms == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.sipua import SipPhone, open_sip_socket
 from tests.support import (
     DOMAIN,
     SipClient,
@@ -463,3 +464,86 @@ def test_phone_suspended_inside_the_awake_window_is_pushed_not_rung(stack: Stack
         assert header_values(bye, "Call-ID") == header_values(invite, "Call-ID")
         phone.answer(bye, 200, "OK")
     assert caller.wait(20) == 0 and caller.final_codes() == [200]
+
+
+_SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
+
+
+def _phone(stack: Stack, transport: str) -> SipPhone:
+    proxy = ("127.0.0.1", stack.kamailio.port)
+    return SipPhone(open_sip_socket(proxy, transport), transport, proxy)
+
+
+def _wake_and_answer(stack: Stack, user: str, password: str, tok: str, instance: str, transport: str) -> None:
+    """The pushed phone re-registers from a new socket, gets the call there, answers, is hung up on."""
+    from harness.sipua import header_values
+
+    phone = _phone(stack, transport)
+    with phone:
+        r = phone.register(user, rfc8599_apns_contact(phone.local_port, tok, transport, instance), password=password)
+        assert r.status == 200
+        invite = phone.request("INVITE")
+        assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port}")
+        phone.answer(invite, 200, "OK", "t1", _SDP)
+        phone.request("ACK")
+        bye = phone.request("BYE", timeout=10)
+        assert header_values(bye, "Call-ID") == header_values(invite, "Call-ID")
+        phone.answer(bye, 200, "OK")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_phone_silent_inside_the_awake_window_is_pushed_after_push_on_silence(
+    stack: Stack, tmp: Path, transport: str
+) -> None:
+    """A phone registered a second ago, then suspended with its socket still open: it is rung
+    directly, answers nothing, and after PUSH_ON_SILENCE (3 s) it is pushed and the call waits
+    for its REGISTER instead of ending in 408 with no push."""
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+    asleep_phone = _phone(stack, transport)
+    with asleep_phone:  # (never read again: the INVITE sits unanswered in its socket)
+        r = asleep_phone.register(
+            user, rfc8599_apns_contact(asleep_phone.local_port, tok, transport, instance), password=password
+        )
+        assert r.status == 200
+        started = time.monotonic()
+        caller = sipp_caller(tmp, stack.kamailio.port, user, "udp", args=["-d", "200"])
+        assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=10)] == ["incomingCall"]
+        assert time.monotonic() - started >= 2.5  # it was rung first: pushed only once silent
+        _wake_and_answer(stack, user, password, tok, instance, transport)
+    assert caller.wait(20) == 0 and caller.final_codes() == [200]
+    assert [push_kind(p) for p in stack.pushes(tok)] == ["incomingCall"]  # answered: nothing owed
+
+
+def test_phone_answering_503_inside_the_awake_window_is_pushed(stack: Stack, tmp: Path) -> None:
+    """An awake push phone that answers 503 (an app that cannot take the call now) is pushed and
+    the call waits for it; its 503 is not relayed to the caller."""
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+    busy_app = _phone(stack, "udp")
+    with busy_app:
+        r = busy_app.register(user, rfc8599_apns_contact(busy_app.local_port, tok, "udp", instance),
+                              password=password)
+        assert r.status == 200
+        caller = sipp_caller(tmp, stack.kamailio.port, user, "udp", args=["-d", "200"])
+        invite = busy_app.request("INVITE")
+        busy_app.answer(invite, 503, "Service Unavailable", "b1")
+        assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=5)] == ["incomingCall"]
+        _wake_and_answer(stack, user, password, tok, instance, "udp")
+    assert caller.wait(20) == 0 and caller.final_codes() == [200]
+
+
+def test_silent_phone_that_never_wakes_ends_in_480_and_a_missed_call(stack: Stack, tmp: Path) -> None:
+    """Rung, silent, pushed, never re-registers: the wait window ends the call with 480 (not the
+    silent branch's 408), and the phone gets its cancel and missed-call pushes once each."""
+    user, tok = _user(), fcm_token()
+    password = stack.add_user(user)
+    phone = _phone(stack, "udp")
+    with phone:
+        r = phone.register(user, rfc8599_fcm_contact(phone.local_port, tok), password=password)
+        assert r.status == 200
+        caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+        caller.wait(WAIT + 15)
+        assert caller.final_codes() == [480]
+    kinds = [push_kind(p) for p in stack.wait_pushes(tok, 3)]
+    assert sorted(kinds) == ["cancelIncomingCall", "incomingCall", "missedCall"] and kinds[0] == "incomingCall"

@@ -156,3 +156,26 @@ def test_role_mode_busy_device_ends_the_call_at_once(stack: Stack, tmp_path: Pat
     sent = next(t for t, d, f in sipp_events(busy) if d == "sent" and f.startswith("SIP/2.0 486"))
     got = next(t for t, d, f in sipp_events(caller) if d == "received" and f.startswith("SIP/2.0 486"))
     assert got - sent < 0.5, f"486 reached the caller {got - sent:.3f} s after the device sent it"
+
+
+def test_role_mode_silent_push_phone_is_pushed_and_answers(stack: Stack, tmp_path: Path) -> None:
+    """PUSH_ON_SILENCE in role mode: the branch-failure event route of pusher-role.cfg runs the
+    same Python: an awake push phone that stays silent is pushed, wakes and answers."""
+    from harness.sipua import SipPhone, open_sip_socket
+
+    proxy = ("127.0.0.1", stack.kamailio.port)
+    user, tok, instance = "r" + uuid.uuid4().hex[:8], apns_token(), str(uuid.uuid4())
+    sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
+    with SipPhone(open_sip_socket(proxy, "udp"), "udp", proxy) as silent:
+        r = silent.register(user, rfc8599_apns_contact(silent.local_port, tok, "udp", instance))
+        assert r.status == 200
+        caller = sipp_caller(tmp_path, stack.kamailio.port, user, "udp", args=["-d", "200"])
+        assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=10)] == ["incomingCall"]
+        with SipPhone(open_sip_socket(proxy, "udp"), "udp", proxy) as woken:
+            r = woken.register(user, rfc8599_apns_contact(woken.local_port, tok, "udp", instance))
+            assert r.status == 200
+            invite = woken.request("INVITE")
+            woken.answer(invite, 200, "OK", "t1", sdp)
+            woken.request("ACK")
+            woken.answer(woken.request("BYE", timeout=10), 200, "OK")
+    assert caller.wait(20) == 0 and caller.final_codes() == [200]

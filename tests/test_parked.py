@@ -49,6 +49,19 @@ def test_parked_keys_live_the_window_plus_a_margin(redis_url: str) -> None:
     assert not r.exists(schema.call_key(AOR, "k1")) and not r.sismember(schema.pending_key(AOR, "d1"), "k1")
 
 
+def test_a_device_pushed_later_joins_the_parked_call(redis_url: str) -> None:
+    st = ParkedCalls(sync_client(redis_url))
+    now = time.time()
+    assert st.park(_call("k3", ("d1",)), now)
+    assert st.add_pushed(AOR, "k3", "d2", now)  # a silent phone rung directly, pushed afterwards
+    assert not st.add_pushed(AOR, "k3", "d2", now)  # once
+    assert not st.add_pushed(AOR, "gone", "d2", now)  # no call, nothing to join
+    assert st.wake(AOR, "d2") == ["k3"]
+    ended = st.finish(AOR, "k3")
+    assert ended is not None and ended.pushed == ("d1", "d2") and ended.woken == ("d2",)
+    assert st.wake(AOR, "d2") == []
+
+
 def test_subscribers_store_ha1_only(redis_url: str) -> None:
     client = sync_client(redis_url)
     subs = Subscribers(client)
