@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   redis-server python3-venv
   kamailio kamailio-python3-modules kamailio-redis-modules kamailio-tls-modules
-  sip-tester nginx nghttp2-client tshark
+  sip-tester nginx nghttp2-client tshark linphone-cli
 )
 
 missing=()
