@@ -529,6 +529,10 @@ class Router:
                     KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
             KSR.sl.sl_send_reply(503, "Push Store Unavailable")
             return
+        # the same phone under another id (it changed +sip.instance, or began to send one; same
+        # token): a call it was pushed for under the old id is resumed to it too
+        for old_id in evicted:
+            self._resume(aor, old_id)
         self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
 

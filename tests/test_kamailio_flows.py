@@ -547,3 +547,20 @@ def test_silent_phone_that_never_wakes_ends_in_480_and_a_missed_call(stack: Stac
         assert caller.final_codes() == [480]
     kinds = [push_kind(p) for p in stack.wait_pushes(tok, 3)]
     assert sorted(kinds) == ["cancelIncomingCall", "incomingCall", "missedCall"] and kinds[0] == "incomingCall"
+
+
+def test_phone_that_wakes_under_a_new_instance_gets_its_call(stack: Stack, tmp: Path) -> None:
+    """A client that lost its +sip.instance (killed before it saved it) wakes with a new one and
+    the same token: it is the same phone, and the call it was pushed for reaches it."""
+    user, tok = _user(), apns_token()
+    password = stack.add_user(user)
+    with _phone(stack, "udp") as first:
+        r = first.register(user, rfc8599_apns_contact(first.local_port, tok, "udp", str(uuid.uuid4())),
+                           password=password)
+        assert r.status == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp", args=["-d", "200"])
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=5)] == ["incomingCall"]
+    _wake_and_answer(stack, user, password, tok, str(uuid.uuid4()), "udp")
+    assert caller.wait(20) == 0 and caller.final_codes() == [200]
+    assert len(stack.store.devices(f"sip:{user}@{DOMAIN}")) == 1  # one record for the one phone
