@@ -715,6 +715,12 @@ class Router:
             KSR.htable.sht_rm(PARKED_TABLE, aor)
 
     def _park(self, aor: str, plan: calls.InvitePlan, now: float) -> None:
+        """Park the INVITE for the pushed devices (ringing the awake ones in parallel).
+
+        Order matters: the transaction gets all its branches (t_relay) before a REGISTER can
+        resume it (pnpend marks) and before the push that makes the device REGISTER goes out.
+        A REGISTER appending a branch (tsilo, under tm's reply lock) while this worker's t_relay
+        was still adding its own (without that lock) corrupted the transaction under load."""
         call_id = _pv("$ci")
         key = calls.call_key(call_id)
         if KSR.tm.t_newtran() < 0:
@@ -726,7 +732,7 @@ class Router:
         KSR.tsilo.ts_store_uri(aor)
         pushed = tuple(d.device_id for d in plan.push)
         try:
-            self._store_park(aor, key, pushed, now)
+            self._record_parked(aor, key, pushed, now)
         except StoreUnavailable as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
             self._give_back_park_slot(aor)
@@ -735,8 +741,7 @@ class Router:
             else:
                 KSR.tm.t_reply(480, "Temporarily Unavailable")
             return
-        self._wait_for(aor, key, call_id, pushed)
-        _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
+        self._arm_window(aor, key, call_id)
         self._set_parking_branch(key)
         KSR.tm.t_reply(100, "Trying")
         if plan.ring:
@@ -745,29 +750,45 @@ class Router:
         else:
             KSR.tm.t_on_failure(FAILURE_ROUTE)
             self._relay()
+        self._mark_pending(aor, key, pushed)
+        if self._push_call(aor, key, pushed, now):
+            _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
+        elif not plan.ring:
+            self._end_parked(key, reason="push-unavailable", reply=480)
 
     def _caller(self) -> tuple[str, str]:
         """The caller's (name, number) as call pushes may carry it (HIDE_CALLER)."""
         return calls.pushed_caller(calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")),
                                    self.cfg.settings.hide_caller)
 
-    def _store_park(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> None:
-        """Queue the call push to `pushed` and record the parked call in Redis (StoreUnavailable).
-        The push first (its job id is derived from the Call-ID, so the dispatcher never delivers
-        it twice), the bookkeeping after."""
-        call_id = _pv("$ci")
+    def _record_parked(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> None:
+        """Record the parked call in Redis (StoreUnavailable): whom it waits for, what its end owes."""
         caller = self._caller()
-        wait = self.cfg.settings.wait_window
-        self.store.enqueue(calls.incoming_call_job(aor, call_id, caller, pushed, now, wait))
-        self.state.park(ParkedCall(aor=aor, key=key, call_id=call_id, cseq=_pv("$cs"), caller_name=caller[0],
-                                   caller_number=caller[1], deadline=now + wait, pushed=pushed), now)
+        self.state.park(ParkedCall(aor=aor, key=key, call_id=_pv("$ci"), cseq=_pv("$cs"), caller_name=caller[0],
+                                   caller_number=caller[1], deadline=now + self.cfg.settings.wait_window,
+                                   pushed=pushed), now)
 
-    def _wait_for(self, aor: str, key: str, call_id: str, pushed: tuple[str, ...]) -> None:
-        """Shared-memory side of a parked call: its window timer (pnwait) and, per pushed device,
-        the mark its REGISTER looks for (pnpend)."""
+    def _push_call(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> bool:
+        """Queue the call push to `pushed` (its job id is derived from the Call-ID, so the
+        dispatcher never delivers it twice to a device); False (logged) when Redis cannot take it."""
+        job = calls.incoming_call_job(aor, _pv("$ci"), self._caller(), pushed, now, self.cfg.settings.wait_window)
+        try:
+            self.store.enqueue(job)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            return False
+        return True
+
+    def _arm_window(self, aor: str, key: str, call_id: str) -> None:
+        """The parked call's window timer (pnwait), which is also how a CANCEL finds it."""
         window = max(1, int(self.cfg.settings.wait_window))
         entry = calls.WaitEntry(aor=aor, call_id=call_id, cseq=_pv("$cs"))
         KSR.htable.sht_setxs(WAIT_TABLE, key, entry.encode(), window + WINDOW_BACKSTOP)
+
+    def _mark_pending(self, aor: str, key: str, pushed: tuple[str, ...]) -> None:
+        """Per pushed device, the mark its REGISTER looks for (pnpend): set once the transaction
+        has its branches, so that the REGISTER's tsilo append never races this worker's t_relay."""
+        window = max(1, int(self.cfg.settings.wait_window))
         for device_id in pushed:
             KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}|{key}", key, window + 5)
 
@@ -960,34 +981,35 @@ class Router:
 
     def _push_into_parked(self, aor: str, key: str, device: Device, now: float) -> None:
         """The call is already parked (other devices pushed): this device joins it."""
+        pushed = (device.device_id,)
         try:
             if not self.state.add_pushed(aor, key, device.device_id, now):
                 return
-            self.store.enqueue(calls.incoming_call_job(aor, _pv("$ci"), self._caller(), (device.device_id,), now,
-                                                       self.cfg.settings.wait_window))
         except StoreUnavailable as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
             return
-        window = max(1, int(self.cfg.settings.wait_window))
-        KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device.device_id}|{key}", key, window + 5)
-        _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="already")
+        self._mark_pending(aor, key, pushed)
+        if self._push_call(aor, key, pushed, now):
+            _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="already")
 
     def _park_silent(self, aor: str, key: str, device: Device, now: float) -> None:
-        """Park a ringing call for a silent device (branch-failure route): push it, then relay the
-        parking branch; the call's missed-call push is now the parked call's to send."""
+        """Park a ringing call for a silent device (branch-failure route, under tm's reply lock):
+        relay the parking branch, then push; the call's missed-call push is now the parked call's."""
         pushed = (device.device_id,)
         try:
-            self._store_park(aor, key, pushed, now)
+            self._record_parked(aor, key, pushed, now)
         except StoreUnavailable as exc:
             _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
             self._give_back_park_slot(aor)
             return
         KSR.htable.sht_rm(MISSED_TABLE, key)
-        self._wait_for(aor, key, _pv("$ci"), pushed)
+        self._arm_window(aor, key, _pv("$ci"))
         self._set_parking_branch(key)
         if KSR.tm.t_relay() < 0:
             _log(KSR.err, "parking-branch-failed", aor=aor, call=key)
-        _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="now")
+        self._mark_pending(aor, key, pushed)
+        if self._push_call(aor, key, pushed, now):
+            _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="now")
 
     def _owe_missed_call(self, aor: str, key: str, code: int) -> None:
         """An unparked call to a user with push devices ended unanswered (rang out, busy, or the
