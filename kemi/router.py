@@ -53,7 +53,7 @@ NEXT = False  # the route did not apply: the next route of the pipeline runs
 
 LOCATION = "location"
 WAIT_TABLE = "pnwait"
-PEND_TABLE = "pnpend"  # "<aor>|<device id>|<call key>": a device pushed for a call parked on this node
+PEND_TABLE = "pnpend"  # "<aor>|<device id>" -> the call keys it was pushed for, parked on this node
 FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window timer canceled for the fallback
 MISSED_TABLE = "pnmiss"  # call key -> AOR of unparked calls to users with push devices (missed-call owed)
 BRANCH_TABLE = "pnbranch"  # "<call key>|<branch index>" -> URI rung (calls watched for silence)
@@ -577,11 +577,19 @@ class Router:
         parked on this node (tsilo transactions are per node too), so the parked INVITE goes out
         before any Redis round trip; Redis then records the device as woken (for cancel pushes).
         """
-        # one entry per (device, call): the device joins every call still parked for it here
-        prefix = f"{aor}|{device_id}|"
-        if KSR.htable.sht_match_name(PEND_TABLE, "sw", prefix) <= 0:
+        # Taken atomically (under the slot lock): a retransmitted REGISTER in another worker
+        # finds nothing, so the parked INVITE is forwarded once.
+        pkey = calls.pending_key(aor, device_id)
+        KSR.htable.sht_lock(PEND_TABLE, pkey)
+        try:
+            keys = calls.pending_calls(KSR.htable.sht_get(PEND_TABLE, pkey))
+            if keys:
+                KSR.htable.sht_rm(PEND_TABLE, pkey)
+        finally:
+            KSR.htable.sht_unlock(PEND_TABLE, pkey)
+        # only calls still parked (a call that ended must not get the device as a branch)
+        if not any(KSR.htable.sht_get(WAIT_TABLE, k) is not None for k in keys):
             return
-        KSR.htable.sht_rm_name(PEND_TABLE, "sw", prefix)
         rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
         try:
             woken = self.state.wake(aor, device_id)
@@ -790,7 +798,13 @@ class Router:
         has its branches, so that the REGISTER's tsilo append never races this worker's t_relay."""
         window = max(1, int(self.cfg.settings.wait_window))
         for device_id in pushed:
-            KSR.htable.sht_setxs(PEND_TABLE, f"{aor}|{device_id}|{key}", key, window + 5)
+            pkey = calls.pending_key(aor, device_id)
+            KSR.htable.sht_lock(PEND_TABLE, pkey)
+            try:
+                value = calls.add_pending_call(KSR.htable.sht_get(PEND_TABLE, pkey), key)
+                KSR.htable.sht_setxs(PEND_TABLE, pkey, value, window + 5)
+            finally:
+                KSR.htable.sht_unlock(PEND_TABLE, pkey)
 
     def _set_parking_branch(self, key: str) -> None:
         """Point the request at the parking branch (the caller relays it).
@@ -885,9 +899,6 @@ class Router:
             # no final reply: tm cancels the open branches and, once they end, runs the
             # failure route, where the call can still be relayed (to the fallback URI)
             KSR.tmx.t_cancel_callid(entry.call_id, entry.cseq, 0)
-        # a device waking after the end must not join the transaction (tsilo would still append
-        # it while the fallback branch rings); other calls' entries for the device stay
-        KSR.htable.sht_rm_name_re(PEND_TABLE, f"\\|{key}$")
         try:
             call = self.state.finish(aor, key)
         except StoreUnavailable as exc:

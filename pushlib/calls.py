@@ -600,6 +600,26 @@ def end_of_call_jobs(call: ParkedCall, answered: bool, now: float, settings: Set
     return jobs
 
 
+# --------------------------------------------------------------------------- pending devices
+
+
+def pending_key(aor: str, device_id: str) -> str:
+    """The htable `pnpend` key of a device pushed for calls parked on this node: exact, so a
+    REGISTER takes its entry in O(1) (no walk of the table)."""
+    return f"{aor}|{device_id}"
+
+
+def add_pending_call(value: object, key: str) -> str:
+    """A `pnpend` value (the call keys the device was pushed for) with `key` added once."""
+    keys = pending_calls(value)
+    return ",".join(keys if key in keys else [*keys, key])
+
+
+def pending_calls(value: object) -> list[str]:
+    """The call keys of a `pnpend` value (None: none). Call keys are hex, never hold a comma."""
+    return [k for k in str(value).split(",") if k] if value is not None else []
+
+
 # --------------------------------------------------------------------------- parked-call entry
 
 

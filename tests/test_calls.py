@@ -405,3 +405,12 @@ def test_push_on_silence_define() -> None:
     assert calls.proxy_config(lambda name: None, env={}).push_on_silence_ms == 3000
     assert calls.proxy_config({"PUSH_ON_SILENCE": "1500"}.get, env={}).push_on_silence_ms == 1500
     assert calls.proxy_config({"PUSH_ON_SILENCE": "0"}.get, env={}).push_on_silence_ms == 0
+
+
+def test_pending_calls_of_a_device() -> None:
+    assert calls.pending_key("sip:b@h", "urn:uuid:1") == "sip:b@h|urn:uuid:1"
+    assert calls.pending_calls(None) == []
+    value = calls.add_pending_call(None, "k1")
+    value = calls.add_pending_call(value, "k2")
+    assert calls.add_pending_call(value, "k1") == value == "k1,k2"  # once each
+    assert calls.pending_calls(value) == ["k1", "k2"]
