@@ -657,7 +657,8 @@ class Router:
         phone was suspended (and its connection dropped) inside the awake window, so it is pushed,
         not rung (a phone does not accept connections: nothing else could reach it)."""
         return frozenset(b.uri for b in bindings
-                         if b.conid > 0 and calls.looks_push(b.uri) and KSR.tcpops.tcp_conid_state(b.conid) < 0)
+                         if b.conid > 0 and calls.looks_push(b.uri) and calls.reached_over_stream(b.uri)
+                         and KSR.tcpops.tcp_conid_state(b.conid) < 0)
 
     def _ring_unparked(self, aor: str, ring: tuple[calls.Binding, ...], devices: list[Device] | None) -> None:
         """Ring without parking. A user with push devices is owed a missed-call push if nobody

@@ -147,6 +147,22 @@ def contact_uri(contact: str) -> str:
         return ""
 
 
+def uri_param_names(uri: str) -> dict[str, str]:
+    """A URI's parameters by lower-case name ({} when they cannot be decoded)."""
+    try:
+        return params.NameAddr("", uri).uri_params()
+    except params.MalformedPushParams:
+        return {}
+
+
+def reached_over_stream(uri: str) -> bool:
+    """Whether a binding URI is reached over a connection (TCP, TLS, WebSocket, or `sips:`), so
+    that the connection its REGISTER came over is the way to it: a binding whose Contact says
+    UDP is reached over UDP, whatever its REGISTER came over."""
+    transport = uri_param_names(uri).get("transport", "").lower()
+    return transport in ("tcp", "tls", "ws", "wss") or uri[:5].lower() == "sips:"
+
+
 def looks_push(uri: str) -> bool:
     """True when a bare binding URI carries push parameters (without validating them); a URI
     whose parameters cannot be decoded counts as plain."""

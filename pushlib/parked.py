@@ -39,28 +39,26 @@ class ParkedCalls:
     def __init__(self, client: Any) -> None:
         self._r = client
         self._wake = client.register_script(_WAKE_LUA)
+        self._park = client.register_script(schema.PARK_LUA)
+        self._finish = client.register_script(schema.FINISH_LUA)
 
     def warm_up(self) -> None:
         """Open the connection and load the wake script now, so the first call does not pay for it."""
         with unavailable_on_error("parked warm_up"):
-            self._r.script_load(_WAKE_LUA)
+            for script in (_WAKE_LUA, schema.PARK_LUA, schema.FINISH_LUA):
+                self._r.script_load(script)
 
     def park(self, call: ParkedCall, now: float) -> bool:
-        """Record a parked call and the devices pushed for it. False if it was already parked."""
-        ttl = schema.parked_ttl(call.deadline, now)
-        ck = schema.call_key(call.aor, call.key)
+        """Record a parked call and the devices pushed for it (one round trip). False if it was
+        already parked."""
+        fields = [x for kv in schema.encode_parked_call(call).items() for x in kv]
         with unavailable_on_error("park"):
-            if not self._r.hsetnx(ck, "call_id", call.call_id):
-                return False
-            pipe = self._r.pipeline(transaction=False)
-            pipe.hset(ck, mapping=schema.encode_parked_call(call))
-            pipe.expire(ck, ttl)
-            for d in call.pushed:
-                pk = schema.pending_key(call.aor, d)
-                pipe.sadd(pk, call.key)
-                pipe.expire(pk, ttl)
-            pipe.execute()
-        return True
+            done = self._park(
+                keys=[schema.call_key(call.aor, call.key)],
+                args=[schema.parked_ttl(call.deadline, now), schema.pending_key(call.aor, ""), call.key,
+                      len(call.pushed), *call.pushed, *fields],
+            )
+        return bool(done)
 
     def add_pushed(self, aor: str, key: str, device_id: str, now: float) -> bool:
         """Add a device pushed later in the life of a parked call (a directly rung phone that
@@ -92,17 +90,9 @@ class ParkedCalls:
         return sorted(str(k) for k in keys)
 
     def finish(self, aor: str, key: str) -> ParkedCall | None:
-        """Atomically end a parked call; None if it had already ended (only one ender wins)."""
-        ck = schema.call_key(aor, key)
+        """Atomically end a parked call (one round trip); None if it had already ended (only one
+        ender wins)."""
         with unavailable_on_error("finish"):
-            pipe = self._r.pipeline(transaction=True)
-            pipe.hgetall(ck)
-            pipe.delete(ck)
-            raw, _ = pipe.execute()
-            call = schema.decode_parked_call(aor, key, raw)
-            if call is not None and call.pushed:
-                pipe = self._r.pipeline(transaction=False)
-                for d in call.pushed:
-                    pipe.srem(schema.pending_key(aor, d), key)
-                pipe.execute()
-        return call
+            flat = self._finish(keys=[schema.call_key(aor, key)],
+                                args=[schema.PARKED_DEVICE_PREFIX, schema.pending_key(aor, ""), key])
+        return schema.decode_parked_call(aor, key, schema.pairs_to_dict(flat))

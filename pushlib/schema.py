@@ -60,7 +60,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -450,6 +450,91 @@ def same_phone(device: Device, provider: str | None, app_id: str | None, voip_to
     if provider != p.provider.value or app_id != p.app_id:
         return False
     return bool((p.voip_token and p.voip_token == voip_token) or (p.alert_token and p.alert_token == alert_token))
+
+
+# --- scripts: one round trip per SIP event -----------------------------------------------------
+# Every key a script touches shares the AOR's hash tag (one Redis Cluster slot); keys built inside
+# a script come from a prefix passed in ARGV, as for the other scripts of this schema.
+
+#: KEYS[1]: an AOR's device set. ARGV[1]: the prefix of its device hashes (`device_key(aor, "")`).
+#: Returns {[id, [field, value, ...], ...] for the live devices, [ids whose hash expired]}. Read
+#: only (flag no-writes: it runs even when Redis refuses writes); save_device drops the expired ids.
+DEVICES_LUA = """#!lua flags=no-writes
+local live, stale = {}, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local raw = redis.call('HGETALL', ARGV[1] .. id)
+  if #raw == 0 then table.insert(stale, id) else table.insert(live, id); table.insert(live, raw) end
+end
+return {live, stale}
+"""
+
+#: KEYS[1]: the device hash, KEYS[2]: the AOR's device set. ARGV: [1] the other members the plan
+#: was made from (sorted, NUL-separated), [2] the device id, [3] device TTL, [4] set TTL, [5] the
+#: prefix of device hashes, [6] how many ids to drop from the set (n), [7] how many of those are
+#: evicted hashes to delete (the first m), then the n ids, then the device's field/value pairs.
+#: Returns 0 (nothing written) when the set changed since it was read: the caller plans again.
+#: (A script with a shebang is refused as a whole when Redis refuses writes, e.g. out of memory:
+#: never half a save.)
+SAVE_DEVICE_LUA = """#!lua
+local others = {}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if m ~= ARGV[2] then table.insert(others, m) end
+end
+table.sort(others)
+if table.concat(others, '\\0') ~= ARGV[1] then return 0 end
+local n, m = tonumber(ARGV[6]), tonumber(ARGV[7])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 8 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[2])
+for i = 8, 7 + n do
+  redis.call('SREM', KEYS[2], ARGV[i])
+  if i < 8 + m then redis.call('DEL', ARGV[5] .. ARGV[i]) end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+#: KEYS[1]: the parked call's hash. ARGV: [1] TTL, [2] the prefix of the AOR's pending sets,
+#: [3] the call's key, [4] how many devices were pushed (n), then the n device ids, then the
+#: hash's field/value pairs. Returns 0 when the call was already parked (a retransmission).
+PARK_LUA = """#!lua
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5 + n))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+for i = 5, 4 + n do
+  redis.call('SADD', ARGV[2] .. ARGV[i], ARGV[3])
+  redis.call('EXPIRE', ARGV[2] .. ARGV[i], ARGV[1])
+end
+return 1
+"""
+
+#: KEYS[1]: the parked call's hash. ARGV: [1] the field prefix of its devices, [2] the prefix of
+#: the AOR's pending sets, [3] the call's key. Deletes the hash and takes the call out of its
+#: devices' pending sets; returns the hash as it was ([] when another process ended it first).
+FINISH_LUA = """
+local raw = redis.call('HGETALL', KEYS[1])
+if #raw == 0 then return raw end
+redis.call('DEL', KEYS[1])
+local plen = string.len(ARGV[1])
+for i = 1, #raw, 2 do
+  if string.sub(raw[i], 1, plen) == ARGV[1] then
+    redis.call('SREM', ARGV[2] .. string.sub(raw[i], plen + 1), ARGV[3])
+  end
+end
+return raw
+"""
+
+
+def pairs_to_dict(flat: Sequence[str]) -> dict[str, str]:
+    """A script's HGETALL reply (field, value, field, value, ...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def members_token(ids: Iterable[str]) -> str:
+    """How SAVE_DEVICE_LUA compares the set it finds with the one a plan was made from."""
+    return "\0".join(sorted(ids))
 
 
 def plan_device_save(

@@ -20,10 +20,12 @@ from typing import Any
 
 from pushlib import schema
 from pushlib.models import AppCredentials, Device, PushJob, UaMapping
-from pushlib.redisconn import SIP_SOCKET_TIMEOUT, sync_client, unavailable_on_error
+from pushlib.redisconn import SIP_SOCKET_TIMEOUT, StoreUnavailable, sync_client, unavailable_on_error
 from pushlib.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_SAVE_ATTEMPTS = 5  # save_device plans again when another REGISTER of the user changed the set meanwhile
 
 
 class AppNameConflict(ValueError):
@@ -41,6 +43,8 @@ class SyncStore:
     def __init__(self, redis_url: str, settings: Settings, timeout: float = SIP_SOCKET_TIMEOUT) -> None:
         self.settings = settings
         self._r: Any = sync_client(redis_url, timeout)
+        self._devices = self._r.register_script(schema.DEVICES_LUA)
+        self._save_device = self._r.register_script(schema.SAVE_DEVICE_LUA)
 
     @property
     def client(self) -> Any:
@@ -62,43 +66,50 @@ class SyncStore:
         """Upsert a device (replacing any previous record with the same id, which also clears a
         quarantine), expire it at `device.expires_at` (at least MIN_DEVICE_TTL from now), and keep
         at most `max_devices_per_user` devices for the AOR by evicting the oldest registered.
-        Returns the evicted device ids."""
-        dkey = schema.device_key(device.aor, device.device_id)
-        skey = schema.devices_key(device.aor)
-        encoded = schema.encode_device(device)
+        Returns the evicted device ids.
 
-        def txn(pipe: Any) -> list[str]:
-            members = [m for m in pipe.smembers(skey) if m != device.device_id]
-            reads = self._r.pipeline(transaction=False)
-            for m in members:
-                reads.hmget(schema.device_key(device.aor, m), "registered_at", "expires_at", "provider", "app_id",
-                            "voip_token", "alert_token")
-            others: dict[str, tuple[float, float] | None] = {}
-            duplicates: set[str] = set()
-            for m, (reg, exp, provider, app_id, voip, alert) in zip(members, reads.execute(), strict=True):
-                others[m] = None if reg is None else (float(reg), float(exp or 0))
-                if reg is not None and schema.same_phone(device, provider, app_id, voip, alert):
-                    duplicates.add(m)
-            plan = schema.plan_device_save(device, others, self.settings.max_devices_per_user, time.time(),
-                                           frozenset(duplicates))
-            pipe.multi()
-            pipe.delete(dkey)  # drop fields the new record no longer has (e.g. a removed token)
-            pipe.hset(dkey, mapping=encoded)
-            pipe.expire(dkey, plan.device_ttl)
-            pipe.sadd(skey, device.device_id)
-            gone = plan.evict + plan.stale
-            if gone:
-                pipe.srem(skey, *gone)
-                pipe.delete(*(schema.device_key(device.aor, i) for i in plan.evict))
-            pipe.expire(skey, plan.set_ttl)
-            return list(plan.evict)
-
-        with unavailable_on_error("save_device"):
-            evicted: list[str] = self._r.transaction(txn, skey, value_from_callable=True)
+        Two round trips: the AOR's devices are read (DEVICES_LUA), the plan is made here
+        (`schema.plan_device_save`), and SAVE_DEVICE_LUA writes it only if the device set is still
+        the one the plan was made from (else the plan is made again: a concurrent REGISTER of
+        another device of the same user)."""
+        for _ in range(_SAVE_ATTEMPTS):
+            live, stale = self._device_hashes(device.aor)
+            others: dict[str, dict[str, str] | None] = {i: raw for i, raw in live.items() if i != device.device_id}
+            others.update({i: None for i in stale if i != device.device_id})
+            evicted = self._write_device(device, others)
+            if evicted is not None:
+                break
+        else:
+            raise StoreUnavailable(f"save_device: the devices of {device.aor} kept changing")
         for i in evicted:
             log.info("store: evicted device aor=%s device=%s (same phone as %s, or over %d devices)",
                      device.aor, i, device.device_id, self.settings.max_devices_per_user)
         return evicted
+
+    def _write_device(self, device: Device, others: dict[str, dict[str, str] | None]) -> list[str] | None:
+        """One attempt of save_device's write (`others`: the other ids in the set, None for a hash
+        that expired); None when the device set changed meanwhile."""
+        times = {i: None if raw is None else (float(raw.get("registered_at", 0)), float(raw.get("expires_at", 0) or 0))
+                 for i, raw in others.items()}
+        duplicates = frozenset(i for i, raw in others.items() if raw is not None and schema.same_phone(
+            device, raw.get("provider"), raw.get("app_id"), raw.get("voip_token"), raw.get("alert_token")))
+        plan = schema.plan_device_save(device, times, self.settings.max_devices_per_user, time.time(), duplicates)
+        gone = [*plan.evict, *plan.stale]
+        fields = [x for kv in schema.encode_device(device).items() for x in kv]
+        with unavailable_on_error("save_device"):
+            written = self._save_device(
+                keys=[schema.device_key(device.aor, device.device_id), schema.devices_key(device.aor)],
+                args=[schema.members_token(others), device.device_id, plan.device_ttl, plan.set_ttl,
+                      schema.device_key(device.aor, ""), len(gone), len(plan.evict), *gone, *fields],
+            )
+        return list(plan.evict) if written else None
+
+    def _device_hashes(self, aor: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+        """The AOR's live device hashes by id, and the ids in its set whose hash expired: one
+        round trip (DEVICES_LUA)."""
+        with unavailable_on_error("devices"):
+            live, stale = self._devices(keys=[schema.devices_key(aor)], args=[schema.device_key(aor, "")])
+        return {str(live[i]): schema.pairs_to_dict(live[i + 1]) for i in range(0, len(live), 2)}, list(stale)
 
     def remove_all_devices(self, aor: str) -> list[str]:
         """Delete every device of the AOR (also records that no longer decode); returns the ids
@@ -124,24 +135,11 @@ class SyncStore:
         return bool(deleted)
 
     def devices(self, aor: str) -> list[Device]:
-        """The AOR's live devices (ordered by registered_at); ids whose hash expired are
-        removed from the AOR set on the way."""
-        skey = schema.devices_key(aor)
-        with unavailable_on_error("devices"):
-            ids = sorted(self._r.smembers(skey))
-            if not ids:
-                return []
-            pipe = self._r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hgetall(schema.device_key(aor, i))
-            raws: list[dict[str, str]] = pipe.execute()
-            stale = [i for i, raw in zip(ids, raws, strict=True) if not raw]
-            if stale:
-                self._r.srem(skey, *stale)
-        found = [
-            schema.decode_or_log(schema.decode_device, raw, aor, i) for i, raw in zip(ids, raws, strict=True) if raw
-        ]
-        return sorted((d for d in found if d is not None), key=lambda d: d.registered_at)
+        """The AOR's live devices (ordered by registered_at), in one round trip (ids whose hash
+        expired stay in the AOR set until the next save_device drops them)."""
+        live, _ = self._device_hashes(aor)
+        found = [schema.decode_or_log(schema.decode_device, raw, aor, i) for i, raw in live.items()]
+        return sorted((d for d in found if d is not None), key=lambda d: (d.registered_at, d.device_id))
 
     # --- jobs -----------------------------------------------------------------------------------
 

@@ -414,3 +414,11 @@ def test_pending_calls_of_a_device() -> None:
     value = calls.add_pending_call(value, "k2")
     assert calls.add_pending_call(value, "k1") == value == "k1,k2"  # once each
     assert calls.pending_calls(value) == ["k1", "k2"]
+
+
+def test_reached_over_stream() -> None:
+    assert calls.reached_over_stream("sip:d@10.0.0.1:5070;transport=tcp;pn-prid=ab")
+    assert calls.reached_over_stream("sip:d@10.0.0.1;transport=TLS")
+    assert calls.reached_over_stream("sips:d@10.0.0.1")
+    assert not calls.reached_over_stream("sip:d@10.0.0.1:5070")  # UDP, whatever the REGISTER came over
+    assert not calls.reached_over_stream("sip:d@10.0.0.1:5070;transport=udp")

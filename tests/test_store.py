@@ -85,7 +85,9 @@ def test_expired_device_ids_are_cleaned_from_the_aor_set(redis_url: str) -> None
     store.save_device(make_device(2))
     r.delete(schema.device_key("sip:alice@example.com", "dev1"))  # what expiry does
     assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev2"]
-    assert r.smembers(schema.devices_key("sip:alice@example.com")) == {"dev2"}
+    # (the lookup is read-only: it runs while Redis refuses writes) the next save drops the id
+    store.save_device(make_device(3))
+    assert r.smembers(schema.devices_key("sip:alice@example.com")) == {"dev2", "dev3"}
 
 
 def test_eleventh_device_evicts_the_oldest_registered(redis_url: str) -> None:
@@ -454,3 +456,23 @@ def test_batched_outcomes_count_and_feed_the_window(redis_url: str) -> None:
     assert status["counters"] == {"delivered": 4, "device_suspect": 5}
     assert status["recent"] == {"pushes": 9, "bad_device_token": 5} and status["env_suspect"]
     assert sync.app_status("fcm", "p")["recent"] == {"pushes": 2, "bad_device_token": 0}
+
+
+def test_save_device_plans_again_when_the_set_changed_meanwhile(redis_url: str) -> None:
+    """Two REGISTERs of one user at once: the write is refused when the device set is no longer
+    the one its plan was read from, and save_device plans again (no device over the limit)."""
+    store = SyncStore(redis_url, Settings(max_devices_per_user=2))
+    store.save_device(make_device(1))
+    real_read = store._device_hashes
+    calls: list[str] = []
+
+    def read_then_race(aor: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+        seen = real_read(aor)
+        if not calls:  # another worker saves a device between this read and the write
+            calls.append(aor)
+            SyncStore(redis_url, Settings(max_devices_per_user=2)).save_device(make_device(2))
+        return seen
+
+    store._device_hashes = read_then_race  # type: ignore[method-assign]
+    assert store.save_device(make_device(3)) == ["dev1"]  # planned again with dev2 in view
+    assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev2", "dev3"]
