@@ -90,6 +90,17 @@ def _int_def(name: str, default: int) -> int:
     return int(value) if value.isascii() and value.isdigit() else default
 
 
+def _set_debug_level(value: str | None) -> None:
+    global _debug_level, _LEVELS
+    text = (value or "").strip()
+    _debug_level = int(text) if text.lstrip("-").isdigit() else 2
+    named = {"dbg": 3, "info": 2, "notice": 1, "warn": 0, "err": -1, "crit": -2}
+    _LEVELS = {getattr(KSR, name): level for name, level in named.items() if hasattr(KSR, name)}
+
+
+_LEVELS: dict[Callable[[str], Any], int] = {}
+
+
 def _pv(name: str) -> str:
     try:
         value = KSR.pv.get(name)
@@ -122,7 +133,14 @@ def _pv_raw(name: str) -> str:
         return ""
 
 
+# Kamailio's debug level (LOG_LEVEL) as read in each process: lines above it are not even built,
+# the hot path at LOG_LEVEL 1 formats nothing for its info lines
+_debug_level = 2
+
+
 def _log(level: Callable[[str], Any], event: str, **fields: object) -> None:
+    if _LEVELS.get(level, 0) > _debug_level:
+        return
     # every value may come from the SIP message: one line per event, whatever it holds
     details = " ".join(f"{k}={log_safe(str(v))}" for k, v in fields.items())
     level(f"pusher: {event} {details}\n")
@@ -226,6 +244,7 @@ class Router:
     def child_init(self, rank: int) -> int:
         # every process (SIP workers, timers running the htable event): its logging goes to Kamailio
         ksrlog.install(KSR, _get_def("LOG_LEVEL"))
+        _set_debug_level(_get_def("LOG_LEVEL"))
         if rank > 0:
             if self.cfg.pusher:
                 self._warm_up()
@@ -1155,6 +1174,7 @@ class Router:
         """evrexec worker: run the push dispatcher's asyncio loop in this dedicated process."""
         # evrexec processes get no child_init: the dispatcher's push outcome lines need this
         ksrlog.install(KSR, _get_def("LOG_LEVEL"))
+        _set_debug_level(_get_def("LOG_LEVEL"))
         while True:
             try:
                 _log(KSR.info, "dispatcher-start", worker=idx)
