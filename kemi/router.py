@@ -62,6 +62,8 @@ MISSED_MARK_TTL = 300  # s: longer than any ringing (fr_inv_timer 120 s)
 PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
 PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
 BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
+OVERLOAD_PIPE = "pn-new-calls"  # pipelimit pipe of initial INVITEs (MAX_CPS)
+OVERLOAD_RETRY_AFTER = 5  # s a caller shed for overload is asked to wait
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
 BRANCH_FAILURE_ROUTE = "ksr_branch_failure"  # role mode: event_route[tm:branch-failure:ksr_branch_failure]
@@ -206,6 +208,7 @@ class Router:
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
         self.fail_open_invite = KSR.kx.ifdef("AUTH_FAIL_OPEN_INVITE") > 0
+        self._shed_logged = 0.0
 
     def load_route_secret(self) -> None:
         """In the main process, before the fork, so that every worker signs and checks Record-Route
@@ -318,6 +321,7 @@ class Router:
             self.route_cancel,
             self.route_withindlg,
             self.route_retransmission,
+            self.route_overload,
             self.route_domain,
             self.route_auth,
             self.route_register,
@@ -455,6 +459,24 @@ class Router:
         if KSR.tm.t_check_trans() == 0:
             return STOP
         return NEXT
+
+    def route_overload(self) -> bool:
+        """New calls above MAX_CPS per second get 503 with Retry-After before any work is spent on
+        them (pipelimit TAILDROP, shared by the workers): excess load is shed early and cheaply,
+        and the calls already accepted (and every wake-up REGISTER) keep the node's capacity.
+        One log line per second per worker at most: a flood must not flood the log."""
+        limit = self.limits.max_calls_per_second
+        if not limit or not KSR.is_INVITE() or self.role:
+            return NEXT
+        if KSR.pipelimit.pl_check_limit(OVERLOAD_PIPE, "TAILDROP", limit) != -1:
+            return NEXT
+        now = time.monotonic()
+        if now - self._shed_logged >= 1.0:
+            self._shed_logged = now
+            _log(KSR.warn, "overload-shed", limit=limit, src=_pv("$si"))
+        KSR.hdr.append_to_reply(f"Retry-After: {OVERLOAD_RETRY_AFTER}\r\n")
+        KSR.sl.sl_send_reply(503, "Overloaded")
+        return STOP
 
     def route_auth(self) -> bool:
         if not self.cfg.auth or not (KSR.is_REGISTER() or KSR.is_INVITE()):

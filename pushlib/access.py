@@ -125,6 +125,9 @@ class Limits:
     max_call_pushes_per_minute: int = 10
     min_expires: int = 60
     max_expires: int = 3600
+    #: new calls (initial INVITEs) per second this node takes; above it they get 503 with
+    #: Retry-After at once, before any Redis or usrloc work (pipelimit, TAILDROP per second)
+    max_calls_per_second: int = 300
 
 
 def limits_from(get: Callable[[str], str | None]) -> Limits:
@@ -140,6 +143,7 @@ def limits_from(get: Callable[[str], str | None]) -> Limits:
         max_call_pushes_per_minute=number("MAX_CALL_PUSHES_PER_MINUTE", base.max_call_pushes_per_minute),
         min_expires=number("MIN_EXPIRES", base.min_expires),
         max_expires=number("MAX_EXPIRES", base.max_expires),
+        max_calls_per_second=number("MAX_CPS", base.max_calls_per_second),
     )
 
 
