@@ -20,3 +20,4 @@ test: lint
 bench: deps
 	$(PY) bench/push_bench.py --rounds 3
 	$(PY) bench/wake_bench.py --calls 200
+	$(PY) bench/capacity.py --step-seconds 10

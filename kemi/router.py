@@ -333,9 +333,13 @@ class Router:
                 break
 
     def route_parking(self) -> bool:
-        """Our own parking branches (see _park): swallowed, never answered. tm kills the branch
-        (no CANCEL: it never got a reply) when the parked INVITE gets its final reply."""
+        """Our own parking branches (see _park): answered `100` (statelessly), never more. The 100
+        stops tm retransmitting the INVITE to ourselves over UDP (at 10,000 parked calls that was
+        thousands of self-INVITEs per second) and puts the branch on its fr_inv timer, which
+        _set_parking_branch made the wait window."""
         if _pv("$rU").startswith(PARK_PREFIX) and KSR.is_myself_srcip() > 0:
+            if KSR.is_INVITE():
+                KSR.sl.sl_send_reply(100, "Parked")
             return STOP
         return NEXT
 
@@ -852,14 +856,14 @@ class Router:
         """Point the request at the parking branch (the caller relays it).
 
         Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
-        (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
-        pending until its fr timer, which IS the wait window: failed awake branches do not
+        (R-URI user PARK_PREFIX...) that route_parking answers 100 and nothing more. It stays
+        pending until its fr_inv timer, which IS the wait window: failed awake branches do not
         end the call while pushed devices may still wake, tsilo can append the woken device's
         branch, and when it times out with every other branch ended, tm runs the failure
         route, the one place where the call can still be relayed (to FALLBACK_URI) or get
         its 480. Devices still ringing then are ended by the htable backstop (pnwait)."""
         fr_ms = max(1000, int(self.cfg.settings.wait_window * 1000))
-        KSR.tm.t_set_fr(max(fr_ms + 5000, 120_000), fr_ms)
+        KSR.tm.t_set_fr(fr_ms, fr_ms)
         park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
         KSR.pv.sets("$ru", park_uri)
         KSR.pv.sets("$du", park_uri)
