@@ -530,6 +530,8 @@ class Runner:
             if not step.kamailio_alive:
                 res.crashed = True
                 return
+            if self.args.keep_going:
+                continue  # (an overload run: the step's outcome is the figure, not a stopping point)
             if step.failed or step.reregister_failed:
                 break
             res.max_calls_per_s = rate if not step.generator_limited else int(step.offered_rate)
@@ -578,7 +580,7 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
             defines = pusher_defines(srv.url, auth=False, wait_window=args.window, awake_window=0,
                                      external_dispatcher=True, extra={
                                          "CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
-                                         "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": "0",
+                                         "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": str(args.max_cps),
                                          "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"',
                                      })
             cfg = KAMAILIO_CFG
@@ -711,6 +713,11 @@ def main() -> None:
                     "60 for the official figure)")
     ap.add_argument("--reg-seconds", type=int, default=5, help="seconds of REGISTERs per REGISTER step")
     ap.add_argument("--configs", default="ours,native", help="which configurations, in order")
+    ap.add_argument("--max-cps", type=int, default=0,
+                    help="ours' MAX_CPS (new calls per second before 503 + Retry-After); 0 = off, to measure")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="run every step even after failures (an overload run: e.g. twice the capacity with "
+                         "--max-cps set, to see the excess shed with 503 and no crash)")
     ap.add_argument("--window", type=int, default=5, help="wait window (s): a parked call gets 480 after it")
     ap.add_argument("--wake-delay", type=float, default=0.5, help="seconds from a call's start to its re-REGISTER")
     ap.add_argument("--hold-ms", type=int, default=500, help="the caller's pause between ACK and BYE")

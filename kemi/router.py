@@ -209,6 +209,8 @@ class Router:
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
         self.fail_open_invite = KSR.kx.ifdef("AUTH_FAIL_OPEN_INVITE") > 0
         self._shed_logged = 0.0
+        # KEMI mode listens on TCP at SIP_PORT on every address it listens on (kamailio.cfg)
+        self._park_tcp_port = "" if self.role else (_unquoted_def("SIP_PORT") or "5060")
 
     def load_route_secret(self) -> None:
         """In the main process, before the fork, so that every worker signs and checks Record-Route
@@ -333,13 +335,9 @@ class Router:
                 break
 
     def route_parking(self) -> bool:
-        """Our own parking branches (see _park): answered `100` (statelessly), never more. The 100
-        stops tm retransmitting the INVITE to ourselves over UDP (at 10,000 parked calls that was
-        thousands of self-INVITEs per second) and puts the branch on its fr_inv timer, which
-        _set_parking_branch made the wait window."""
+        """Our own parking branches (see _park): swallowed, never answered. tm kills the branch
+        (no CANCEL: it never got a reply) when the parked INVITE gets its final reply."""
         if _pv("$rU").startswith(PARK_PREFIX) and KSR.is_myself_srcip() > 0:
-            if KSR.is_INVITE():
-                KSR.sl.sl_send_reply(100, "Parked")
             return STOP
         return NEXT
 
@@ -710,21 +708,24 @@ class Router:
         answers (the failure route sends it): the call is marked in MISSED_TABLE."""
         if devices:
             KSR.htable.sht_setxs(MISSED_TABLE, calls.call_key(_pv("$ci")), aor, MISSED_MARK_TTL)
-            if self.cfg.push_on_silence_ms and calls.rings_push_device(ring, devices):
-                self._watch_silence(aor, ring)
+            if self.cfg.push_on_silence_ms and calls.rings_push_device(ring, devices) and self._watch_silence(ring):
+                self._ring(ring)
+                # in tsilo only now that the transaction has its branches (see _park)
+                KSR.tsilo.ts_store_uri(aor)
+                return
         self._ring(ring)
 
-    def _watch_silence(self, aor: str, ring: tuple[calls.Binding, ...]) -> None:
+    def _watch_silence(self, ring: tuple[calls.Binding, ...]) -> bool:
         """A push device rung directly may have been suspended since its REGISTER: its branch gets
         PUSH_ON_SILENCE ms to send a provisional reply (RFC 3261 wants a 100 within 200 ms, so a
         plain phone rung alongside loses nothing), then tm ends it with 408 and the branch-failure
-        route pushes the device and parks the call for it. The transaction is made and stored in
-        tsilo now, so that the woken device's REGISTER can add its branch."""
+        route pushes the device and parks the call for it. The transaction is made now (the caller
+        stores it in tsilo once it has its branches, so the woken device's REGISTER can add its
+        own); False when it cannot be (rung without the watch then)."""
         if KSR.tm.t_newtran() < 0:
-            _log(KSR.err, "silence-watch-failed", aor=aor, call=calls.call_key(_pv("$ci")))
-            return  # (rung without the watch: t_relay makes the transaction)
+            _log(KSR.err, "silence-watch-failed", call=calls.call_key(_pv("$ci")))
+            return False
         KSR.tm.t_save_lumps()
-        KSR.tsilo.ts_store_uri(aor)
         KSR.tm.t_set_fr(0, self.cfg.push_on_silence_ms)
         KSR.tm.t_on_branch_failure(self._branch_failure_route)
         # the branch-failure route sees the original R-URI and the branch's index only; _ring
@@ -732,6 +733,7 @@ class Router:
         key = calls.call_key(_pv("$ci"))
         for i, b in enumerate(ring):
             KSR.htable.sht_setxs(BRANCH_TABLE, f"{key}|{i}", b.uri, BRANCH_MARK_TTL)
+        return True
 
     def _limit_pushes(self, aor: str, plan: calls.InvitePlan, now: float) -> calls.InvitePlan:
         """Leave out of the plan the devices already pushed MAX_CALL_PUSHES_PER_MINUTE times this
@@ -772,7 +774,8 @@ class Router:
         """Park the INVITE for the pushed devices (ringing the awake ones in parallel).
 
         Order matters: the transaction gets all its branches (t_relay) before a REGISTER can
-        resume it (pnpend marks) and before the push that makes the device REGISTER goes out.
+        resume it (tsilo store, pnpend marks) and before the push that makes the device REGISTER
+        goes out.
         A REGISTER appending a branch (tsilo, under tm's reply lock) while this worker's t_relay
         was still adding its own (without that lock) corrupted the transaction under load."""
         call_id = _pv("$ci")
@@ -783,7 +786,6 @@ class Router:
             KSR.sl.sl_reply_error()
             return
         KSR.tm.t_save_lumps()
-        KSR.tsilo.ts_store_uri(aor)
         pushed = tuple(d.device_id for d in plan.push)
         try:
             self._record_parked(aor, key, pushed, now)
@@ -804,6 +806,10 @@ class Router:
         else:
             KSR.tm.t_on_failure(FAILURE_ROUTE)
             self._relay()
+        # Only now is the transaction visible to tsilo: a REGISTER waking another call of this
+        # AOR appends to every transaction stored for it (ts_append_by_contact), and an append
+        # racing this worker's t_relay corrupted tm (BUG: retransmission already started).
+        KSR.tsilo.ts_store_uri(aor)
         self._mark_pending(aor, key, pushed)
         if self._push_call(aor, key, pushed, now):
             _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
@@ -856,15 +862,22 @@ class Router:
         """Point the request at the parking branch (the caller relays it).
 
         Keep the parked transaction alive with a "parking branch": an INVITE to ourselves
-        (R-URI user PARK_PREFIX...) that route_parking answers 100 and nothing more. It stays
-        pending until its fr_inv timer, which IS the wait window: failed awake branches do not
+        (R-URI user PARK_PREFIX...) that route_parking swallows without any reply. It stays
+        pending until its fr timer, which IS the wait window: failed awake branches do not
         end the call while pushed devices may still wake, tsilo can append the woken device's
         branch, and when it times out with every other branch ended, tm runs the failure
         route, the one place where the call can still be relayed (to FALLBACK_URI) or get
-        its 480. Devices still ringing then are ended by the htable backstop (pnwait)."""
+        its 480. Devices still ringing then are ended by the htable backstop (pnwait).
+        In KEMI mode it goes over TCP to our own SIP port: a reliable transport, so tm never
+        retransmits it (over UDP that was ~9 INVITEs to ourselves per parked call and window);
+        in role mode the host's listeners are unknown and it goes over UDP to where the call came in."""
         fr_ms = max(1000, int(self.cfg.settings.wait_window * 1000))
-        KSR.tm.t_set_fr(fr_ms, fr_ms)
-        park_uri = f"sip:{PARK_PREFIX}{key}@{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
+        KSR.tm.t_set_fr(max(fr_ms + 5000, 120_000), fr_ms)
+        if self._park_tcp_port:
+            where = f"{_pv('$Ri')}:{self._park_tcp_port};transport=tcp"
+        else:
+            where = f"{_pv('$Ri')}:{_pv('$Rp')};transport=udp"
+        park_uri = f"sip:{PARK_PREFIX}{key}@{where}"
         KSR.pv.sets("$ru", park_uri)
         KSR.pv.sets("$du", park_uri)
 
