@@ -58,6 +58,7 @@ FALLBACK_TABLE = "pnfb"  # call key -> AOR of calls whose branches the window ti
 MISSED_TABLE = "pnmiss"  # call key -> AOR of unparked calls to users with push devices (missed-call owed)
 BRANCH_TABLE = "pnbranch"  # "<call key>|<branch index>" -> URI rung (calls watched for silence)
 BRANCH_MARK_TTL = 60  # s: longer than PUSH_ON_SILENCE, the only time the marks are read
+BRANCH_COUNT_TABLE = "pnbr"  # call key -> device branches of a parked call still open
 MISSED_MARK_TTL = 300  # s: longer than any ringing (fr_inv_timer 120 s)
 PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
 PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
@@ -631,8 +632,12 @@ class Router:
         finally:
             KSR.htable.sht_unlock(PEND_TABLE, pkey)
         # only calls still parked (a call that ended must not get the device as a branch)
-        if not any(KSR.htable.sht_get(WAIT_TABLE, k) is not None for k in keys):
+        alive = [k for k in keys if KSR.htable.sht_get(WAIT_TABLE, k) is not None]
+        if not alive:
             return
+        for k in alive:  # (counted before the branch exists: its failure must find it counted)
+            if KSR.htable.sht_get(BRANCH_COUNT_TABLE, k) is not None:
+                KSR.htable.sht_inc(BRANCH_COUNT_TABLE, k)
         rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
         try:
             woken = self.state.wake(aor, device_id)
@@ -810,6 +815,8 @@ class Router:
         # AOR appends to every transaction stored for it (ts_append_by_contact), and an append
         # racing this worker's t_relay corrupted tm (BUG: retransmission already started).
         KSR.tsilo.ts_store_uri(aor)
+        window = max(1, int(self.cfg.settings.wait_window))
+        KSR.htable.sht_setxi(BRANCH_COUNT_TABLE, key, len(plan.ring), window + 5)
         self._mark_pending(aor, key, pushed)
         if self._push_call(aor, key, pushed, now):
             _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
@@ -1129,18 +1136,41 @@ class Router:
         if 200 <= code < 300:
             self._end_parked(key, reason=calls.end_reason(code), answered=True)
         elif calls.failure_action(code, True, False) is calls.FailureAction.END_ALL:
-            # busy/decline ends the call for everyone. tm cannot end the parking branch from
-            # inside a reply route (the transaction's reply lock is held), so an async task
-            # process answers the caller at once and tm cancels every other branch. If no task
-            # can be queued, the wait-window timer is re-armed to do it within 1-2 s.
-            KSR.htable.sht_rm(WAIT_TABLE, key)  # a replaced item would keep its old expiry
-            KSR.htable.sht_setxs(WAIT_TABLE, key, entry.with_code(code).encode(), 1)
-            # (`async` is a Python keyword: the KEMI module is reached by name)
-            if getattr(KSR, "async").task_data(self._end_now_route, key) < 0:
-                _log(KSR.warn, "end-now-not-queued", call=key, code=code)
+            self._end_now(key, entry, code)
             _log(KSR.info, "end-all", call=key, code=code)
+        elif self._nobody_left(entry, key):
+            # the last open branch failed and every pushed device has woken: nobody can answer
+            # any more, so the caller gets this answer now rather than at the end of the window
+            self._end_now(key, entry, code)
+            _log(KSR.info, "end-last-branch", call=key, code=code)
         else:
             _log(KSR.info, "keep-waiting", call=key, code=code)
+
+    def _end_now(self, key: str, entry: calls.WaitEntry, code: int) -> None:
+        """End a parked call with `code` at once, from a reply route. tm cannot end the parking
+        branch from inside a reply route (the transaction's reply lock is held), so an async task
+        process answers the caller at once and tm cancels every other branch. If no task can be
+        queued, the wait-window timer is re-armed to do it within 1-2 s."""
+        KSR.htable.sht_rm(WAIT_TABLE, key)  # a replaced item would keep its old expiry
+        KSR.htable.sht_setxs(WAIT_TABLE, key, entry.with_code(code).encode(), 1)
+        # (`async` is a Python keyword: the KEMI module is reached by name)
+        if getattr(KSR, "async").task_data(self._end_now_route, key) < 0:
+            _log(KSR.warn, "end-now-not-queued", call=key, code=code)
+
+    def _nobody_left(self, entry: calls.WaitEntry, key: str) -> bool:
+        """A branch of a parked call failed: whether it was the last one that could answer (the
+        count of open device branches, `pnbr`, reaches 0) and no pushed device is still asleep.
+        Calls whose branches are not counted (parked from the branch-failure route) wait out
+        their window as before."""
+        if KSR.htable.sht_get(BRANCH_COUNT_TABLE, key) is None:
+            return False
+        if (KSR.htable.sht_dec(BRANCH_COUNT_TABLE, key) or 0) > 0:
+            return False
+        try:
+            return self.state.asleep(entry.aor, key) == 0
+        except StoreUnavailable as exc:
+            _log(KSR.err, "end-state-unavailable", aor=entry.aor, call=key, error=exc)
+            return False
 
     def ksr_reply_route(self, msg: object) -> int:
         try:

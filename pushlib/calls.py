@@ -449,8 +449,8 @@ class FailureAction(Enum):
     KEEP_WAITING = "keep_waiting"  # pushed devices may still wake: keep the transaction
 
 
-_PHRASES = {480: "Temporarily Unavailable", 486: "Busy Here", 487: "Request Terminated",
-            600: "Busy Everywhere", 603: "Decline"}
+_PHRASES = {408: "Request Timeout", 480: "Temporarily Unavailable", 486: "Busy Here", 487: "Request Terminated",
+            500: "Server Internal Error", 503: "Service Unavailable", 600: "Busy Everywhere", 603: "Decline"}
 
 
 def reason_phrase(code: int) -> str:

@@ -96,3 +96,11 @@ class ParkedCalls:
             flat = self._finish(keys=[schema.call_key(aor, key)],
                                 args=[schema.PARKED_DEVICE_PREFIX, schema.pending_key(aor, ""), key])
         return schema.decode_parked_call(aor, key, schema.pairs_to_dict(flat))
+
+    def asleep(self, aor: str, key: str) -> int:
+        """How many devices pushed for a parked call have not woken yet (0 also when the call has
+        ended)."""
+        with unavailable_on_error("asleep"):
+            raw = self._r.hgetall(schema.call_key(aor, key))
+        call = schema.decode_parked_call(aor, key, raw)
+        return 0 if call is None else len(set(call.pushed) - set(call.woken))

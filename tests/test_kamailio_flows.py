@@ -564,3 +564,28 @@ def test_phone_that_wakes_under_a_new_instance_gets_its_call(stack: Stack, tmp: 
     _wake_and_answer(stack, user, password, tok, str(uuid.uuid4()), "udp")
     assert caller.wait(20) == 0 and caller.final_codes() == [200]
     assert len(stack.store.devices(f"sip:{user}@{DOMAIN}")) == 1  # one record for the one phone
+
+
+@pytest.mark.parametrize("code", [503, 480])
+def test_woken_phone_failing_with_nobody_left_ends_the_call_at_once(stack: Stack, tmp: Path, code: int) -> None:
+    """The only pushed phone woke and then answered 5xx/480: nobody else can answer, so the caller
+    gets that answer at once (not the window's 480 seconds later) and the user a missed-call push."""
+    user, tok, instance = _user(), fcm_token(), str(uuid.uuid4())
+    password = stack.add_user(user)
+    with _phone(stack, "udp") as first:
+        assert first.register(user, rfc8599_fcm_contact(first.local_port, tok, "udp", instance),
+                              password=password).status == 200
+    asleep(stack, user)
+    caller = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    assert [push_kind(p) for p in stack.wait_pushes(tok, 1, timeout=5)] == ["incomingCall"]
+    with _phone(stack, "udp") as woken:
+        assert woken.register(user, rfc8599_fcm_contact(woken.local_port, tok, "udp", instance),
+                              password=password).status == 200
+        invite = woken.request("INVITE")
+        woken.answer(invite, code, "Not Now", "w1")
+        answered_at = time.monotonic()
+        caller.wait(WAIT + 10)
+    assert caller.final_codes() == [code]  # the window's end would have been 480 from the proxy
+    assert time.monotonic() - answered_at < 2.0  # (a functional bound: the window ends ~3.5 s after it)
+    kinds = [push_kind(p) for p in stack.wait_pushes(tok, 2)]
+    assert "missedCall" in kinds
