@@ -97,12 +97,8 @@ class BenchKamailio(KamailioProc):
         return [*super().args(), "-m", str(SHM_MB), "-M", str(PKG_MB)]
 
     def start(self) -> None:
-        self.starts += 1
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.args(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.env},
-            )
+        # (ready when it answers OPTIONS: at LOG_LEVEL 1 the router's "ready" line is not logged)
+        self.spawn()
         try:
             wait_for_port(self.port, timeout=20)
             options_ping(self.port, timeout=20)

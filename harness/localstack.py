@@ -86,6 +86,16 @@ class KamailioProc:
     def start(self) -> None:
         """Start and wait until the router logged `pusher: ready`; on failure stop it and raise
         RuntimeError carrying the log tail."""
+        self.spawn()
+        try:
+            wait_for_port(self.port, timeout=15)
+            wait_log(self, "pusher: ready", timeout=15, since=self.starts)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError("kamailio did not start:\n" + self.log()[-4000:]) from None
+
+    def spawn(self) -> None:
+        """Start the process (its output goes to the log file), without waiting for it."""
         self.starts += 1
         with open(self.log_path, "wb") as out:
             # cwd=ROOT: the cfg's default KEMI_ROUTER is relative to the checkout
@@ -93,12 +103,6 @@ class KamailioProc:
                 self.args(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, **self.env},
             )
-        try:
-            wait_for_port(self.port, timeout=15)
-            wait_log(self, "pusher: ready", timeout=15, since=self.starts)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError("kamailio did not start:\n" + self.log()[-4000:]) from None
 
     def stop(self) -> None:
         if self.proc is not None:
