@@ -72,7 +72,8 @@ def proxy_config(
 
     A define that is present but has no value (e.g. `#!define WITH_AUTH`) counts as on.
     Recognised: WITH_PUSHER, WITH_AUTH, REDIS_URL, WAIT_WINDOW, AWAKE_WINDOW, AUTH_REALM,
-    HIDE_CALLER, FALLBACK_URI, PUSH_ON_SILENCE. (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
+    HIDE_CALLER, FALLBACK_URI, PUSH_ON_SILENCE, CALL_ALERT_REPEAT (for the in-process dispatcher).
+    (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
     Kamailio starts dispatcher processes.)
     """
 
@@ -90,6 +91,8 @@ def proxy_config(
         overrides["redis_url"] = url
     if (wait := text("WAIT_WINDOW")) is not None:
         overrides["wait_window"] = schema.finite_float(wait, "WAIT_WINDOW")
+    if (repeat := text("CALL_ALERT_REPEAT")) is not None:
+        overrides["call_alert_repeat"] = schema.finite_float(repeat, "CALL_ALERT_REPEAT")
     if get_def("HIDE_CALLER") is not None:
         overrides["hide_caller"] = flag("HIDE_CALLER")
     settings = replace(settings, **overrides)  # type: ignore[arg-type]

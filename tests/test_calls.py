@@ -422,3 +422,8 @@ def test_reached_over_stream() -> None:
     assert calls.reached_over_stream("sips:d@10.0.0.1")
     assert not calls.reached_over_stream("sip:d@10.0.0.1:5070")  # UDP, whatever the REGISTER came over
     assert not calls.reached_over_stream("sip:d@10.0.0.1:5070;transport=udp")
+
+
+def test_call_alert_repeat_define_reaches_the_in_process_dispatcher() -> None:
+    assert calls.proxy_config(lambda name: None, env={}).settings.call_alert_repeat == 10.0
+    assert calls.proxy_config({"CALL_ALERT_REPEAT": "4"}.get, env={}).settings.call_alert_repeat == 4.0
