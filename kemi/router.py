@@ -666,6 +666,7 @@ class Router:
             devices = None
         now = time.time()
         plan = calls.plan_invite(bindings, devices, now, self.cfg.awake_window, self._disconnected(bindings))
+        self._drop_dead(aor, plan.drop, devices or [])
         if plan.verdict is calls.Verdict.NOT_FOUND:
             if role:
                 return NEXT
@@ -698,6 +699,19 @@ class Router:
         else:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
         return STOP
+
+    def _drop_dead(self, aor: str, drop: tuple[calls.Binding, ...], devices: list[Device]) -> None:
+        """Remove the bindings of dead devices (the dispatcher marked them when their last token
+        died) and then their records: the next call does not even look at them."""
+        for b in drop:
+            KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
+            for d in devices:
+                if d.dead and d.contact == b.uri:
+                    try:
+                        self.store.remove_device(aor, d.device_id)
+                    except StoreUnavailable as exc:
+                        _log(KSR.err, "device-remove-failed", aor=aor, device=d.device_id, error=exc)
+                    _log(KSR.notice, "dead-binding-removed", aor=aor, device=d.device_id)
 
     @staticmethod
     def _disconnected(bindings: list[calls.Binding]) -> frozenset[str]:

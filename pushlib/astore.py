@@ -31,8 +31,12 @@ QUARANTINE_SECONDS = 24 * 3600
 ENV_WINDOW_PUSHES = 100
 ENV_SUSPECT_MIN_BAD = 5
 
-# Remove one dead token from a device; drop the device when no token is left.
-# Returns 0 (token not on the device any more: no-op), 1 (token removed), 2 (device removed).
+# Remove one dead token from a device; when no token is left, keep the device as a tombstone:
+# its hash (with its TTL) and its member of the AOR set stay, every token gone, `dead` = "1" (the
+# SIP side sees the phone's binding is dead, drops it and deletes the record; a REGISTER of the
+# device replaces the hash). KEYS[1]: the device hash. ARGV[1]: the dead token, ARGV[2]: the dead
+# field's name. Returns 0 (token not on the device any more: no-op), 1 (token removed, another
+# left), 2 (no token left: the device is now dead).
 _REMOVE_TOKEN = """
 local field = nil
 if redis.call('hget', KEYS[1], 'voip_token') == ARGV[1] then field = 'voip_token'
@@ -41,8 +45,7 @@ if not field then return 0 end
 redis.call('hdel', KEYS[1], field)
 if redis.call('hexists', KEYS[1], 'voip_token') == 0
    and redis.call('hexists', KEYS[1], 'alert_token') == 0 then
-  redis.call('del', KEYS[1])
-  redis.call('srem', KEYS[2], ARGV[2])
+  redis.call('hset', KEYS[1], ARGV[2], '1')
   return 2
 end
 return 1
@@ -190,16 +193,18 @@ class AsyncStore:
     # --- outcome helpers ------------------------------------------------------------------------
 
     async def remove_token(self, aor: str, device_id: str, token: str) -> bool:
-        """A provider said `token` is dead: remove it from the device (the whole device when no
-        token is left). Idempotent: False when the token is no longer on the device (already
-        removed, or the device re-registered with a new one)."""
+        """A provider said `token` is dead: remove it from the device. When no token is left the
+        device stays as a tombstone (`Device.dead`, `schema.DEVICE_DEAD_FIELD`): same TTL, no
+        token, never pushed, so the SIP side can see that the phone's binding is dead. Idempotent:
+        False when the token is no longer on the device (already removed, or the device
+        re-registered with a new one)."""
         with unavailable_on_connection_error("remove_token"):
             result = int(await self._remove_token(
-                keys=[schema.device_key(aor, device_id), schema.devices_key(aor)], args=[token, device_id],
+                keys=[schema.device_key(aor, device_id)], args=[token, schema.DEVICE_DEAD_FIELD],
             ))
         if result:
             log.info("store: dead token removed aor=%s device=%s token=%s%s", aor, device_id,
-                     token_prefix(token), " (device removed: no token left)" if result == 2 else "")
+                     token_prefix(token), " (no token left: device marked dead)" if result == 2 else "")
         return result > 0
 
     async def quarantine_device(self, aor: str, device_id: str, now: float | None = None) -> bool:

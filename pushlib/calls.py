@@ -335,6 +335,9 @@ class InvitePlan:
     verdict: Verdict
     ring: tuple[Binding, ...] = ()
     push: tuple[Device, ...] = ()
+    #: bindings of dead devices (every token died at its provider): removed, never called (their
+    #: contact reaches nobody, or someone else by now)
+    drop: tuple[Binding, ...] = ()
 
 
 def plan_invite(
@@ -378,8 +381,13 @@ def plan_invite(
             pushed.add(token)
             push.append(d)
 
+    drop: list[Binding] = []
     for b in bindings:
         device = by_contact.get(b.uri)
+        if device is not None and device.dead:
+            matched.add(device.device_id)
+            drop.append(b)
+            continue
         if device is not None:
             matched.add(device.device_id)
             matched_phones.add(_push_identity(device))
@@ -396,18 +404,18 @@ def plan_invite(
             continue
         ring_once(b)
     for d in fresh:
-        if d.device_id in matched or _push_identity(d) in matched_phones or d.quarantined_until > now:
+        if d.dead or d.device_id in matched or _push_identity(d) in matched_phones or d.quarantined_until > now:
             continue
         if d.expires_at and d.expires_at <= now:
             continue
         push_once(d)
     if push:
-        return InvitePlan(Verdict.PARK, tuple(ring), tuple(push))
+        return InvitePlan(Verdict.PARK, tuple(ring), tuple(push), tuple(drop))
     if ring:
-        return InvitePlan(Verdict.RING, tuple(ring))
+        return InvitePlan(Verdict.RING, tuple(ring), drop=tuple(drop))
     if not bindings and not devices and devices is not None:
         return InvitePlan(Verdict.NOT_FOUND)
-    return InvitePlan(Verdict.UNAVAILABLE)
+    return InvitePlan(Verdict.UNAVAILABLE, drop=tuple(drop))
 
 
 #: final replies of a directly rung push device that mean "asleep", not "no": 408 (tm's own

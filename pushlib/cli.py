@@ -242,9 +242,10 @@ def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
         p = d.params
         tokens = ",".join(k for k, v in (("voip", p.voip_token), ("alert", p.alert_token)) if v)
         quarantined = " quarantined" if d.quarantined_until > now else ""
+        dead = " dead" if d.dead else ""
         print(
             f"{d.device_id}\t{p.provider.value}{'(sandbox)' if p.sandbox else ''}\t{p.app_id}\ttokens={tokens}"
-            f"\tregistered {int(now - d.registered_at)}s ago\texpires in {int(d.expires_at - now)}s{quarantined}"
+            f"\tregistered {int(now - d.registered_at)}s ago\texpires in {int(d.expires_at - now)}s{quarantined}{dead}"
         )
 
 

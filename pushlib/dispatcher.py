@@ -2,9 +2,13 @@
 
 Delivery is at-least-once. A job entry is acked (XACK + XDEL) only once every target device
 reached a final outcome; a dispatcher that dies leaves its entries pending, and any live
-dispatcher takes them over with XAUTOCLAIM after `Settings.reclaim_idle_ms`. Live dispatchers
-keep their own in-flight entries fresh (XCLAIM JUSTID every reclaim_idle_ms/3) so a sweep
-never steals work that is still progressing. Each (job, device) push the provider accepted is
+dispatcher takes them over with XAUTOCLAIM after `Settings.reclaim_idle_ms` (default 3 s, far
+inside a call's 30 s wait window: a SIGKILLed dispatcher's call pushes are sent by another one
+2-4.5 s later). Live dispatchers keep their own in-flight entries fresh (XCLAIM JUSTID every
+reclaim_idle_ms/3) so a sweep never steals work that is still progressing: an entry is only
+taken once its owner missed two refreshes in a row. After a Redis outage (when no refresh could
+be written) a dispatcher waits reclaim_idle_ms/2 before its next sweep, so the owners refresh
+their live entries first. Each (job, device) push the provider accepted is
 marked `pn:{<aor>}:sent:<job>:<device>` right away, so a reclaimed job skips it; a push accepted
 by the provider but not yet marked when the process died is sent again (the duplicate window).
 
@@ -37,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -75,7 +80,7 @@ log = logging.getLogger(__name__)
 
 STAT_NAMES = (
     "delivered", "token_dead", "suspect", "retried", "deadline_dropped", "config_error", "rejected",
-    "quarantined_skipped", "already_sent", "no_token", "malformed", "failed", "repeated",
+    "quarantined_skipped", "dead_skipped", "already_sent", "no_token", "malformed", "failed", "repeated",
 )
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
@@ -95,7 +100,7 @@ REPEAT_MIN_LEFT = 1.0
 REPEAT_TASKS_MAX = 10_000
 _CALL_END_KINDS = (PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL)
 # Outcomes whose log line is INFO (the rest are WARNING: an operator may have to act).
-_QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped", "no_token"))
+_QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped", "dead_skipped", "no_token"))
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _AppKey = tuple[str, str]  # (provider, app_id)
@@ -221,6 +226,7 @@ class Dispatcher:
         self._stopping = False
         self._app_reads: dict[_AppKey, asyncio.Future[AppCredentials | None]] = {}
         self._redis_down = False
+        self._redis_back_at = -math.inf  # monotonic time Redis was last seen back after an outage
         self._outcomes = _OutcomeBuffer()
         self._flush_lock = asyncio.Lock()
 
@@ -312,6 +318,7 @@ class Dispatcher:
         if self._redis_down:
             log.info("dispatcher %s: redis reachable again", self.consumer)
             self._redis_down = False
+            self._redis_back_at = time.monotonic()
 
     async def _every(self, stop: asyncio.Event, seconds: float, op: Callable[[], Awaitable[None]]) -> None:
         while not await _sleep_or_stop(stop, max(0.05, seconds)):
@@ -365,7 +372,11 @@ class Dispatcher:
                 self._start(entry_id, fields)
 
     async def _reclaim(self) -> None:
-        """Take over entries idle longer than reclaim_idle_ms (their consumer died or hung)."""
+        """Take over entries idle longer than reclaim_idle_ms (their consumer died or hung).
+        Not right after a Redis outage: live owners could not refresh their entries during it,
+        so they get a refresh interval to do so first."""
+        if self._redis_down or time.monotonic() - self._redis_back_at < self.settings.reclaim_idle_ms / 2000:
+            return
         start = "0-0"
         while (free := self.settings.concurrency - len(self._inflight)) > 0:
             start, entries, deleted = await self._store.reclaim(
@@ -591,6 +602,8 @@ class Dispatcher:
         """Push one device to a final outcome, retrying RETRYABLE results until the deadline.
         `sent`: the (job, device) mark existed when the job's devices were read."""
         provider, app_id = device.params.provider.value, device.params.app_id
+        if device.dead:  # a tombstone: every token died at the provider (AsyncStore.remove_token)
+            return self._final_line(job, device, "dead_skipped", None, "device dead: every token died")
         if device.quarantined_until > time.time():
             return self._final_line(job, device, "quarantined_skipped", None, "device quarantined")
         app = await self._app(provider, app_id)

@@ -58,6 +58,9 @@ class Device:
     registered_at: float = 0.0
     expires_at: float = 0.0
     quarantined_until: float = 0.0
+    # Every token of the device died at its provider (APNs 410, FCM UNREGISTERED): a tombstone,
+    # never pushed, kept until it expires or the device REGISTERs again (which replaces it).
+    dead: bool = False
 
 
 @dataclass(frozen=True)

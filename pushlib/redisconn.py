@@ -7,8 +7,12 @@
   after a timeout: a SIP worker never hangs on a dead or frozen Redis, and works again by itself
   as soon as Redis is back.
 - `async_client(url)`: redis.asyncio, for the push dispatcher (`astore.AsyncStore`). Its socket
-  timeout must exceed the dispatcher's XREADGROUP block time; no retry inside the client (the
-  dispatcher's loop retries with its own backoff and logs the outage).
+  timeout must exceed the dispatcher's XREADGROUP block time. A connection error is retried at
+  once on a fresh connection, then twice more with a short backoff (`ASYNC_RETRIES`, at most
+  ~0.3 s in all): a pooled connection that Redis closed (a restart, `CLIENT KILL`, an idle
+  timeout) costs one reconnect, not the job (left pending until the reclaim sweep, past a
+  call's window). Timeouts are not retried, and a Redis still down after the retries raises:
+  the dispatcher's loop logs the outage and retries with its own pace.
 
 Both decode replies to `str` (`decode_responses=True`), take user name and password from the URL,
 and verify the server's certificate and host name for a rediss:// URL
@@ -29,7 +33,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -40,6 +44,11 @@ from pushlib.settings import redis_connection_options
 SIP_SOCKET_TIMEOUT = 0.5
 DISPATCHER_SOCKET_TIMEOUT = 10.0
 DISPATCHER_CONNECT_TIMEOUT = 2.0
+# Retries of a command whose connection failed (async client): the first at once, on a new
+# connection (the usual case: Redis closed the pooled one), then after ~0.1 s and ~0.2 s.
+ASYNC_RETRIES = 3
+ASYNC_RETRY_BASE = 0.05
+ASYNC_RETRY_CAP = 0.2
 
 
 class StoreUnavailable(ConnectionError):
@@ -99,15 +108,30 @@ def async_client(
         decode_responses=True,
         socket_timeout=timeout,
         socket_connect_timeout=connect_timeout,
-        retry=AsyncRetry(NoBackoff(), 0),
+        retry=async_retry(),
         **redis_connection_options(redis_url),
     )
+
+
+class _FirstAtOnce(ExponentialWithJitterBackoff):
+    """No wait before the first retry (a fresh connection usually just works), then exponential
+    backoff with jitter."""
+
+    def compute(self, failures: int) -> float:
+        return 0.0 if failures <= 1 else float(super().compute(failures - 1))
+
+
+def async_retry() -> AsyncRetry:
+    """The async client's retry policy (see module doc): connection errors only."""
+    return AsyncRetry(_FirstAtOnce(cap=ASYNC_RETRY_CAP, base=ASYNC_RETRY_BASE), ASYNC_RETRIES,
+                      supported_errors=(RedisConnectionError,))
 
 
 __all__ = [
     "SIP_SOCKET_TIMEOUT",
     "StoreUnavailable",
     "async_client",
+    "async_retry",
     "sync_client",
     "unavailable_on_connection_error",
     "unavailable_on_error",

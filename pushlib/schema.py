@@ -184,6 +184,11 @@ _OPTIONAL_DEVICE_FIELDS = ("voip_token", "alert_token", "team_id")
 TOKEN_FIELDS = ("voip_token", "alert_token")
 
 
+#: The device hash field that marks a tombstone (`Device.dead`): "1" once every token died at the
+#: provider (`astore.AsyncStore.remove_token`); absent on a live device.
+DEVICE_DEAD_FIELD = "dead"
+
+
 def encode_device(device: Device) -> dict[str, str]:
     """Every Device and PushParams field as flat hash fields (absent optional fields omitted)."""
     p = device.params
@@ -199,6 +204,8 @@ def encode_device(device: Device) -> dict[str, str]:
         "expires_at": repr(float(device.expires_at)),
         "quarantined_until": repr(float(device.quarantined_until)),
     }
+    if device.dead:  # absent = alive (records written before tombstones existed have no field)
+        out[DEVICE_DEAD_FIELD] = "1"
     for name in _OPTIONAL_DEVICE_FIELDS:
         value = getattr(p, name)
         if value is not None:
@@ -226,6 +233,7 @@ def decode_device(raw: Mapping[str, str]) -> Device:
             registered_at=finite_float(raw.get("registered_at", "0"), "registered_at"),
             expires_at=finite_float(raw.get("expires_at", "0"), "expires_at"),
             quarantined_until=finite_float(raw.get("quarantined_until", "0"), "quarantined_until"),
+            dead=raw.get(DEVICE_DEAD_FIELD) == "1",
         )
     except (KeyError, ValueError) as exc:
         raise DecodeError(f"bad device record: {exc!r}") from exc

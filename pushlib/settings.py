@@ -48,7 +48,8 @@ class Settings:
     refresh_ttl: int = 15 * 60
     push_timeout: float = 10.0
     concurrency: int = 256
-    reclaim_idle_ms: int = 30_000
+    # well under the wait window: a dead dispatcher's call pushes are taken over in seconds
+    reclaim_idle_ms: int = 3_000
     call_alert_repeat: float = 10.0
 
     def __repr__(self) -> str:  # the URL may hold a password: shown redacted

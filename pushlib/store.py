@@ -91,8 +91,11 @@ class SyncStore:
         that expired); None when the device set changed meanwhile."""
         times = {i: None if raw is None else (float(raw.get("registered_at", 0)), float(raw.get("expires_at", 0) or 0))
                  for i, raw in others.items()}
-        duplicates = frozenset(i for i, raw in others.items() if raw is not None and schema.same_phone(
-            device, raw.get("provider"), raw.get("app_id"), raw.get("voip_token"), raw.get("alert_token")))
+        # evicted with the duplicates: a dead record (no token left) never pushes, and its binding
+        # goes with it (the router drops the bindings of evicted devices)
+        duplicates = frozenset(i for i, raw in others.items() if raw is not None and (
+            raw.get(schema.DEVICE_DEAD_FIELD) == "1" or schema.same_phone(
+                device, raw.get("provider"), raw.get("app_id"), raw.get("voip_token"), raw.get("alert_token"))))
         plan = schema.plan_device_save(device, times, self.settings.max_devices_per_user, time.time(), duplicates)
         gone = [*plan.evict, *plan.stale]
         fields = [x for kv in schema.encode_device(device).items() for x in kv]

@@ -29,6 +29,25 @@ Dispatch = Callable[[dict[str, Any], bytes], Reply]
 MAX_CONCURRENT_STREAMS = 1000
 MAX_REQUEST_BODY = 64 * 1024
 _READ_SIZE = 256 * 1024
+# How long a closing connection waits for the client's side of the TLS close before dropping it:
+# an idle HTTP/2 client (an APNs client between pushes) never answers it, and asyncio would wait
+# 30 s (its SSL shutdown timeout).
+CLOSE_TIMEOUT = 0.5
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close a connection, flushing what was written (GOAWAY); abort it when the peer does not
+    complete the close within `timeout` seconds."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except TimeoutError:
+        writer.transport.abort()
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    except Exception:  # a connection already reset: nothing left to close
+        writer.transport.abort()
 
 
 class H2ServerConnection:
@@ -74,11 +93,9 @@ class H2ServerConnection:
             for task in self.delayed:
                 task.cancel()
             with contextlib.suppress(Exception):
-                self.conn.close_connection()
+                self.conn.close_connection()  # GOAWAY: the client knows to reconnect elsewhere
                 self._flush()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            await close_writer(self.writer)
 
     def _on_event(self, event: h2.events.Event) -> bool:
         """Handle one event; False when the connection is over."""

@@ -11,6 +11,7 @@ so `serve` accepts connections itself and binds each one to its verified certifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -35,6 +36,8 @@ log = logging.getLogger("pushsandbox")
 
 CONTROL_PREFIX = "/_sandbox/"
 MAX_BODY = 64 * 1024
+# At stop, how long open connections get to send GOAWAY and close before they are dropped.
+STOP_GRACE = 1.0
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -243,12 +246,20 @@ async def serve(app: SandboxApp, host: str, port: int, stop: asyncio.Event,
     lifespan_state: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
     connections: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
             connections.add(task)
             task.add_done_callback(connections.discard)
+        writers.add(writer)
+        try:
+            await serve_connection(reader, writer)
+        finally:
+            writers.discard(writer)
+
+    async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cert_bundle = None
         ssl_object = writer.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -279,8 +290,15 @@ async def serve(app: SandboxApp, host: str, port: int, stop: asyncio.Event,
     try:
         await stop.wait()
     finally:
+        # Stop at once, also with clients connected: each HTTP/2 connection sends GOAWAY and
+        # closes (h2server.close_writer); whatever is still open after STOP_GRACE is dropped.
         server.close()
         for task in list(connections):
             task.cancel()
+        if connections:
+            await asyncio.wait(list(connections), timeout=STOP_GRACE)
+        for writer in list(writers):
+            writer.transport.abort()
         await asyncio.gather(*connections, return_exceptions=True)
-        await server.wait_closed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), STOP_GRACE)

@@ -427,3 +427,16 @@ def test_reached_over_stream() -> None:
 def test_call_alert_repeat_define_reaches_the_in_process_dispatcher() -> None:
     assert calls.proxy_config(lambda name: None, env={}).settings.call_alert_repeat == 10.0
     assert calls.proxy_config({"CALL_ALERT_REPEAT": "4"}.get, env={}).settings.call_alert_repeat == 4.0
+
+
+def test_a_dead_devices_binding_is_dropped_never_rung_or_pushed() -> None:
+    from dataclasses import replace as dc_replace
+
+    dead = dc_replace(dev("d1", PUSH_URI, 2), dead=True)
+    b = calls.Binding(PUSH_URI, ruid="r1")
+    plan = calls.plan_invite([b], [dead], NOW, 10)
+    assert plan.verdict is calls.Verdict.UNAVAILABLE and plan.drop == (b,) and not plan.ring and not plan.push
+    asleep_dead = dc_replace(dev("d1", PUSH_URI, 60), dead=True)
+    assert calls.plan_invite([b], [asleep_dead], NOW, 10).drop == (b,)
+    # a dead record without a binding is simply skipped
+    assert calls.plan_invite([], [asleep_dead], NOW, 10).verdict is calls.Verdict.UNAVAILABLE

@@ -200,7 +200,7 @@ def test_job_for_chosen_devices_only(env: tuple[SandboxHandle, SyncStore, Settin
 # --- outcomes ----------------------------------------------------------------------------------
 
 
-def test_dead_tokens_disappear(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
+def test_dead_tokens_disappear_and_a_device_without_any_is_dead(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:
     sandbox, store, cfg = env
     aor = "sip:carol@example.com"
     voip, alert, fcm = apns_token(), apns_token(), fcm_token()
@@ -215,12 +215,13 @@ def test_dead_tokens_disappear(env: tuple[SandboxHandle, SyncStore, Settings]) -
     assert d.stats["token_dead"] == 2 and d.stats["retried"] == 0
     iphone = stored_device(store, aor, "iphone")
     assert iphone is not None and iphone.params.voip_token is None and iphone.params.alert_token == alert
-    assert stored_device(store, aor, "pixel") is None  # its only token died
+    pixel = stored_device(store, aor, "pixel")  # its only token died: kept as a tombstone
+    assert pixel is not None and pixel.dead and pixel.params.alert_token is None
     assert sandbox.control.pushes() == []
     # The next call finds no VoIP token: it rings the alert token with a visible alert instead.
     store.enqueue(job(PushKind.INCOMING_CALL, aor))
     d2 = run_dispatcher(cfg, lambda: stream_done(cfg))
-    assert d2.stats["delivered"] == 1 and d2.stats["no_token"] == 0
+    assert d2.stats["delivered"] == 1 and d2.stats["no_token"] == 0 and d2.stats["dead_skipped"] == 1
     assert [(p["token"], p["push_type"]) for p in sandbox.control.pushes()] == [(alert, "alert")]
 
 

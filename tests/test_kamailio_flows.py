@@ -589,3 +589,29 @@ def test_woken_phone_failing_with_nobody_left_ends_the_call_at_once(stack: Stack
     assert time.monotonic() - answered_at < 2.0  # (a functional bound: the window ends ~3.5 s after it)
     kinds = [push_kind(p) for p in stack.wait_pushes(tok, 2)]
     assert "missedCall" in kinds
+
+
+def test_a_dead_token_drops_the_binding_and_the_next_call_ends_at_once(stack: Stack, tmp: Path) -> None:
+    """APNs said 410 for the phone's only token: the dispatcher marks the device dead; the next
+    call does not ring the dead contact (that was 408 after 10 s, or a stranger now listening
+    there): the binding and the record go, and the caller gets 480 at once."""
+    user, tok = _user(), apns_token()
+    password = stack.add_user(user)
+    with _phone(stack, "udp") as phone:
+        assert phone.register(user, rfc8599_apns_contact(phone.local_port, tok, "udp", str(uuid.uuid4())),
+                              password=password).status == 200
+    asleep(stack, user)
+    stack.sandbox.control.set_behaviour(tok, 410, "Unregistered")
+    first = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    aor = f"sip:{user}@{DOMAIN}"
+    deadline = time.monotonic() + 10
+    while not any(d.dead for d in stack.store.devices(aor)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [d.dead for d in stack.store.devices(aor)] == [True]
+    first.wait(WAIT + 10)
+    started = time.monotonic()
+    second = sipp_caller(tmp, stack.kamailio.port, user, "udp")
+    second.wait(15)
+    assert second.final_codes() == [480] and time.monotonic() - started < 3  # (not the 10 s of a dead contact)
+    wait_log(stack.kamailio, "pusher: dead-binding-removed")
+    assert stack.store.devices(aor) == []

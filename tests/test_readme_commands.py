@@ -1,5 +1,5 @@
-"""The README's commands run as written: Kamailio in KEMI mode, the standalone dispatcher, the
-sandbox (server, credentials, pushes) and the `pushlib-admin` block.
+"""The README's commands run as written: Kamailio in KEMI and role mode, the standalone dispatcher,
+the sandbox (server, credentials, pushes) and the `pushlib-admin` block.
 
 How:
 - `readme_blocks()` reads README.md at test time and finds every code block (fenced, or indented by
@@ -8,8 +8,11 @@ How:
   to the README gets run here too.
 - Each block runs through `bash` exactly as the README shows it, with one documented change: the
   README's example values (`EXAMPLES`: SIP port 5060, sandbox port 8443, the Redis URL file
-  /etc/pushproxy/redis-url and the Redis URL redis://10.0.0.5:6379/0) become the test's own (free
-  ports, a private redis-server). Every example value must occur, and no other text changes.
+  /etc/pushproxy/redis-url, the Redis URL redis://10.0.0.5:6379/0 and Kamailio's runtime directory
+  /var/lib/pushproxy) become the test's own (free ports, a private redis-server, a temp dir created
+  as the README says). Every example value must occur, and no other text changes.
+- Kamailio's processes must have the runtime directory as their working directory (where core
+  files land), never the checkout.
 - The environment is an operator's: the venv's `bin` first on PATH (as after `. .venv/bin/activate`)
   and PUSHLIB_REDIS_URL_FILE naming the private Redis (what the admin block's comment says it reads).
   Kamailio runs from the repository root, as the README says, with no $PWD inherited (bash sets it).
@@ -58,12 +61,14 @@ EXAMPLES = {
     "sandbox_port": "8443",
     "redis_url_file": "/etc/pushproxy/redis-url",
     "redis_url": "redis://10.0.0.5:6379/0",
+    "run_dir": "/var/lib/pushproxy",
 }
 
 _PROGRAMS = ("kamailio", "pushlib-dispatcher", "pushlib-sandbox", "pushlib-admin", "python -m push", "P=")
 _ASSIGNMENTS = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)+")
 KINDS = {
     "kamailio": re.compile(r"^kamailio -f kamailio/kamailio\.cfg\b"),
+    "role": re.compile(r"^kamailio -f tests/native-host\.cfg\b"),
     "dispatcher": re.compile(r"^pushlib-dispatcher\b"),
     "sandbox": re.compile(r"^python -m pushsandbox\b"),
     "credentials": re.compile(r"^pushlib-sandbox credentials\b"),
@@ -162,11 +167,13 @@ def run(redis: RedisServer) -> Iterator[Run]:
         workdir.mkdir()
         url_file = Path(tmp) / "redis-url"
         url_file.write_text(redis.url + "\n")
+        run_dir = Path(tmp) / "run"  # the README's runtime directory, created as it says
+        run_dir.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHLIB_") and k != "PWD"}
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
         env["PUSHLIB_REDIS_URL_FILE"] = str(url_file)
         values = {"sip_port": str(free_port()), "sandbox_port": str(free_port()),
-                  "redis_url_file": str(url_file), "redis_url": redis.url}
+                  "redis_url_file": str(url_file), "redis_url": redis.url, "run_dir": str(run_dir)}
         yield Run(values, env, workdir, set())
 
 
@@ -270,13 +277,37 @@ def test_readme_commands_are_all_known(run: Run) -> None:
     assert run.used == set(EXAMPLES), f"example values the README no longer shows: {set(EXAMPLES) - run.used}"
 
 
+def kamailio_dirs(pgid: int) -> set[str]:
+    """The working directories of the Kamailio processes in process group `pgid` (core files land there)."""
+    dirs = set()
+    for pid in group_members({pgid}):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "kamailio":
+                dirs.add(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue  # gone meanwhile
+    return dirs
+
+
 @pytest.mark.timeout(120)
 def test_kemi_mode_command_runs_from_the_repository_root(run: Run) -> None:
     [block] = blocks_of("kamailio")
     with background(run, block, ROOT) as kamailio:
         kamailio.wait_for("pusher: ready", timeout=30)
         assert sip_options(int(run.values["sip_port"])).startswith("SIP/2.0 ")
-    assert run.used >= {"sip_port", "redis_url_file"}
+        # Cores and runtime files go to the README's runtime directory, never into the checkout.
+        assert kamailio_dirs(kamailio.proc.pid) == {run.values["run_dir"]}
+    assert run.used >= {"sip_port", "redis_url_file", "run_dir"}
+
+
+@pytest.mark.timeout(120)
+def test_role_mode_command_runs_from_the_repository_root(run: Run) -> None:
+    [block] = blocks_of("role")
+    with background(run, block, ROOT) as kamailio:
+        kamailio.wait_for("pusher: ready", timeout=30)
+        assert sip_options(int(run.values["sip_port"])).startswith("SIP/2.0 ")
+        assert kamailio_dirs(kamailio.proc.pid) == {run.values["run_dir"]}
+    assert run.used >= {"sip_port", "redis_url_file", "run_dir"}
 
 
 @pytest.mark.timeout(120)

@@ -288,7 +288,7 @@ def test_async_store_reads_what_the_sync_store_wrote(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
-def test_dead_token_removed_once_then_device_removed(
+def test_dead_token_removed_once_then_device_marked_dead(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     sync = SyncStore(redis_url, Settings())
@@ -311,8 +311,9 @@ def test_dead_token_removed_once_then_device_removed(
             await store.aclose()
 
     asyncio.run(scenario())
-    assert stored_device(sync, dev.aor, dev.device_id) is None
-    assert raw_client(redis_url).smembers(schema.devices_key(dev.aor)) == set()
+    tomb = stored_device(sync, dev.aor, dev.device_id)  # a tombstone: no token, dead, same TTL
+    assert tomb is not None and tomb.dead and tomb.params.voip_token is None and tomb.params.alert_token is None
+    assert raw_client(redis_url).smembers(schema.devices_key(dev.aor)) == {dev.device_id}
     removal_lines = [r for r in caplog.records if "dead token removed" in r.getMessage()]
     assert len(removal_lines) == 2
     assert voip not in caplog.text and alert not in caplog.text  # only 8-char prefixes
