@@ -76,8 +76,10 @@ class KamailioProc:
         )
 
     def args(self) -> list[str]:
-        argv = ["kamailio", "-f", str(self.cfg), "-DD", "-E", "-Y", str(self.rundir), "-w", str(ROOT)]
-        defines = dict(self.defines)
+        # -w rundir: a core file (or anything else Kamailio writes) lands in the run dir, never in
+        # the checkout; the router is then named by its absolute path
+        argv = ["kamailio", "-f", str(self.cfg), "-DD", "-E", "-Y", str(self.rundir), "-w", str(self.rundir)]
+        defines = {"KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"', **self.defines}
         defines["SIP_PORT"] = str(self.port)
         for name, value in defines.items():
             argv += ["-A", name if value is None else f"{name}={value}"]
