@@ -601,7 +601,7 @@ def test_a_dead_token_drops_the_binding_and_the_next_call_ends_at_once(stack: St
         assert phone.register(user, rfc8599_apns_contact(phone.local_port, tok, "udp", str(uuid.uuid4())),
                               password=password).status == 200
     asleep(stack, user)
-    stack.sandbox.control.set_behaviour(tok, 410, "Unregistered")
+    stack.handle.control.set_behaviour(tok, 410, "Unregistered")
     first = sipp_caller(tmp, stack.kamailio.port, user, "udp")
     aor = f"sip:{user}@{DOMAIN}"
     deadline = time.monotonic() + 10
