@@ -21,3 +21,4 @@ bench: deps
 	$(PY) bench/push_bench.py --rounds 3
 	$(PY) bench/wake_bench.py --calls 200
 	$(PY) bench/capacity.py --step-seconds 10
+	$(PY) bench/parked_bench.py
