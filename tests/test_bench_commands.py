@@ -1,0 +1,42 @@
+"""The README's quick benchmark commands run as written (from the checkout, as the README shows
+them) and report what they promise. The full runs are `make bench`; these are their short forms."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.support import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def _readme_command(script: str) -> str:
+    """The README's `--quick` command line for `script`, without its trailing comment."""
+    m = re.search(rf"^(\.venv/bin/python bench/{re.escape(script)} --quick)\b.*$", README, re.MULTILINE)
+    assert m, f"README shows no quick command for {script}"
+    return m.group(1)
+
+
+def _run(command: str, timeout: float) -> str:
+    proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_parked_bench_quick_every_call_ends_with_480_on_time() -> None:
+    out = _run(_readme_command("parked_bench.py"), timeout=280)
+    assert re.search(r"ended with 480\s*\|\s*1000 / 1000", out), out[-3000:]
+    assert re.search(r"> 1 s late / early\s*\|\s*0 /", out), out[-3000:]
+    assert "0 line(s), no crash" in out
+
+
+@pytest.mark.timeout(420)
+def test_capacity_quick_measures_both_configurations() -> None:
+    out = _run(_readme_command("capacity.py"), timeout=400)
+    for config in ("ours", "native"):
+        assert re.search(rf"^\| {config} \| \d+", out, re.MULTILINE), out[-3000:]
+    assert out.count("0 line(s), no crash") == 2, out[-3000:]
