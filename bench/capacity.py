@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
-from harness.localrun import free_port, group_members, redis_server, stop_process, wait_for_port  # noqa: E402
+from harness.localrun import RedisServer, free_port, group_members, redis_server, stop_process, wait_for_port  # noqa: E402
 from harness.localstack import BUNDLE, KAMAILIO_CFG, SCENARIOS, TEAM, KamailioProc, pusher_defines  # noqa: E402
 from harness.sipua import apns_token  # noqa: E402
 from pushlib.settings import Settings  # noqa: E402
@@ -558,6 +558,21 @@ class Runner:
             time.sleep(2)
 
 
+def ours_defines(es: ExitStack, srv: RedisServer, window: float,
+                 extra: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """Our proxy as the benchmarks measure it: the sandbox's APNs app stored in `srv`, and the
+    defines of KEMI mode with no dispatcher, every device pushed, the abuse limits off (they would
+    count as failures) and log level 1; `extra` adds or overrides defines."""
+    sandbox = es.enter_context(sandbox_process())
+    store = SyncStore(srv.url, Settings(redis_url=srv.url, wait_window=window))
+    es.callback(store.close)
+    store.save_app(sandbox.control.apns_token_app(BUNDLE, TEAM))
+    return dict(pusher_defines(srv.url, auth=False, wait_window=window, awake_window=0, external_dispatcher=True,
+                               extra={"CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
+                                      "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": "0",
+                                      "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"', **(extra or {})}))
+
+
 def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_rates: Sequence[int],
                tmp: Path) -> ConfigResult:
     result = ConfigResult(name)
@@ -569,16 +584,7 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
         rds = redis.Redis(host="127.0.0.1", port=srv.port, decode_responses=True)
         es.callback(rds.close)
         if name == "ours":
-            sandbox = es.enter_context(sandbox_process())
-            store = SyncStore(srv.url, Settings(redis_url=srv.url, wait_window=args.window))
-            es.callback(store.close)
-            store.save_app(sandbox.control.apns_token_app(BUNDLE, TEAM))
-            defines = pusher_defines(srv.url, auth=False, wait_window=args.window, awake_window=0,
-                                     external_dispatcher=True, extra={
-                                         "CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
-                                         "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": str(args.max_cps),
-                                         "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"',
-                                     })
+            defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps)})
             cfg = KAMAILIO_CFG
         else:
             defines = {"CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),

@@ -62,16 +62,14 @@ from bench.capacity import (  # noqa: E402
     Device,
     Sipp,
     cpu_seconds,
+    ours_defines,
     register,
     sipp_client_args,
     write_injection,
 )
 from harness.localrun import free_port, redis_server  # noqa: E402
-from harness.localstack import BUNDLE, KAMAILIO_CFG, TEAM, pusher_defines  # noqa: E402
+from harness.localstack import KAMAILIO_CFG  # noqa: E402
 from harness.sipua import apns_token  # noqa: E402
-from pushlib.settings import Settings  # noqa: E402
-from pushlib.store import SyncStore  # noqa: E402
-from pushsandbox.process import sandbox_process  # noqa: E402
 
 _LOG_LINE = re.compile(r"^([SF]) (\S+) (\d+)(?: (\S*))?\s*$")
 _SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) ")
@@ -305,17 +303,7 @@ def run(args: argparse.Namespace, tmp: Path, res: Result) -> None:
         srv = es.enter_context(redis_server())
         rds = redis.Redis(host="127.0.0.1", port=srv.port, decode_responses=True)
         es.callback(rds.close)
-        sandbox = es.enter_context(sandbox_process())
-        store = SyncStore(srv.url, Settings(redis_url=srv.url, wait_window=args.window))
-        es.callback(store.close)
-        store.save_app(sandbox.control.apns_token_app(BUNDLE, TEAM))
-        defines = pusher_defines(srv.url, auth=False, wait_window=args.window, awake_window=0,
-                                 external_dispatcher=True, extra={
-                                     "CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
-                                     "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": "0",
-                                     "MAX_PARKED_PER_USER": "0",
-                                     "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"',
-                                 })
+        defines = ours_defines(es, srv, args.window, {"MAX_PARKED_PER_USER": "0"})
         k = BenchKamailio(free_port(), KAMAILIO_CFG, dict(defines), rundir, {})
         try:
             k.start()

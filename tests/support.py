@@ -53,7 +53,7 @@ from harness.sipua import (
 from harness.sipua import digest_authorization as _digest
 from pushlib import schema
 from pushlib.astore import AsyncStore
-from pushlib.models import Device, Outcome
+from pushlib.models import Device, Outcome, Provider, PushParams
 from pushlib.store import SyncStore
 
 NATIVE_HOST_CFG = ROOT / "tests" / "native-host.cfg"
@@ -78,6 +78,7 @@ __all__ = [
     "_digest",
     "_port_taken",
     "_sipp",
+    "android",
     "apns_token",
     "asleep",
     "check_config",
@@ -85,6 +86,7 @@ __all__ = [
     "fcm_token",
     "flagship_call",
     "free_port",
+    "ios",
     "job_devices",
     "kamailio_process",
     "mark_sent",
@@ -183,6 +185,20 @@ def stored_device(store: SyncStore, aor: str, device_id: str) -> Device | None:
     """One device as the store holds it (None when absent or corrupt)."""
     raw = store.client.hgetall(schema.device_key(aor, device_id))
     return schema.decode_or_log(schema.decode_device, raw, aor, device_id) if raw else None
+
+
+def ios(aor: str, name: str, voip: str | None = None, alert: str | None = None) -> Device:
+    """A stored-form iOS device of the sandbox's APNs app (development environment), registered now."""
+    now = time.time()
+    return Device(aor, name, PushParams(Provider.APNS, BUNDLE, voip, alert, "TEAM000001", True),
+                  registered_at=now, expires_at=now + 3600)
+
+
+def android(aor: str, name: str, token: str) -> Device:
+    """A stored-form Android device of the sandbox's FCM project, registered now."""
+    now = time.time()
+    return Device(aor, name, PushParams(Provider.FCM, FCM_PROJECT, alert_token=token),
+                  registered_at=now, expires_at=now + 3600)
 
 
 async def job_devices(

@@ -41,7 +41,7 @@ from pushlib.parked import ParkedCalls
 from pushlib.settings import Settings, SettingsError
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle
-from tests.support import ROOT, VENV_PYTHON, stop_process, stored_device
+from tests.support import ROOT, VENV_PYTHON, android, ios, stop_process, stored_device
 
 READ_BLOCK_S = 0.5  # the dispatcher's blocking read
 BUNDLE = "com.example.phone"
@@ -68,18 +68,6 @@ def apns_token() -> str:
 
 def fcm_token() -> str:
     return "fcm:" + secrets.token_urlsafe(40)
-
-
-def ios(aor: str, name: str, voip: str | None = None, alert: str | None = None) -> Device:
-    now = time.time()
-    return Device(aor, name, PushParams(Provider.APNS, BUNDLE, voip, alert, "TEAM000001", True),
-                  registered_at=now, expires_at=now + 3600)
-
-
-def android(aor: str, name: str, token: str) -> Device:
-    now = time.time()
-    return Device(aor, name, PushParams(Provider.FCM, PROJECT, alert_token=token),
-                  registered_at=now, expires_at=now + 3600)
 
 
 def job(kind: PushKind, aor: str, ttl: float = 30.0, **kw: Any) -> PushJob:

@@ -23,27 +23,15 @@ import redis
 from pushlib import schema
 from pushlib.astore import AsyncStore
 from pushlib.dispatcher import Dispatcher
-from pushlib.models import Device, Provider, PushJob, PushKind, PushParams
+from pushlib.models import PushJob, PushKind
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle
-from tests.support import ROOT, VENV_PYTHON, RedisServer, redis_server, stop_process, stored_device
+from tests.support import ROOT, VENV_PYTHON, RedisServer, android, ios, redis_server, stop_process, stored_device
 
 BUNDLE = "com.example.phone"
 PROJECT = "example-phone"
 DATA = {"call_id": "call-1", "caller_name": "Bob", "caller_number": "+15550100"}
-
-
-def ios(aor: str, name: str, voip: str | None = None, alert: str | None = None) -> Device:
-    now = time.time()
-    return Device(aor, name, PushParams(Provider.APNS, BUNDLE, voip, alert, "TEAM000001", True),
-                  registered_at=now, expires_at=now + 3600)
-
-
-def android(aor: str, name: str, token: str) -> Device:
-    now = time.time()
-    return Device(aor, name, PushParams(Provider.FCM, PROJECT, alert_token=token),
-                  registered_at=now, expires_at=now + 3600)
 
 
 def call_job(aor: str, ttl: float = 30.0) -> PushJob:
