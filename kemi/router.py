@@ -20,6 +20,7 @@ import site
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ MISSED_MARK_TTL = 300  # s: longer than any ringing (fr_inv_timer 120 s)
 PARKED_TABLE = "pnpark"  # AOR -> calls parked for it on this node now (MAX_PARKED_PER_USER)
 PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this minute
 BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
+WOKEN_TABLE = "pnwoken"  # call key -> devices that joined the call while Redis could not record it
+RETRY_TABLE = "pnretry"  # "<call key>|<attempt>" -> calls.OwedEnd: an ended call's Redis work, retried
 OVERLOAD_PIPE = "pn-new-calls"  # pipelimit pipe of initial INVITEs (MAX_CPS)
 OVERLOAD_RETRY_AFTER = 5  # s a caller shed for overload is asked to wait
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
@@ -567,12 +570,12 @@ class Router:
         try:
             evicted = self.store.save_device(device)
         except StoreUnavailable as exc:
-            _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, error=exc)
-            for b in self._bindings(aor):
-                if b.uri == device.contact:
-                    KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
-            KSR.sl.sl_send_reply(503, "Push Store Unavailable")
-            return
+            # Redis degrades push, never SIP: the binding stands and the phone keeps the call it
+            # was just given; the record is written at its next REGISTER (the stored one, if any,
+            # still pushes it meanwhile).
+            _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, kept="binding",
+                 error=exc)
+            evicted = []
         # the same phone under another id (it changed +sip.instance, or began to send one; same
         # token): a call it was pushed for under the old id is resumed to it too
         for old_id in evicted:
@@ -643,7 +646,11 @@ class Router:
             woken = self.state.wake(aor, device_id)
         except StoreUnavailable as exc:
             _log(KSR.err, "wake-state-unavailable", aor=aor, device=device_id, error=exc)
-            woken = []
+            # remembered here so the call's end owes this device no cancel push (it got the INVITE)
+            for k in alive:
+                KSR.htable.sht_sets(WOKEN_TABLE, k, calls.add_pending_call(KSR.htable.sht_get(WOKEN_TABLE, k),
+                                                                         device_id))
+            woken = alive
         _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(woken), rc=rc)
 
     # ------------------------------------------------------------------ INVITE
@@ -979,20 +986,46 @@ class Router:
             # no final reply: tm cancels the open branches and, once they end, runs the
             # failure route, where the call can still be relayed (to the fallback URI)
             KSR.tmx.t_cancel_callid(entry.call_id, entry.cseq, 0)
+        self._settle_end(calls.OwedEnd(aor, key, reason, answered, time.time()))
+
+    def _settle_end(self, owed: calls.OwedEnd) -> None:
+        """Finish the call's Redis record and queue its end-of-call pushes. What Redis cannot take
+        now waits in shared memory (`pnretry`) and is retried every few seconds, so a Redis outage
+        delays these pushes instead of losing them."""
+        jobs = owed.jobs
         try:
-            call = self.state.finish(aor, key)
+            if jobs is None:
+                call = self.state.finish(owed.aor, owed.key)
+                if call is None:
+                    KSR.htable.sht_rm(WOKEN_TABLE, owed.key)
+                    return  # another process ended it and owes the pushes
+                woken = calls.pending_calls(KSR.htable.sht_get(WOKEN_TABLE, owed.key))
+                jobs = tuple(calls.owed_end_jobs(call, woken, owed.answered, owed.ended_at, self.cfg.settings,
+                                                 owed.reason))
+            for i, job in enumerate(jobs):
+                try:
+                    self.store.enqueue(job)
+                except StoreUnavailable:
+                    jobs = jobs[i:]
+                    raise
         except StoreUnavailable as exc:
-            _log(KSR.err, "end-state-unavailable", aor=aor, call=key, reason=reason, error=exc)
+            self._retry_end(replace(owed, jobs=jobs), exc)
             return
-        if call is None:
-            return  # another process ended it and owes the pushes
-        jobs = calls.end_of_call_jobs(call, answered, time.time(), self.cfg.settings, reason)
-        try:
-            for job in jobs:
-                self.store.enqueue(job)
-        except StoreUnavailable as exc:
-            _log(KSR.err, "end-push-unavailable", aor=aor, call=key, error=exc)
-        _log(KSR.info, "end", aor=aor, call=key, reason=reason, jobs=",".join(j.kind.value for j in jobs))
+        KSR.htable.sht_rm(WOKEN_TABLE, owed.key)
+        _log(KSR.info, "end", aor=owed.aor, call=owed.key, reason=owed.reason,
+             jobs=",".join(j.kind.value for j in jobs), attempt=owed.attempt)
+
+    def _retry_end(self, owed: calls.OwedEnd, exc: StoreUnavailable) -> None:
+        if owed.given_up(time.time()):
+            _log(KSR.err, "end-push-dropped", aor=owed.aor, call=owed.key, reason=owed.reason,
+                 attempts=owed.attempt + 1, error=exc)
+            KSR.htable.sht_rm(WOKEN_TABLE, owed.key)
+            return
+        if owed.attempt == 0:  # one line per call, not one per attempt
+            _log(KSR.err, "end-state-unavailable", aor=owed.aor, call=owed.key, reason=owed.reason,
+                 step="finish" if owed.jobs is None else "enqueue", retry_every=calls.OWED_END_RETRY, error=exc)
+        KSR.htable.sht_setxs(RETRY_TABLE, owed.retry_key(), replace(owed, attempt=owed.attempt + 1).encode(),
+                             calls.OWED_END_RETRY)
 
     # ------------------------------------------------------------------ tm callbacks
 
@@ -1215,13 +1248,22 @@ class Router:
     # ------------------------------------------------------------------ events and workers
 
     def ksr_htable_event(self, msg: object, evname: str) -> int:
-        if evname != f"htable:expired:{WAIT_TABLE}":
-            return 1
-        try:
-            self._window_expired()
-        except Exception as exc:
-            _crashed("expired", exc)
+        if evname == f"htable:expired:{WAIT_TABLE}":
+            try:
+                self._window_expired()
+            except Exception as exc:
+                _crashed("expired", exc)
+        elif evname == f"htable:expired:{RETRY_TABLE}":
+            try:
+                self._retry_owed_end()
+            except Exception as exc:
+                _crashed("retry-end", exc)
         return 1
+
+    def _retry_owed_end(self) -> None:
+        owed = calls.OwedEnd.decode(_pv("$shtrecord(value)"))
+        if owed is not None:
+            self._settle_end(owed)
 
     def ksr_end_now(self, msg: object, evname: str = "") -> int:
         """async task process (queued by _onreply): end a call a device rejected for everyone."""
@@ -1303,6 +1345,9 @@ class Router:
 
     def pusher_end_now(self, msg: object) -> int:
         return self.ksr_end_now(msg)
+
+    def pusher_retry_end(self, msg: object) -> int:
+        return self.ksr_htable_event(msg, f"htable:expired:{RETRY_TABLE}")
 
     def pusher_expired(self, msg: object) -> int:
         return self.ksr_htable_event(msg, f"htable:expired:{WAIT_TABLE}")

@@ -14,6 +14,7 @@ Vocabulary:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -707,3 +708,68 @@ class WindowEnd:
     reply: int
     reason: str
     to_fallback: bool
+
+
+# --------------------------------------------------------------------------- ends Redis missed
+
+
+#: How long after a call ended its owed Redis work (record finished, end pushes queued) is retried
+#: while Redis is unreachable. A missed-call push is still worth sending minutes late; past this
+#: the dispatcher would drop the pushes at their deadlines anyway.
+OWED_END_KEEP = 300.0
+#: Seconds between two attempts (the htable entry's expiry; its timer runs every second).
+OWED_END_RETRY = 2
+
+
+@dataclass(frozen=True)
+class OwedEnd:
+    """A parked call that ended while Redis was unreachable, kept in shared memory until Redis takes
+    what the end owes it: the call record finished (`jobs` None) and then the end-of-call pushes
+    (`jobs`: those not yet queued, with the deadlines of the moment the call ended)."""
+
+    aor: str
+    key: str
+    reason: str
+    answered: bool
+    ended_at: float
+    jobs: tuple[PushJob, ...] | None = None
+    attempt: int = 0
+
+    def encode(self) -> str:
+        return json.dumps({
+            "aor": self.aor, "key": self.key, "reason": self.reason, "answered": self.answered,
+            "ended_at": self.ended_at, "attempt": self.attempt,
+            "jobs": None if self.jobs is None else [schema.encode_job(j) for j in self.jobs],
+        }, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: object) -> OwedEnd | None:
+        """None for anything that is not an encoded OwedEnd (an entry written by another version)."""
+        try:
+            d = json.loads(str(raw))
+            jobs = d["jobs"]
+            return cls(
+                aor=str(d["aor"]), key=str(d["key"]), reason=str(d["reason"]), answered=bool(d["answered"]),
+                ended_at=schema.finite_float(d["ended_at"], "ended_at"), attempt=int(d["attempt"]),
+                jobs=None if jobs is None else tuple(schema.decode_job(j) for j in jobs),
+            )
+        except (ValueError, KeyError, TypeError):  # (schema.DecodeError is a ValueError)
+            return None
+
+    def given_up(self, now: float) -> bool:
+        return now - self.ended_at > OWED_END_KEEP
+
+    def retry_key(self) -> str:
+        """The htable key of the next attempt: a new key each time, so the expiry event of one
+        attempt never rewrites the cell htable is about to free."""
+        return f"{self.key}|{self.attempt + 1}"
+
+
+def owed_end_jobs(call: ParkedCall, woken_unrecorded: Iterable[str], answered: bool, ended_at: float,
+                  settings: Settings, reason: str) -> list[PushJob]:
+    """`end_of_call_jobs` for a call whose devices in `woken_unrecorded` re-registered while Redis
+    could not record it (they got the INVITE: no cancel push for them)."""
+    extra = [d for d in woken_unrecorded if d not in call.woken]
+    if extra:
+        call = replace(call, woken=(*call.woken, *extra))
+    return end_of_call_jobs(call, answered, ended_at, settings, reason)

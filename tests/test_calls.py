@@ -440,3 +440,39 @@ def test_a_dead_devices_binding_is_dropped_never_rung_or_pushed() -> None:
     assert calls.plan_invite([b], [asleep_dead], NOW, 10).drop == (b,)
     # a dead record without a binding is simply skipped
     assert calls.plan_invite([], [asleep_dead], NOW, 10).verdict is calls.Verdict.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- ends Redis missed
+
+
+def test_owed_end_round_trips_with_and_without_jobs() -> None:
+    call = parked(("d1", "d2"))
+    jobs = tuple(calls.owed_end_jobs(call, ["d1"], True, NOW, Settings(), "answered"))
+    for owed in (calls.OwedEnd("sip:b@h", "k1", "answered", True, NOW),
+                 calls.OwedEnd("sip:b@h", "k1", "answered", True, NOW, jobs, attempt=3)):
+        assert calls.OwedEnd.decode(owed.encode()) == owed
+
+
+@pytest.mark.parametrize("raw", [None, "", "{", "[]", '{"aor": "a"}',
+                                 '{"aor":"a","key":"k","reason":"r","answered":true,"ended_at":"nan",'
+                                 '"attempt":0,"jobs":null}',
+                                 '{"aor":"a","key":"k","reason":"r","answered":true,"ended_at":1,'
+                                 '"attempt":0,"jobs":[{"kind":"nope"}]}'])
+def test_owed_end_refuses_what_it_did_not_write(raw: object) -> None:
+    assert calls.OwedEnd.decode(raw) is None
+
+
+def test_owed_end_retries_under_a_new_key_until_it_gives_up() -> None:
+    owed = calls.OwedEnd("sip:b@h", "k1", "timeout", False, NOW, attempt=2)
+    assert owed.retry_key() == "k1|3"
+    assert not owed.given_up(NOW + calls.OWED_END_KEEP)
+    assert owed.given_up(NOW + calls.OWED_END_KEEP + 1)
+
+
+def test_devices_that_joined_while_redis_was_away_get_no_cancel_push() -> None:
+    call = parked(("d1", "d2", "d3"), woken=("d3",))
+    jobs = calls.owed_end_jobs(call, ["d1", "d3"], True, NOW, Settings(), "answered")
+    assert [(j.kind, j.device_ids) for j in jobs] == [(PushKind.CANCEL_INCOMING_CALL, ("d2",))]
+    missed = calls.owed_end_jobs(call, ["d1"], False, NOW, Settings(), "timeout")
+    assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
+    assert missed[0].device_ids == ("d1", "d2", "d3")

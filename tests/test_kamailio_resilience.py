@@ -77,13 +77,15 @@ def test_redis_down_480_at_once_plain_contacts_still_called_then_recovery(stack:
         call_desk = sipp_caller(tmp_path, stack.kamailio.port, desk_user, "tcp")
         assert call_desk.wait(30) == 0 and call_desk.final_codes() == [200]
         assert desk.wait(10) == 0
-        with SipClient(stack.kamailio.port) as c:  # a push REGISTER cannot be stored: clear error
+        with SipClient(stack.kamailio.port) as c:
             r = c.register(pushed_user, rfc8599_fcm_contact(5971, tok), password=stack.passwords[pushed_user])
-        # (which store the 503 names depends on whether this worker has the credentials cached)
-        assert r.status == 503 and r.reason in ("Push Store Unavailable", "Credentials Store Unavailable")
+        # A worker without the credentials cached cannot check them: 503. One with them cached saves
+        # the binding (Redis degrades push, never SIP) and logs that the device record waits.
+        assert (r.status, r.reason) in ((503, "Credentials Store Unavailable"), (200, "OK")), r
+        if r.status == 200:
+            wait_log(stack.kamailio, "device-store-unavailable")
     finally:
         stack.redis.start_again()
-    wait_log(stack.kamailio, "device-store-unavailable")
 
     # Redis is back (empty: no persistence in tests): service recovers without a Kamailio restart
     stack.store.save_app(stack.apns_app)
