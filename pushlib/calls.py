@@ -519,6 +519,19 @@ def failure_route_action(code: int, parked: bool, canceled: bool, fallback_due: 
     return FailureRouteAction.RELAY
 
 
+def host_call_flags(raw: str | None) -> tuple[int, ...]:
+    """The message flags a role-mode host asks the role to set on the calls it relays
+    (`PUSHER_HOST_CALL_FLAGS`, e.g. "1,2" for the stock config's FLT_ACC and FLT_ACCMISSED).
+    Numbers 0-31 separated by commas or blanks; raises ValueError naming what is wrong."""
+    flags: list[int] = []
+    for part in (raw or "").replace(",", " ").split():
+        if not (part.isascii() and part.isdigit() and int(part) <= 31):
+            raise ValueError(f"PUSHER_HOST_CALL_FLAGS: {part!r} is not a flag number (0-31)")
+        if int(part) not in flags:
+            flags.append(int(part))
+    return tuple(flags)
+
+
 def fallback_target(template: str, aor: str) -> str:
     """The fallback R-URI for a call to `aor` ("" = none).
 
@@ -773,3 +786,12 @@ def owed_end_jobs(call: ParkedCall, woken_unrecorded: Iterable[str], answered: b
     if extra:
         call = replace(call, woken=(*call.woken, *extra))
     return end_of_call_jobs(call, answered, ended_at, settings, reason)
+
+
+def nobody_can_answer(call: ParkedCall | None, unreachable: Iterable[str], open_branches: int) -> bool:
+    """Whether a parked call waits for nothing: no branch rings (`open_branches`: awake and woken
+    devices' branches still open) and every pushed device that has not woken is `unreachable`
+    (its call push hit a dead token). False once the call has ended (None)."""
+    if call is None or open_branches > 0:
+        return False
+    return not set(call.pushed) - set(call.woken) - set(unreachable)

@@ -209,8 +209,12 @@ class Dispatcher:
         *,
         stop_timeout: float = 10.0,
         stats_interval: float = 60.0,
+        on_call_token_dead: Callable[[PushJob, Device], None] | None = None,
     ) -> None:
+        """`on_call_token_dead(job, device)`: the provider said the token an incomingCall job
+        pushed `device` with is dead (a dispatcher inside Kamailio ends a call nobody can join)."""
         self.settings = settings
+        self.on_call_token_dead = on_call_token_dead
         self.consumer = consumer or default_consumer_name()
         self.stats: dict[str, int] = dict.fromkeys(STAT_NAMES, 0)
         self.stop_timeout = stop_timeout
@@ -657,6 +661,12 @@ class Dispatcher:
             await self._marks.submit((job.aor, job.job_id, device.device_id))
         elif outcome is Outcome.TOKEN_DEAD:
             await self._store.remove_token(device.aor, device.device_id, request.token)
+            if self.on_call_token_dead is not None and job.kind is PushKind.INCOMING_CALL and not repeat:
+                try:
+                    self.on_call_token_dead(job, device)
+                except Exception:  # the hook's failure must not cost the job its ack
+                    log.exception("push job=%s aor=%s device=%s: dead-token hook failed",
+                                  job.job_id, job.aor, device.device_id)
         elif outcome is Outcome.DEVICE_SUSPECT:
             await self._store.quarantine_device(device.aor, device.device_id)
         elif outcome is Outcome.CONFIG_ERROR:

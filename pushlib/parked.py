@@ -100,7 +100,11 @@ class ParkedCalls:
     def asleep(self, aor: str, key: str) -> int:
         """How many devices pushed for a parked call have not woken yet (0 also when the call has
         ended)."""
-        with unavailable_on_error("asleep"):
-            raw = self._r.hgetall(schema.call_key(aor, key))
-        call = schema.decode_parked_call(aor, key, raw)
+        call = self.parked(aor, key)
         return 0 if call is None else len(set(call.pushed) - set(call.woken))
+
+    def parked(self, aor: str, key: str) -> ParkedCall | None:
+        """The parked call's record (None once it has ended)."""
+        with unavailable_on_error("parked"):
+            raw = self._r.hgetall(schema.call_key(aor, key))
+        return schema.decode_parked_call(aor, key, raw)

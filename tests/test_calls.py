@@ -476,3 +476,11 @@ def test_devices_that_joined_while_redis_was_away_get_no_cancel_push() -> None:
     missed = calls.owed_end_jobs(call, ["d1"], False, NOW, Settings(), "timeout")
     assert [j.kind for j in missed] == [PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL]
     assert missed[0].device_ids == ("d1", "d2", "d3")
+
+
+def test_a_parked_call_waits_while_anyone_can_still_answer_it() -> None:
+    call = parked(("d1", "d2"), woken=("d2",))
+    assert calls.nobody_can_answer(call, ["d1"], open_branches=0)
+    assert not calls.nobody_can_answer(call, ["d1"], open_branches=1)  # d2 (woken) still rings
+    assert not calls.nobody_can_answer(call, [], open_branches=0)  # d1 may still wake
+    assert not calls.nobody_can_answer(None, ["d1"], open_branches=0)  # already ended
