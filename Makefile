@@ -2,13 +2,16 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: deps demo test lint bench
+.PHONY: deps demo demo-api test lint bench
 
 deps:
 	@bash scripts/install-deps.sh
 
 demo: deps
 	$(PY) -m harness.demo
+
+demo-api: deps
+	$(PY) -m harness.demo_api
 
 lint: deps
 	$(VENV)/bin/ruff check pushlib pushsandbox kemi tests bench harness

@@ -34,6 +34,7 @@ for _path in (_ROOT, _ROOT / "kemi"):  # pushlib, and this router's sibling modu
 
 import KSR  # noqa: E402
 import ksrlog  # noqa: E402
+import ksrmetrics  # noqa: E402
 
 from pushlib import access, calls  # noqa: E402
 from pushlib.credentials import Subscribers, route_secret  # noqa: E402
@@ -43,7 +44,7 @@ from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 # mapped at the same address in every process, or the TLS workers jump into unmapped memory.
 from pushlib.dispatcher import Dispatcher  # noqa: E402
 from pushlib.logutil import log_safe  # noqa: E402
-from pushlib.models import Device, ParkedCall, UaMapping  # noqa: E402
+from pushlib.models import Device, ParkedCall, PushJob, UaMapping  # noqa: E402
 from pushlib.parked import ParkedCalls  # noqa: E402
 from pushlib.redisconn import StoreUnavailable, sync_client  # noqa: E402
 from pushlib.store import SyncStore  # noqa: E402
@@ -66,6 +67,7 @@ PUSH_RATE_TABLE = "pnrate"  # access.push_bucket -> call pushes to a device this
 BAN_TABLE = "ipban"  # source address -> banned by pike until the entry expires
 WOKEN_TABLE = "pnwoken"  # call key -> devices that joined the call while Redis could not record it
 RETRY_TABLE = "pnretry"  # "<call key>|<attempt>" -> calls.OwedEnd: an ended call's Redis work, retried
+UNREACHABLE_TABLE = "pnunreach"  # call key -> pushed devices whose call push hit a dead token
 OVERLOAD_PIPE = "pn-new-calls"  # pipelimit pipe of initial INVITEs (MAX_CPS)
 OVERLOAD_RETRY_AFTER = 5  # s a caller shed for overload is asked to wait
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
@@ -207,6 +209,17 @@ class Router:
         self._end_now_route = "PUSHER_END_NOW" if self.role else "ksr_end_now"
         # (a native config names the event route in full; KEMI names the Python method)
         self._branch_failure_route = f"tm:branch-failure:{BRANCH_FAILURE_ROUTE}" if self.role else BRANCH_FAILURE_ROUTE
+        # role mode: the host's own tm routes and flags for the calls the role relays (its
+        # PUSHER_HOST_* defines, see kamailio/pusher-role.cfg); its failure route then calls ours
+        host = _unquoted_def if self.role else (lambda name: None)
+        self._host_branch_route = host("PUSHER_HOST_BRANCH_ROUTE") or ""
+        self._host_reply_route = host("PUSHER_HOST_REPLY_ROUTE") or ""
+        self._failure_route_name = host("PUSHER_HOST_FAILURE_ROUTE") or FAILURE_ROUTE
+        self._host_refusal: str | None = None
+        try:
+            self._host_flags = calls.host_call_flags(host("PUSHER_HOST_CALL_FLAGS"))
+        except ValueError as exc:
+            self._host_flags, self._host_refusal = (), str(exc)
         self._route_secret = secrets.token_bytes(32)  # replaced by the deployment's (load_route_secret)
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
@@ -215,6 +228,7 @@ class Router:
         self._shed_logged = 0.0
         # KEMI mode listens on TCP at SIP_PORT on every address it listens on (kamailio.cfg)
         self._park_tcp_port = "" if self.role else (_unquoted_def("SIP_PORT") or "5060")
+        self.metrics = ksrmetrics.KsrMetrics.from_defines(KSR, _get_def)
 
     def load_route_secret(self) -> None:
         """In the main process, before the fork, so that every worker signs and checks Record-Route
@@ -243,7 +257,7 @@ class Router:
     def startup_refusal(self) -> str | None:
         """Why this configuration must not run (auth off on a public address), or None."""
         if self.role:
-            return None  # the host config authenticates, and owns its listen addresses
+            return self._host_refusal  # the host config authenticates, and owns its listen addresses
         return access.insecure_start_refusal(
             self.cfg.auth, _unquoted_def("LISTEN_IP"), KSR.kx.ifdef("ALLOW_INSECURE") > 0
         )
@@ -392,6 +406,9 @@ class Router:
         return access.is_served(domain, self.served, lambda host: KSR.is_myself(f"sip:{host}") > 0)
 
     def route_reqinit(self) -> bool:
+        if self.metrics.enabled and self.metrics.non_http_on_metrics_port(KSR.pv.geti("$Rp") or 0):
+            KSR.sl.sl_send_reply(403, "Not A SIP Port")
+            return STOP
         if KSR.maxfwd.process_maxfwd(10) < 0:
             KSR.sl.sl_send_reply(483, "Too Many Hops")
             return STOP
@@ -538,6 +555,7 @@ class Router:
                                    self._ua_mappings(), self._app_enabled, self.limits, time.time())
         if isinstance(plan, calls.RegisterReply):
             _log(KSR.notice, "register-rejected", code=plan.code, aor=aor, **dict(plan.log_fields))
+            self.metrics.register_rejected(plan.code)
             KSR.sl.sl_send_reply(plan.code, plan.reason)
         elif isinstance(plan, calls.SaveBinding):
             if plan.legacy_ua is not None and not self._legacy_logged.get(aor, False):
@@ -561,6 +579,7 @@ class Router:
 
     def _save_device(self, aor: str, plan: calls.SaveDevice) -> None:
         device = plan.device
+        self.metrics.push_register(device.params.provider.value)
         KSR.hdr.append_to_reply(f"Feature-Caps: {plan.feature_caps}\r\n")
         # Order matters for wake latency: save the binding (reply held back), forward the parked
         # INVITEs to it, then write the push record and only then answer the REGISTER.
@@ -652,6 +671,7 @@ class Router:
                                                                          device_id))
             woken = alive
         _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(woken), rc=rc)
+        self.metrics.woken(alive)
 
     # ------------------------------------------------------------------ INVITE
 
@@ -681,6 +701,8 @@ class Router:
             return STOP
         if role and plan.verdict is calls.Verdict.RING and not devices:
             return NEXT  # plain contacts only: the host's own lookup() does the same, with its features
+        for flag in self._host_flags:  # (role mode: e.g. the host's accounting flags)
+            KSR.setflag(flag)
         self._record_route()
         if plan.verdict is calls.Verdict.UNAVAILABLE:
             _log(KSR.notice, "unavailable", aor=aor, store="down" if devices is None else "up")
@@ -830,7 +852,7 @@ class Router:
             KSR.corex.append_branch()
             self._ring(plan.ring)
         else:
-            KSR.tm.t_on_failure(FAILURE_ROUTE)
+            self._arm_tm_routes()
             self._relay()
         # Only now is the transaction visible to tsilo: a REGISTER waking another call of this
         # AOR appends to every transaction stored for it (ts_append_by_contact), and an append
@@ -841,6 +863,7 @@ class Router:
         self._mark_pending(aor, key, pushed)
         if self._push_call(aor, key, pushed, now):
             _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
+            self.metrics.parked(key)
         elif not plan.ring:
             self._end_parked(key, reason="push-unavailable", reply=480)
 
@@ -942,8 +965,18 @@ class Router:
             KSR.pv.sets("$du", first.received)
         else:
             KSR.pv.unset("$du")
-        KSR.tm.t_on_failure(FAILURE_ROUTE)
+        self._arm_tm_routes()
         self._relay()
+
+    def _arm_tm_routes(self) -> None:
+        """tm routes of an INVITE we relay: our failure route; in role mode the host's branch,
+        reply and failure routes when it names them (its failure route calls route(PUSHER_FAILURE)
+        first), so push calls get the host's NAT, media and failure handling like its own calls."""
+        KSR.tm.t_on_failure(self._failure_route_name)
+        if self._host_branch_route:
+            KSR.tm.t_on_branch(self._host_branch_route)
+        if self._host_reply_route:
+            KSR.tm.t_on_reply(self._host_reply_route)
 
     def route_location(self) -> bool:
         """Initial requests other than push-handled INVITEs: plain registrar lookup + relay."""
@@ -978,10 +1011,16 @@ class Router:
                 cancel: bool = False) -> None:
         aor = entry.aor
         self._give_back_park_slot(aor)
+        self.metrics.ended(key, reason)
         # The transaction is ended from the shared-memory entry first: a caller's CANCEL gets
         # its 487 (a timeout its 480) even while Redis is down; Redis only knows the pushes owed.
         if reply:
-            KSR.tmx.t_reply_callid(entry.call_id, entry.cseq, reply, calls.reason_phrase(reply))
+            replied = KSR.tmx.t_reply_callid(entry.call_id, entry.cseq, reply, calls.reason_phrase(reply)) >= 0
+            if not replied and self.role and reply == 480 and not answered:
+                # at the window's end the call already had its final reply (or was gone) and the
+                # role never saw it: the host does not call route(PUSHER_REPLY) in its reply_route
+                _log(KSR.err, "reply-not-seen", call=key, hint="call route(PUSHER_REPLY) in the main reply_route")
+                answered = True  # no missed-call push for a call that was most likely answered
         elif cancel:
             # no final reply: tm cancels the open branches and, once they end, runs the
             # failure route, where the call can still be relayed (to the fallback URI)
@@ -1037,7 +1076,9 @@ class Router:
             KSR.tm.t_reply(500, "Server Internal Error")  # every branch has ended: the caller waits
         return 1
 
-    def _failure_route(self) -> None:
+    def _failure_route(self) -> bool:
+        """True when the failure is handled here (relayed to the fallback, or answered); False
+        leaves it to tm's best reply or, in role mode, to the rest of the host's failure route."""
         key = calls.call_key(_pv("$ci"))
         code = KSR.pv.geti("$T_reply_code") or 0
         missed_aor = KSR.htable.sht_get(MISSED_TABLE, key)
@@ -1057,8 +1098,15 @@ class Router:
         elif action is not calls.FailureRouteAction.RELAY:
             if action is calls.FailureRouteAction.WINDOW_END:
                 self._end_parked(key, reason=calls.end_reason(0))  # (the fallback was set up by the timer)
-            if not self._to_fallback(str(aor if aor is not None else fallback_aor)):
-                KSR.tm.t_reply(480, calls.reason_phrase(480))
+            if self._to_fallback(str(aor if aor is not None else fallback_aor)):
+                return True
+            if action is calls.FailureRouteAction.WINDOW_END and self._failure_route_name != FAILURE_ROUTE:
+                # a host failure route chained: the window's end is its "no answer" (the parking
+                # branch's 408: voicemail, ...); if it does nothing, tm answers that 408
+                return False
+            KSR.tm.t_reply(480, calls.reason_phrase(480))
+            return True
+        return False
 
     def ksr_branch_failure(self, msg: object, evname: str = "") -> int:
         """tm branch-failure route (armed by _watch_silence): one branch of the call has failed."""
@@ -1134,6 +1182,7 @@ class Router:
         self._mark_pending(aor, key, pushed)
         if self._push_call(aor, key, pushed, now):
             _log(KSR.info, "silent-device-pushed", aor=aor, call=key, device=device.device_id, parked="now")
+            self.metrics.parked(key)
 
     def _owe_missed_call(self, aor: str, key: str, code: int) -> None:
         """An unparked call to a user with push devices ended unanswered (rang out, busy, or the
@@ -1161,6 +1210,7 @@ class Router:
             _log(KSR.err, "fallback-relay-failed", aor=aor, ruri=uri)
             return False
         _log(KSR.info, "fallback", aor=aor, ruri=uri)
+        self.metrics.fallback()
         return True
 
     def ksr_onreply_route(self, msg: object) -> int:
@@ -1260,6 +1310,14 @@ class Router:
                 _crashed("retry-end", exc)
         return 1
 
+    def ksr_xhttp_event(self, msg: object, evname: str = "") -> int:
+        """xhttp's event route (WITH_METRICS): the Prometheus scrape endpoint."""
+        try:
+            self.metrics.http_request(_pv("$si"), KSR.pv.geti("$Rp") or 0)
+        except Exception as exc:
+            _crashed("xhttp", exc)
+        return 1
+
     def _retry_owed_end(self) -> None:
         owed = calls.OwedEnd.decode(_pv("$shtrecord(value)"))
         if owed is not None:
@@ -1303,10 +1361,36 @@ class Router:
         while True:
             try:
                 _log(KSR.info, "dispatcher-start", worker=idx)
-                asyncio.run(Dispatcher(self.cfg.settings, consumer=f"kamailio-{idx}").run(asyncio.Event()))
+                dispatcher = Dispatcher(self.cfg.settings, consumer=f"kamailio-{idx}",
+                                        on_call_token_dead=self._call_token_dead)
+                asyncio.run(dispatcher.run(asyncio.Event()))
             except Exception as exc:
                 _log(KSR.err, "dispatcher-crashed", worker=idx, error=_error_text(exc))
             time.sleep(1.0)
+
+    def _call_token_dead(self, job: PushJob, device: Device) -> None:
+        """(the in-process dispatcher, on a dead token in a call push) A call parked only for
+        devices that can no longer be reached ends now, as at its window's end (480 or the
+        fallback URI, the missed-call push owed), not after its whole window."""
+        key = calls.call_key(job.data.get("call_id", ""))
+        entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
+        if entry is None:
+            return
+        unreachable = calls.add_pending_call(KSR.htable.sht_get(UNREACHABLE_TABLE, key), device.device_id)
+        KSR.htable.sht_setxs(UNREACHABLE_TABLE, key, unreachable, max(1, int(self.cfg.settings.wait_window)) + 5)
+        try:
+            call = self.state.parked(entry.aor, key)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "unreachable-state-unavailable", aor=entry.aor, call=key, error=exc)
+            return
+        counted = KSR.htable.sht_get(BRANCH_COUNT_TABLE, key)
+        if counted is None:
+            return  # parked from a branch failure: its other branches are not counted (see _nobody_left)
+        if calls.nobody_can_answer(call, calls.pending_calls(unreachable), int(counted)):
+            _log(KSR.notice, "nobody-reachable", aor=entry.aor, call=key, dead=unreachable)
+            # the window timer ends it within 1-2 s by the usual path (its entry: whoever removes it ends it)
+            KSR.htable.sht_rm(WAIT_TABLE, key)
+            KSR.htable.sht_setxs(WAIT_TABLE, key, entry.encode(), 1)
 
     # ------------------------------------------------------------------ role mode (python_exec)
 
@@ -1338,7 +1422,16 @@ class Router:
         return self.ksr_onreply_route(msg)
 
     def pusher_failure(self, msg: object) -> int:
-        return self.ksr_failure_route(msg)
+        """route(PUSHER_FAILURE): "done" when the role handled the failure (the host's failure
+        route must then stop), "next" when the host's failure handling applies."""
+        try:
+            done = self._failure_route()
+        except Exception as exc:
+            _crashed("failure", exc)
+            KSR.tm.t_reply(500, "Server Internal Error")
+            done = True
+        KSR.pv.sets("$var(pusher)", "done" if done else "next")
+        return 1
 
     def pusher_branch_failure(self, msg: object) -> int:
         return self.ksr_branch_failure(msg)

@@ -235,6 +235,8 @@ class AsyncStore:
         windows: Mapping[tuple[str, str], Iterable[str]],
         check: Collection[tuple[str, str]] = (),
         now: float | None = None,
+        *,
+        increments: Mapping[tuple[str, str], int | float] | None = None,
     ) -> list[tuple[str, str]]:
         """Count final push outcomes and feed the environment-suspicion windows: add `counts`
         ((provider, app_id, outcome value) -> n) to the apps' counters, push `windows` ((provider,
@@ -242,12 +244,18 @@ class AsyncStore:
         the environment suspicion of the apps in `check` (those that just got a BadDeviceToken):
         an app is flagged when most of its recent pushes got BadDeviceToken (Apple answers that
         when sandbox/production are mixed up). One round trip (plus one per newly flagged app);
-        returns the apps this call flagged."""
+        returns the apps this call flagged. `increments`: (hash key, field) -> amount added in the
+        same round trip (the dispatcher's `metrics.MetricsBuffer`; a float adds with HINCRBYFLOAT)."""
         now = time.time() if now is None else now
         # Not MULTI: the apps' keys live in different slots on a cluster, and nothing here
         # needs all-or-nothing (a counter or window entry more or less is harmless).
         with unavailable_on_connection_error("record_outcome"):
             pipe = self._r.pipeline(transaction=False)
+            for (key, name), amount in (increments or {}).items():
+                if isinstance(amount, float):
+                    pipe.hincrbyfloat(key, name, amount)
+                else:
+                    pipe.hincrby(key, name, amount)
             for (provider, app_id, outcome), n in counts.items():
                 pipe.hincrby(schema.app_status_key(provider, app_id), f"count:{outcome}", n)
             for provider, app_id in dict.fromkeys((p, a) for p, a, _ in counts):

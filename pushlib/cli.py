@@ -9,6 +9,7 @@ and are never printed back.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import os
@@ -16,23 +17,34 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from typing import Any, TypeVar
 
 from pushlib.aor import Aor, AorError, aor_parts, parse_aor
+from pushlib.apikeys import ApiKeyError, ApiKeyStore, Scope, parse_scopes
+from pushlib.appcheck import check_app
+from pushlib.appcreds import (
+    CredentialsError,
+    check_aliases,
+    check_apns_cert,
+    check_apns_key,
+    check_service_account,
+    credentials_view,
+    public_view,
+)
 from pushlib.credentials import Subscribers
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
-from pushlib.params import PushParamError, parse_push_params
-from pushlib.redisconn import StoreUnavailable, sync_client
+from pushlib.redisconn import StoreUnavailable, async_client, sync_client
 from pushlib.schema import describe_app
 from pushlib.settings import Settings, read_redis_url_file
 from pushlib.store import SyncStore
+from pushlib.tenants import TenantError, TenantStore
+from pushlib.users import UserMap, check_user_uuid, device_view
+
+_T = TypeVar("_T")
 
 # Socket timeouts of the `subscriber` command's own client (the store's are the SIP workers' 0.5 s).
 SUBSCRIBER_TIMEOUT = 2.0
@@ -40,6 +52,49 @@ SUBSCRIBER_TIMEOUT = 2.0
 
 class CliError(Exception):
     """A bad argument or file: printed as one line, exit status 2."""
+
+
+class CliFailure(Exception):
+    """The command ran and failed (no such key, a provider refused the credentials): exit status 1."""
+
+
+class Output:
+    """What a command prints: lines of text, or with `--json` one JSON object at the end
+    (`{"ok": true, "message": ..., <fields>}`; lists under their own key)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.messages: list[str] = []
+        self.fields: dict[str, Any] = {}
+
+    def say(self, text: str, **fields: Any) -> None:
+        if self.as_json:
+            self.messages.append(text)
+            self.fields.update(fields)
+        else:
+            print(text)
+
+    def text(self, line: str) -> None:
+        """A line for people only (the JSON document carries the same in its fields)."""
+        if not self.as_json:
+            print(line)
+
+    def rows(self, key: str, rows: list[dict[str, Any]], lines: list[str]) -> None:
+        if self.as_json:
+            self.fields[key] = rows
+        else:
+            for line in lines:
+                print(line)
+
+    def flush(self, ok: bool = True) -> None:
+        if self.as_json:
+            doc = {"ok": ok, **({"message": "; ".join(self.messages)} if self.messages else {}), **self.fields}
+            print(json.dumps(doc, sort_keys=True))
+
+
+def out(args: argparse.Namespace) -> Output:
+    output: Output = args.output
+    return output
 
 
 def _read(path: str, what: str) -> str:
@@ -51,44 +106,26 @@ def _read(path: str, what: str) -> str:
 
 def load_apns_key(path: str) -> str:
     """The .p8 token key as PEM text, checked to be an EC P-256 private key (what ES256 needs)."""
-    pem = _read(path, "APNs key")
     try:
-        key = serialization.load_pem_private_key(pem.encode(), password=None)
-    except ValueError as exc:
-        raise CliError(f"{path} is not a PEM private key") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise CliError(f"{path} is not an EC P-256 key (APNs token keys are)")
-    return pem
+        return check_apns_key(_read(path, "APNs key"), what=path)
+    except CredentialsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_apns_cert(cert_path: str, key_path: str) -> tuple[str, str]:
     """Certificate and key PEM, checked to parse and to belong together."""
-    cert_pem, key_pem = _read(cert_path, "certificate"), _read(key_path, "certificate key")
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
-    except ValueError as exc:
-        raise CliError(f"cannot parse the certificate or key: {exc}") from exc
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    if cert.public_key().public_bytes(enc, spki) != key.public_key().public_bytes(enc, spki):
-        raise CliError("the key does not belong to the certificate")
-    return cert_pem, key_pem
+        return check_apns_cert(_read(cert_path, "certificate"), _read(key_path, "certificate key"))
+    except CredentialsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def load_service_account(path: str) -> tuple[str, str]:
     """Service-account JSON text and its project id, checked for the fields google-auth needs."""
-    text = _read(path, "service account")
     try:
-        info = json.loads(text)
-    except ValueError as exc:
-        raise CliError(f"{path} is not valid JSON") from exc
-    if not isinstance(info, dict):
-        raise CliError(f"{path} is not a service-account object")
-    missing = [k for k in ("project_id", "client_email", "private_key", "token_uri") if not info.get(k)]
-    if missing:
-        raise CliError(f"{path} lacks {', '.join(missing)}")
-    return text, str(info["project_id"])
+        return check_service_account(_read(path, "service account"), what=path)
+    except CredentialsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def parse_data(pairs: Sequence[str]) -> dict[str, str]:
@@ -101,20 +138,11 @@ def parse_data(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def check_fcm_alias(alias: str) -> str:
-    """`alias` if an FCM device can name an app so: the Contact parser takes it verbatim as the app
-    id of `pn-provider=fcm;pn-param=<alias>` (a sender id, a package name...)."""
-    try:
-        params = parse_push_params({"pn-provider": "fcm", "pn-param": alias, "pn-prid": "x"}, "", ())
-    except PushParamError as exc:
-        raise CliError(f"alias {alias[:80]!r} cannot be an FCM pn-param: {exc}") from None
-    if params is None or params.app_id != alias:
-        raise CliError(f"alias {alias[:80]!r} cannot be an FCM pn-param (a device names it differently)")
-    return alias
-
-
 def _aliases(given: Sequence[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(check_fcm_alias(a) for a in given))
+    try:
+        return check_aliases(list(given))
+    except CredentialsError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _app_from_args(args: argparse.Namespace) -> AppCredentials:
@@ -153,20 +181,33 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
             if stored is not None and stored.app_id == app.app_id:
                 app = replace(app, aliases=stored.aliases)
         _save_app(store, app)
-        print(f"saved {describe_app(app)}")
+        out(args).say(f"saved {describe_app(app)}", app=public_view(app))
         return
     if args.cmd == "reindex":
-        print(f"app index rebuilt: {store.reindex_apps()} apps")
+        count = store.reindex_apps()
+        out(args).say(f"app index rebuilt: {count} apps", apps=count)
         return
     found = store.app(args.provider, args.app_id)
     if found is None:
         raise CliError(f"no app {args.provider}:{args.app_id}")
     alias_of = found.app_id if found.app_id != args.app_id else None
     if args.cmd == "show":
+        status = store.app_status(args.provider, found.app_id)
+        if out(args).as_json:
+            out(args).say(describe_app(found), app=public_view(found, status), alias_of=alias_of)
+            return
         if alias_of:
             print(f"{args.provider}:{args.app_id} is an alias of {args.provider}:{alias_of}")
         print(describe_app(found))
-        print(json.dumps(store.app_status(args.provider, found.app_id), indent=2, sort_keys=True))
+        print(json.dumps(credentials_view(found), sort_keys=True))
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return
+    if args.cmd == "check":
+        result = asyncio.run(check_app(found))
+        out(args).say(f"{'ok' if result.ok else 'FAILED'}: {found.provider.value}:{found.app_id} at {result.host}: "
+                      f"{result.detail}", check=result.public())
+        if not result.ok:
+            raise CliFailure(f"app check failed: {result.detail}")
         return
     if alias_of:
         hint = (f"; `app alias-remove {args.provider} {alias_of} {args.app_id}` removes the alias"
@@ -176,24 +217,23 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
     if args.cmd in ("enable", "disable"):
         changed = replace(found, enabled=args.cmd == "enable")
         _save_app(store, changed)
-        print(f"saved {describe_app(changed)}")
+        out(args).say(f"saved {describe_app(changed)}", app=public_view(changed))
     elif args.cmd == "remove":
         store.remove_app(args.provider, args.app_id)
-        print(f"removed {args.provider}:{args.app_id}"
-              + (f" and its aliases {', '.join(found.aliases)}" if found.aliases else ""))
+        out(args).say(f"removed {args.provider}:{args.app_id}"
+                      + (f" and its aliases {', '.join(found.aliases)}" if found.aliases else ""))
     elif args.cmd == "aliases":
-        for alias in found.aliases:
-            print(alias)
+        out(args).rows("aliases", [{"alias": a} for a in found.aliases], list(found.aliases))
     elif args.cmd == "alias-add":
         try:
             saved = store.add_app_aliases(args.provider, args.app_id, _aliases(args.alias))
         except ValueError as exc:  # AppNameConflict
             raise CliError(str(exc)) from None
-        print(f"saved {describe_app(saved)}")
+        out(args).say(f"saved {describe_app(saved)}", app=public_view(saved))
     elif args.cmd == "alias-remove":
         if not store.remove_app_alias(args.provider, args.app_id, args.alias):
             raise CliError(f"{args.provider}:{args.app_id} has no alias {args.alias}")
-        print(f"removed alias {args.alias} of {args.provider}:{args.app_id}")
+        out(args).say(f"removed alias {args.alias} of {args.provider}:{args.app_id}")
 
 
 def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
@@ -205,14 +245,16 @@ def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
         store.save_ua_mapping(
             UaMapping(args.name, args.regex, args.app_param, args.type_param, args.token_param)
         )
-        print(f"saved UA mapping {args.name}")
+        out(args).say(f"saved UA mapping {args.name}")
     elif args.cmd == "list":
-        for m in store.ua_mappings():
-            print(f"{m.name}\t{m.user_agent_regex}\tapp={m.app_param} type={m.type_param} token={m.token_param}")
+        found = store.ua_mappings()
+        out(args).rows("mappings", [asdict(m) for m in found], [
+            f"{m.name}\t{m.user_agent_regex}\tapp={m.app_param} type={m.type_param} token={m.token_param}"
+            for m in found])
     elif args.cmd == "remove":
         if not store.remove_ua_mapping(args.name):
             raise CliError(f"no UA mapping {args.name}")
-        print(f"removed UA mapping {args.name}")
+        out(args).say(f"removed UA mapping {args.name}")
 
 
 DEVICES_USAGE = """pushlib-admin devices [-h] user@domain
@@ -226,27 +268,31 @@ def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
         if len(words) == 2 and args.all:
             aor = _aor(words[1])
             removed = store.remove_all_devices(aor)
-            print(f"removed {len(removed)} devices of {aor}" + (f": {', '.join(removed)}" if removed else ""))
+            out(args).say(f"removed {len(removed)} devices of {aor}" + (f": {', '.join(removed)}" if removed else ""),
+                          removed=removed)
         elif len(words) == 3 and not args.all:
             aor = _aor(words[1])
             if not store.remove_device(aor, words[2]):
                 raise CliError(f"no device {words[2]} of {aor}")
-            print(f"removed device {words[2]} of {aor}")
+            out(args).say(f"removed device {words[2]} of {aor}", removed=[words[2]])
         else:
             raise CliError("want `devices remove user@domain DEVICE_ID` or `devices remove user@domain --all`")
         return
     if len(words) != 1 or args.all:
         raise CliError("want `devices user@domain` (list) or `devices remove user@domain (DEVICE_ID | --all)`")
     now = time.time()
-    for d in store.devices(_aor(words[0])):
+    devices = store.devices(_aor(words[0]))
+    lines = []
+    for d in devices:
         p = d.params
         tokens = ",".join(k for k, v in (("voip", p.voip_token), ("alert", p.alert_token)) if v)
         quarantined = " quarantined" if d.quarantined_until > now else ""
         dead = " dead" if d.dead else ""
-        print(
+        lines.append(
             f"{d.device_id}\t{p.provider.value}{'(sandbox)' if p.sandbox else ''}\t{p.app_id}\ttokens={tokens}"
             f"\tregistered {int(now - d.registered_at)}s ago\texpires in {int(d.expires_at - now)}s{quarantined}{dead}"
         )
+    out(args).rows("devices", [device_view(d, now) for d in devices], lines)
 
 
 def _aor(text: str) -> Aor:
@@ -278,10 +324,10 @@ def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
         subscribers = Subscribers(client)
         if args.cmd == "set":
             subscribers.set_password(user, domain, _read_password(args.password), realm=args.realm)
-            print(f"saved credentials of {user}@{domain}")
+            out(args).say(f"saved credentials of {user}@{domain}")
         else:
             subscribers.remove([(user, domain)])
-            print(f"removed credentials of {user}@{domain}")
+            out(args).say(f"removed credentials of {user}@{domain}")
     finally:
         client.close()
 
@@ -298,7 +344,126 @@ def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
         deadline=time.time() + (args.ttl or store.settings.message_ttl), data=data, created_at=time.time(),
     )
     store.enqueue(job)
-    print(f"queued {job.kind.value} job {job.job_id} for {job.aor}")
+    out(args).say(f"queued {job.kind.value} job {job.job_id} for {job.aor}", job_id=job.job_id)
+
+
+# --- the HTTP API's records: keys, tenants, user uuids ---------------------------------------------
+
+
+def _with_async_redis(store: SyncStore, work: Callable[[Any], Awaitable[_T]]) -> _T:
+    """Run `work(client)` on a redis.asyncio client of the store's Redis (the API's stores are async)."""
+
+    async def run() -> _T:
+        client = async_client(store.settings.redis_url, timeout=SUBSCRIBER_TIMEOUT, connect_timeout=SUBSCRIBER_TIMEOUT)
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def cmd_keys(store: SyncStore, args: argparse.Namespace) -> None:
+    """API keys: create (the token is printed once), list, revoke."""
+
+    async def work(client: Any) -> None:
+        keys = ApiKeyStore(client)
+        if args.cmd == "create":
+            try:
+                scopes = parse_scopes(args.scope)
+            except ApiKeyError as exc:
+                raise CliError(str(exc)) from None
+            if args.tenant is not None and await TenantStore(client).get(args.tenant) is None:
+                raise CliFailure(f"no tenant {args.tenant}")
+            try:
+                token, key = await keys.create(scopes, args.tenant, args.name)
+            except ApiKeyError as exc:
+                raise CliError(str(exc)) from None
+            out(args).say(f"created key {key.key_id} scopes={','.join(sorted(key.scopes))} "
+                          f"tenant={key.tenant or '-'} (the token is shown once: store it now)",
+                          token=token, key=key.public())
+            out(args).text(token)
+        elif args.cmd == "list":
+            found = await keys.all()
+            out(args).rows("keys", [k.public() for k in found], [
+                f"{k.key_id}\tscopes={','.join(sorted(k.scopes))}\ttenant={k.tenant or '-'}\t{k.name}" for k in found])
+        elif not await keys.revoke(args.key_id):
+            raise CliFailure(f"no key {args.key_id}")
+        else:
+            out(args).say(f"revoked key {args.key_id}")
+
+    _with_async_redis(store, work)
+
+
+def cmd_tenants(store: SyncStore, args: argparse.Namespace) -> None:
+    """Tenants and what they own: SIP domains, apps."""
+
+    async def work(client: Any) -> None:
+        tenants = TenantStore(client)
+        try:
+            if args.cmd == "create":
+                tenant = await tenants.create(args.tenant_id, args.name)
+                out(args).say(f"created tenant {tenant.tenant_id}", tenant=tenant.public())
+            elif args.cmd == "list":
+                found = await tenants.all()
+                out(args).rows("tenants", [t.public() for t in found], [
+                    f"{t.tenant_id}\t{t.name}\tdomains={','.join(sorted(t.domains)) or '-'}"
+                    f"\tapps={','.join(sorted(t.apps)) or '-'}" for t in found])
+            elif args.cmd == "show":
+                found_one = await tenants.get(args.tenant_id)
+                if found_one is None:
+                    raise CliFailure(f"no tenant {args.tenant_id}")
+                out(args).text(json.dumps(found_one.public(), sort_keys=True))
+                out(args).say(f"tenant {args.tenant_id}", tenant=found_one.public())
+            elif args.cmd == "delete":
+                if not await tenants.delete(args.tenant_id):
+                    raise CliFailure(f"no tenant {args.tenant_id}")
+                revoked = await ApiKeyStore(client).revoke_tenant(args.tenant_id)
+                out(args).say(f"deleted tenant {args.tenant_id} and revoked its {len(revoked)} keys", revoked=revoked)
+            elif args.cmd == "domain-add":
+                added = [await tenants.add_domain(args.tenant_id, d) for d in args.domain]
+                out(args).say(f"tenant {args.tenant_id} owns {', '.join(added)}", domains=added)
+            elif args.cmd == "domain-remove":
+                if not await tenants.remove_domain(args.tenant_id, args.domain):
+                    raise CliFailure(f"tenant {args.tenant_id} does not own {args.domain}")
+                out(args).say(f"tenant {args.tenant_id} no longer owns {args.domain}")
+            elif args.cmd == "app-add":
+                await tenants.add_app(args.tenant_id, args.provider, args.app_id)
+                out(args).say(f"tenant {args.tenant_id} owns app {args.provider}:{args.app_id}")
+            elif not await tenants.remove_app(args.tenant_id, args.provider, args.app_id):
+                raise CliFailure(f"tenant {args.tenant_id} does not own app {args.provider}:{args.app_id}")
+            else:
+                out(args).say(f"tenant {args.tenant_id} no longer owns app {args.provider}:{args.app_id}")
+        except TenantError as exc:
+            raise CliError(str(exc)) from None
+
+    _with_async_redis(store, work)
+
+
+def cmd_users(store: SyncStore, args: argparse.Namespace) -> None:
+    """User uuids (Wazo's user_uuid) mapped to addresses of record."""
+
+    async def work(client: Any) -> None:
+        users = UserMap(client)
+        if args.cmd == "map":
+            try:
+                check_user_uuid(args.user_uuid)
+            except AorError as exc:
+                raise CliError(str(exc)) from None
+            aor = _aor(args.aor)
+            await users.set(args.user_uuid, aor)
+            out(args).say(f"user {args.user_uuid} is {aor}", user_uuid=args.user_uuid, aor=aor)
+        elif args.cmd == "show":
+            found = await users.get(args.user_uuid)
+            if found is None:
+                raise CliFailure(f"no user {args.user_uuid}")
+            out(args).say(f"user {args.user_uuid} is {found}", user_uuid=args.user_uuid, aor=found)
+        elif not await users.delete(args.user_uuid):
+            raise CliFailure(f"no user {args.user_uuid}")
+        else:
+            out(args).say(f"forgot user {args.user_uuid}")
+
+    _with_async_redis(store, work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the Redis URL from this file (stripped): keeps a password out of `ps`")
     parser.add_argument("--log-level", default=os.environ.get("PUSHLIB_LOG_LEVEL", "WARNING"),
                         help="Python logging level (default: PUSHLIB_LOG_LEVEL or WARNING)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (ok, message, the command's fields) instead of text")
     sub = parser.add_subparsers(dest="area", required=True)
 
     app = sub.add_parser("app", help="push apps and their credentials").add_subparsers(dest="cmd", required=True)
@@ -339,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="custom host:port instead of Apple's or Google's (e.g. the sandbox)")
         p.add_argument("--ca-file", help="the only CA trusted for --host (e.g. the sandbox CA)")
     app.add_parser("reindex", help="rebuild the list of configured apps the SIP workers check REGISTERs against")
-    for name in ("show", "enable", "disable", "remove"):
-        p = app.add_parser(name)
+    for name in ("show", "enable", "disable", "remove", "check"):
+        p = app.add_parser(name, help="connect to the app's provider and check its authentication (exit 1: it fails)"
+                           if name == "check" else None)
         p.add_argument("provider", choices=[p.value for p in Provider])
         p.add_argument("app_id")
     for name, help_text in (
@@ -386,6 +554,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body")
     p.add_argument("--ttl", type=int, help="seconds the provider may store it")
     p.add_argument("--data", action="append", default=[], metavar="NAME=VALUE")
+
+    keys = sub.add_parser("keys", help="HTTP API keys").add_subparsers(dest="cmd", required=True)
+    p = keys.add_parser("create", help="create a key; its token is printed once")
+    p.add_argument("--scope", action="append", required=True, choices=[s.value for s in Scope],
+                   help="send, read or admin (admin implies the others); repeatable")
+    p.add_argument("--tenant", help="bind the key to a tenant: it sees only the tenant's users and apps")
+    p.add_argument("--name", default="", help="a note: who or what uses the key")
+    keys.add_parser("list")
+    keys.add_parser("revoke").add_argument("key_id")
+
+    ten = sub.add_parser("tenants", help="tenants: their SIP domains and apps").add_subparsers(
+        dest="cmd", required=True)
+    p = ten.add_parser("create")
+    p.add_argument("tenant_id")
+    p.add_argument("--name", default="")
+    ten.add_parser("list")
+    for name in ("show", "delete"):
+        ten.add_parser(name, help="delete: also revokes the tenant's keys" if name == "delete" else None
+                       ).add_argument("tenant_id")
+    p = ten.add_parser("domain-add")
+    p.add_argument("tenant_id")
+    p.add_argument("domain", nargs="+")
+    p = ten.add_parser("domain-remove")
+    p.add_argument("tenant_id")
+    p.add_argument("domain")
+    for name in ("app-add", "app-remove"):
+        p = ten.add_parser(name)
+        p.add_argument("tenant_id")
+        p.add_argument("provider", choices=[p.value for p in Provider])
+        p.add_argument("app_id")
+
+    users = sub.add_parser("users", help="user uuids (the API's user_uuid) and their addresses of record"
+                           ).add_subparsers(dest="cmd", required=True)
+    p = users.add_parser("map")
+    p.add_argument("user_uuid")
+    p.add_argument("aor", help="user@domain")
+    users.add_parser("show").add_argument("user_uuid")
+    users.add_parser("unmap").add_argument("user_uuid")
     return parser
 
 
@@ -402,8 +608,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.output = Output(args.json)
     handlers = {
         "app": cmd_app, "uamap": cmd_uamap, "subscriber": cmd_subscriber, "devices": cmd_devices, "push": cmd_push,
+        "keys": cmd_keys, "tenants": cmd_tenants, "users": cmd_users,
     }
     try:
         setup_logging(args.log_level)
@@ -415,14 +623,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers[args.area](store, args)
     except CliError as exc:
-        print(f"pushlib-admin: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc), 2)
+    except CliFailure as exc:
+        return _fail(args, str(exc), 1)
     except StoreUnavailable as exc:
-        print(f"pushlib-admin: Redis unavailable at {redact_url(settings.redis_url)}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, f"Redis unavailable at {redact_url(settings.redis_url)}: {exc}", 1)
     finally:
         store.close()
+    args.output.flush()
     return 0
+
+
+def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    """One line on stderr (exit 2: usage, 1: the command failed); with --json the JSON document goes
+    to stdout too, with `ok` false and the error."""
+    print(f"pushlib-admin: {message}", file=sys.stderr)
+    if args.output.as_json:
+        args.output.fields["error"] = message
+        args.output.flush(ok=False)
+    return status
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ by the provider but not yet marked when the process died is sent again (the dupl
 Redis work per job is kept to about two round trips: one script returns the job's devices with
 their sent marks, and the marks and acks of concurrent jobs are coalesced (`_Batcher`: whatever
 was submitted while the previous batch was in flight goes out as one pipeline; an entry is
-acked only after its marks are written). Per-app outcome counters and environment-window entries
-are buffered in memory and flushed every OUTCOME_FLUSH_SECONDS; a BadDeviceToken flushes its
-app's buffer at once so the suspicion check sees the totals.
+acked only after its marks are written). Per-app outcome counters, environment-window entries and
+the Prometheus figures (`pushlib.metrics`: pushes by provider/kind/outcome, latency, dead tokens,
+quarantines) are buffered in memory and flushed every OUTCOME_FLUSH_SECONDS in one pipeline; a
+BadDeviceToken flushes its app's buffer at once so the suspicion check sees the totals.
 
 An iOS device without a VoIP token is rung with a visible alert (`payloads`), which rings once:
 after such an incomingCall was delivered, the same push (same `apns-collapse-id`, so it replaces
@@ -60,6 +61,7 @@ from pushlib import schema
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
 from pushlib.calls import call_key
 from pushlib.logutil import redact_url, setup_logging, token_prefix
+from pushlib.metrics import MetricsBuffer
 from pushlib.models import (
     ApnsRequest,
     AppCredentials,
@@ -98,6 +100,8 @@ OUTCOME_FLUSH_SECONDS = 1.0
 REPEAT_MIN_INTERVAL = 1.0
 REPEAT_MIN_LEFT = 1.0
 REPEAT_TASKS_MAX = 10_000
+#: (job, device) pushes a dispatcher remembers as accepted (about 100 bytes each)
+DELIVERED_MEMORY = 100_000
 _CALL_END_KINDS = (PushKind.CANCEL_INCOMING_CALL, PushKind.MISSED_CALL)
 # Outcomes whose log line is INFO (the rest are WARNING: an operator may have to act).
 _QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped", "dead_skipped", "no_token"))
@@ -232,7 +236,12 @@ class Dispatcher:
         self._redis_down = False
         self._redis_back_at = -math.inf  # monotonic time Redis was last seen back after an outage
         self._outcomes = _OutcomeBuffer()
+        self._metrics = MetricsBuffer()
         self._flush_lock = asyncio.Lock()
+        # (job, device) pushes this process saw accepted: when Redis was down as the mark was
+        # written, the job stays pending and comes back to us reclaimed; this keeps it from being
+        # pushed twice (a reclaim by another process still relies on the marks in Redis)
+        self._delivered: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -421,6 +430,7 @@ class Dispatcher:
                 job = schema.decode_job(fields)
             except schema.DecodeError as exc:
                 self.stats["malformed"] += 1
+                self._metrics.event("jobs_malformed")
                 log.error("dispatcher: malformed stream entry %s dropped: %s", entry_id, exc)
                 await self._acks.submit(entry_id)
                 return
@@ -443,6 +453,7 @@ class Dispatcher:
             raise
         except Exception:
             self.stats["failed"] += 1
+            self._metrics.event("jobs_failed")
             log.exception("dispatcher: job entry %s failed unexpectedly; dropped", entry_id)
             with contextlib.suppress(StoreUnavailable):
                 await self._acks.submit(entry_id)
@@ -450,6 +461,7 @@ class Dispatcher:
     async def _run_job(self, entry_id: str, job: PushJob) -> None:
         if job.deadline <= time.time():
             self.stats["deadline_dropped"] += 1
+            self._metrics.event("jobs_deadline_dropped")
             log.info("push job=%s kind=%s aor=%s outcome=deadline_dropped (late by %.1fs when read)",
                      job.job_id, job.kind.value, job.aor, time.time() - job.deadline)
             await self._acks.submit(entry_id)
@@ -614,7 +626,7 @@ class Dispatcher:
         if app is None:
             await self._store.record_app_error(provider, app_id, "no credentials stored for this app")
             return self._final_line(job, device, "config_error", None, "no credentials for app")
-        if sent:
+        if sent or (job.job_id, device.device_id) in self._delivered:
             return self._final_line(job, device, "already_sent", None, "provider accepted it before")
         build: _Builder = build_apns if device.params.provider is Provider.APNS else build_fcm
         attempt = 0
@@ -656,11 +668,17 @@ class Dispatcher:
         number of an alert-style incomingCall repeat (0: the job's own push)."""
         provider = device.params.provider.value
         outcome = result.outcome
+        if not repeat and job.created_at > 0:  # a repeat's latency is its interval, not the provider's
+            self._metrics.latency(provider, time.time() - job.created_at)
         if outcome is Outcome.DELIVERED and not repeat:
             # First, before anything else: this is the duplicate window.
+            self._delivered[(job.job_id, device.device_id)] = None
+            if len(self._delivered) > DELIVERED_MEMORY:
+                self._delivered.popitem(last=False)
             await self._marks.submit((job.aor, job.job_id, device.device_id))
         elif outcome is Outcome.TOKEN_DEAD:
-            await self._store.remove_token(device.aor, device.device_id, request.token)
+            if await self._store.remove_token(device.aor, device.device_id, request.token):
+                self._metrics.event("dead_tokens_removed")
             if self.on_call_token_dead is not None and job.kind is PushKind.INCOMING_CALL and not repeat:
                 try:
                     self.on_call_token_dead(job, device)
@@ -668,7 +686,8 @@ class Dispatcher:
                     log.exception("push job=%s aor=%s device=%s: dead-token hook failed",
                                   job.job_id, job.aor, device.device_id)
         elif outcome is Outcome.DEVICE_SUSPECT:
-            await self._store.quarantine_device(device.aor, device.device_id)
+            if await self._store.quarantine_device(device.aor, device.device_id):
+                self._metrics.event("devices_quarantined")
         elif outcome is Outcome.CONFIG_ERROR:
             await self._store.record_app_error(provider, app_id, f"{result.status} {result.reason}".strip())
             # pick up fixed credentials at once (cached under the name the device uses)
@@ -688,12 +707,15 @@ class Dispatcher:
         flight; on a Redis outage the entries stay buffered (bounded) for the next flush."""
         async with self._flush_lock:
             counts, windows = self._outcomes.take()
-            if not counts and check is None:
+            increments = self._metrics.take()
+            if not counts and not increments and check is None:
                 return
             try:
-                await self._store.record_outcomes(counts, windows, [check] if check else [])
+                await self._store.record_outcomes(counts, windows, [check] if check else [],
+                                                  increments=increments)
             except StoreUnavailable:
                 self._outcomes.put_back(counts, windows)
+                self._metrics.put_back(increments)
                 raise
 
     def _final_line(self, job: PushJob, device: Device, outcome: str,
@@ -702,6 +724,7 @@ class Dispatcher:
         `status` and `detail` are joined by a space in the line (either may be empty); the line
         costs nothing beyond a level check when its level is disabled."""
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        self._metrics.push(device.params.provider.value, job.kind.value, outcome)
         level = logging.INFO if outcome in _QUIET_OUTCOMES else logging.WARNING
         if not log.isEnabledFor(level):
             return

@@ -83,6 +83,11 @@ _TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keeps \t and \n
 _PRINTABLE_ASCII = re.compile(r"[!-~]+")
 
 
+def custom_key_reserved(key: str) -> bool:
+    """True for a data key a custom push may not set (ours, or FCM's): the builders drop it."""
+    return key in _CUSTOM_RESERVED or key.startswith(_FCM_RESERVED_PREFIXES)
+
+
 class PayloadTooLarge(ValueError):
     """The ids and custom fields alone exceed the provider's payload limit."""
 
@@ -211,8 +216,7 @@ def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: floa
     elif kind is PushKind.CUSTOM:
         for key, value in data.items():
             clean_key = _id(key)
-            if clean_key and clean_key not in _CUSTOM_RESERVED and not clean_key.startswith(
-                    _FCM_RESERVED_PREFIXES):
+            if clean_key and not custom_key_reserved(clean_key):
                 content.ids[clean_key] = _id(str(value))
         for key, cap in (("title", MAX_TITLE_CHARS), ("body", MAX_BODY_CHARS)):
             if get.get(key):

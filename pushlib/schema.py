@@ -50,9 +50,32 @@ Shared:
   `credentials.ha1`) and `realm`. No TTL; written by the operator CLI.
 - `pn:rrsecret` (ROUTE_SECRET_KEY) string, the key that signs this deployment's Record-Route
   (`credentials.route_secret`): set once (SET NX) by the first Kamailio to start. No TTL.
+Metrics (hash tag `{metrics}`; written by every dispatcher, read by `pushlib.metrics`; no TTL,
+counters only grow; fields are built from fixed sets: providers, push kinds, outcome names, bucket
+indexes, never from a request):
+- `pn:{metrics}:pushes` (METRICS_PUSHES_KEY) hash, `<provider>|<kind>|<outcome>`
+  (`metrics_push_field`) -> final outcomes of device pushes.
+- `pn:{metrics}:latency` (METRICS_LATENCY_KEY) hash, `<provider>|<i>` (`metrics_bucket_field`) ->
+  pushes whose latency (job created -> provider answered) fell in bucket i of
+  METRICS_LATENCY_BUCKETS (not cumulative; i = len(buckets) is +Inf), `<provider>|sum` (seconds,
+  HINCRBYFLOAT) and `<provider>|count`.
+- `pn:{metrics}:events` (METRICS_EVENTS_KEY) hash, one of METRICS_EVENTS -> count.
+
 - the job stream: `Settings.stream` (default `pn:jobs`, consumer group `Settings.group`), entries
   of flat string fields (`encode_job`). No TTL: XADD trims it to about `Settings.stream_maxlen`
   entries and the dispatcher deletes every entry that reached a final outcome.
+
+HTTP API (`pushlib.api`; its keys share one hash tag each, so a transaction works on Redis Cluster):
+- `pn:user:<user_uuid>` (`user_key`) string, the AOR (`sip:user@domain`) an API client's user uuid
+  names (Wazo's `user_uuid`). No TTL; written by the API or `pushlib-admin users map`.
+- `pn:{apikeys}:key:<key_id>` (`api_key_key`) hash, one API key (`apikeys.encode_api_key`): the
+  sha256 of its secret (never the secret), scopes, tenant, name, created_at. No TTL.
+- `pn:{apikeys}:ids` (API_KEY_IDS_KEY) set of the key ids. No TTL.
+- `pn:{tenants}:t:<tenant_id>` (`tenant_key`) hash, one tenant: name, created_at. No TTL.
+- `pn:{tenants}:ids` (TENANT_IDS_KEY) set of the tenant ids. No TTL.
+- `pn:{tenants}:domains` (TENANT_DOMAINS_KEY) hash, SIP domain -> the tenant owning it. No TTL.
+- `pn:{tenants}:apps` (TENANT_APPS_KEY) hash, `<provider>:<app_id>` -> the tenant owning the app.
+  No TTL.
 """
 
 from __future__ import annotations
@@ -156,10 +179,59 @@ def pending_key(aor: str, device_id: str) -> str:
 
 ROUTE_SECRET_KEY = "pn:rrsecret"
 
+METRICS_PUSHES_KEY = "pn:{metrics}:pushes"
+METRICS_LATENCY_KEY = "pn:{metrics}:latency"
+METRICS_EVENTS_KEY = "pn:{metrics}:events"
+#: Upper bounds (seconds) of the push latency histogram's buckets: a call push must land well
+#: inside the wait window, so the resolution is where a ringing phone notices (10 ms .. 10 s).
+METRICS_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: The outcome names a device push is counted under (`metrics_push_field`): the dispatcher's
+#: final outcomes, `suspect` being Outcome.DEVICE_SUSPECT.
+METRICS_PUSH_OUTCOMES = ("delivered", "token_dead", "suspect", "retryable", "config_error", "rejected",
+                         "deadline_dropped", "quarantined_skipped", "dead_skipped", "already_sent", "no_token")
+#: The dispatcher's event counters (METRICS_EVENTS_KEY fields).
+METRICS_EVENTS = ("dead_tokens_removed", "devices_quarantined", "jobs_deadline_dropped", "jobs_malformed",
+                  "jobs_failed")
+
+
+def metrics_push_field(provider: str, kind: str, outcome: str) -> str:
+    return f"{provider}|{kind}|{outcome}"
+
+
+def metrics_bucket_field(provider: str, index: int | str) -> str:
+    """`<provider>|<bucket index>`, or `<provider>|sum` / `<provider>|count`."""
+    return f"{provider}|{index}"
+
+
+def metrics_bucket_index(seconds: float) -> int:
+    """The METRICS_LATENCY_BUCKETS index a latency falls in (len(buckets) for +Inf)."""
+    for i, bound in enumerate(METRICS_LATENCY_BUCKETS):
+        if seconds <= bound:
+            return i
+    return len(METRICS_LATENCY_BUCKETS)
+
 
 def subscriber_key(user: str, domain: str) -> str:
     # the domain in the AOR's spelling (pushlib.aor): REGISTER's To and the CLI meet on one key
     return f"pn:sub:{user}@{ascii_lower(domain)}"
+
+
+def user_key(user_uuid: str) -> str:
+    return f"pn:user:{user_uuid}"
+
+
+API_KEY_IDS_KEY = "pn:{apikeys}:ids"
+TENANT_IDS_KEY = "pn:{tenants}:ids"
+TENANT_DOMAINS_KEY = "pn:{tenants}:domains"
+TENANT_APPS_KEY = "pn:{tenants}:apps"
+
+
+def api_key_key(key_id: str) -> str:
+    return f"pn:{{apikeys}}:key:{key_id}"
+
+
+def tenant_key(tenant_id: str) -> str:
+    return f"pn:{{tenants}}:t:{tenant_id}"
 
 
 def window_entry(ts: float, bad: bool) -> str:

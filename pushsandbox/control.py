@@ -50,6 +50,13 @@ def _public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> str:
     ).decode()
 
 
+def _public_pem_of(private_pem: str) -> str:
+    key = serialization.load_pem_private_key(private_pem.encode(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("not an EC or RSA private key")
+    return _public_pem(key)
+
+
 def _key_id() -> str:
     # Apple key ids are 10 upper-case alphanumerics.
     return "".join(secrets.choice(string.ascii_uppercase + string.digits) for _ in range(10))
@@ -118,12 +125,28 @@ class SandboxControl:
             apns_cert_key_pem=key_pem, custom_host=self.host, ca_pem=self.ca_pem,
         )
 
+    def register_fcm_account(self, client_email: str, public_key_pem: str, project_id: str) -> None:
+        self._call("POST", "/fcm/accounts", {"client_email": client_email, "public_key_pem": public_key_pem,
+                                             "project_id": project_id})
+
+    def register_app(self, app: AppCredentials) -> None:
+        """Register again what `app` authenticates with (an APNs token key or an FCM service
+        account made by this class): for a sandbox that restarted."""
+        if app.apns_key_pem and app.apns_key_id and app.apns_team_id:
+            public = _public_pem_of(app.apns_key_pem)
+            self.register_apns_key(app.apns_key_id, app.apns_team_id, public, [app.app_id])
+        elif app.fcm_service_account:
+            account = json.loads(app.fcm_service_account)
+            public = _public_pem_of(account["private_key"])
+            self.register_fcm_account(account["client_email"], public, account["project_id"])
+        else:
+            raise ValueError(f"cannot register {app.provider.value} app {app.app_id} again (no token key or account)")
+
     def service_account(self, project_id: str) -> dict[str, str]:
         """A fresh service-account JSON (as a dict) for `project_id` whose token_uri is the sandbox."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         client_email = f"sandbox-{secrets.token_hex(4)}@{project_id}.iam.gserviceaccount.com"
-        self._call("POST", "/fcm/accounts", {"client_email": client_email, "public_key_pem": _public_pem(key),
-                                             "project_id": project_id})
+        self.register_fcm_account(client_email, _public_pem(key), project_id)
         return {
             "type": "service_account",
             "project_id": project_id,

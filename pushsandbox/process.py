@@ -39,6 +39,14 @@ class SandboxHandle:
         """"127.0.0.1:<port>", the form AppCredentials.custom_host takes."""
         return self.control.host
 
+    def restart(self, log_level: str = "WARNING", timeout: float = 20.0) -> None:
+        """Stop the sandbox by PID and start it again on the same port and directory (same CA and
+        server certificate). Registrations, recorded pushes and issued OAuth tokens are gone: like
+        a provider that restarted, the caller registers its credentials again."""
+        stop_process(self.proc)
+        self.proc = _spawn(self.port, self.directory, log_level)
+        _wait_ready(self.proc, self.directory / "sandbox.log", timeout)
+
 
 def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
     end = time.monotonic() + timeout
@@ -59,26 +67,33 @@ def sandbox_process(port: int | None = None, log_level: str = "WARNING",
     """Run the sandbox on 127.0.0.1 (`port` None: any free port, no race) in a temp dir;
     stop it by PID and remove the dir afterwards, even on failure."""
     directory = Path(tempfile.mkdtemp(prefix="pushlib-sandbox-"))
-    log_path = directory / "sandbox.log"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     proc: subprocess.Popen[bytes] | None = None
     control: SandboxControl | None = None
+    handle: SandboxHandle | None = None
     try:
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pushsandbox", "--host", "127.0.0.1", "--port", str(port or 0),
-                 "--dir", str(directory), "--log-level", log_level],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
-            )
-        url = _wait_ready(proc, log_path, timeout)
+        proc = _spawn(port or 0, directory, log_level)
+        url = _wait_ready(proc, directory / "sandbox.log", timeout)
         ca_pem = (directory / CA_FILE).read_text()
         control = SandboxControl(url, ca_pem)
-        yield SandboxHandle(url, int(url.rsplit(":", 1)[1]), ca_pem, control, proc, directory)
+        handle = SandboxHandle(url, int(url.rsplit(":", 1)[1]), ca_pem, control, proc, directory)
+        yield handle
     finally:
         if control is not None:
             control.close()
+        if handle is not None:
+            proc = handle.proc  # (restarted: another PID)
         if proc is not None:
             stop_process(proc)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _spawn(port: int, directory: Path, log_level: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    with (directory / "sandbox.log").open("wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pushsandbox", "--host", "127.0.0.1", "--port", str(port),
+             "--dir", str(directory), "--log-level", log_level],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )

@@ -8,6 +8,7 @@ APT_PACKAGES=(
   redis-server python3-venv
   kamailio kamailio-python3-modules kamailio-redis-modules kamailio-tls-modules
   sip-tester nginx nghttp2-client tshark linphone-cli
+  mariadb-server kamailio-mysql-modules patch
 )
 
 missing=()

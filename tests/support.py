@@ -10,11 +10,14 @@ module imports another.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
+
+import redis
 
 from harness.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
 from harness.localstack import (
@@ -53,7 +56,9 @@ from harness.sipua import (
 from harness.sipua import digest_authorization as _digest
 from pushlib import schema
 from pushlib.astore import AsyncStore
+from pushlib.dispatcher import Dispatcher
 from pushlib.models import Device, Outcome, Provider, PushParams
+from pushlib.settings import Settings
 from pushlib.store import SyncStore
 
 NATIVE_HOST_CFG = ROOT / "tests" / "native-host.cfg"
@@ -100,12 +105,14 @@ __all__ = [
     "register",
     "rfc8599_apns_contact",
     "rfc8599_fcm_contact",
+    "run_dispatcher",
     "sipp_caller",
     "sipp_device",
     "sipp_events",
     "stop_all_sipp",
     "stop_process",
     "stored_device",
+    "stream_done",
     "wait_for_port",
     "wait_log",
 ]
@@ -226,3 +233,37 @@ async def record_outcome(
         check=[app] if bad else [], now=now,
     )
     return app in flagged
+
+
+# --------------------------------------------------------------------------- an in-process dispatcher
+
+
+def stream_done(cfg: Settings) -> bool:
+    """Every entry reached its final outcome: acked entries are deleted, so nothing is left."""
+    r = redis.Redis.from_url(cfg.redis_url, decode_responses=True)
+    try:
+        groups = {g["name"]: g for g in r.xinfo_groups(cfg.stream)} if r.exists(cfg.stream) else {}
+        if cfg.group not in groups:
+            return False  # no dispatcher has started consuming yet
+        return bool(r.xlen(cfg.stream) == 0 and groups[cfg.group]["pending"] == 0)
+    finally:
+        r.close()
+
+
+def run_dispatcher(cfg: Settings, until: Callable[[], bool], pool: Any = None, limit: float = 40.0,
+                   **kw: Any) -> Dispatcher:
+    """Run one dispatcher until `until()` holds (checked off the event loop), then stop it."""
+    dispatcher = Dispatcher(cfg, pool=pool, consumer="test-" + uuid.uuid4().hex[:6], **kw)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        end = time.monotonic() + limit  # safety bound only; the assertions decide
+        await asyncio.sleep(0.2)
+        while time.monotonic() < end and not task.done() and not await asyncio.to_thread(until):
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    return dispatcher

@@ -40,3 +40,15 @@ def test_capacity_quick_measures_both_configurations() -> None:
     for config in ("ours", "native"):
         assert re.search(rf"^\| {config} \| \d+", out, re.MULTILINE), out[-3000:]
     assert out.count("0 line(s), no crash") == 2, out[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_chaos_quick_accounts_for_every_call() -> None:
+    """Redis, the dispatcher, the sandbox and Kamailio each fail once during a steady run of calls:
+    every call ends as specified (or was parked in the Kamailio that restarted), no call push
+    arrives after its deadline, no duplicate beyond the killed dispatcher's jobs, no BUG line."""
+    out = _run(_readme_command("chaos.py"), timeout=280)
+    assert "audit: PASS" in out, out[-3000:]
+    assert re.search(r"late incomingCall pushes 0,", out), out[-3000:]
+    assert "CRITICAL/BUG/crash lines 0" in out, out[-3000:]
+    assert re.search(r"'ok-answered': \d+", out) and re.search(r"'ok-480-window-end': \d+", out), out[-3000:]

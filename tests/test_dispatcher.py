@@ -41,7 +41,16 @@ from pushlib.parked import ParkedCalls
 from pushlib.settings import Settings, SettingsError
 from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle
-from tests.support import ROOT, VENV_PYTHON, android, ios, stop_process, stored_device
+from tests.support import (
+    ROOT,
+    VENV_PYTHON,
+    android,
+    ios,
+    run_dispatcher,
+    stop_process,
+    stored_device,
+    stream_done,
+)
 
 READ_BLOCK_S = 0.5  # the dispatcher's blocking read
 BUNDLE = "com.example.phone"
@@ -76,37 +85,6 @@ def job(kind: PushKind, aor: str, ttl: float = 30.0, **kw: Any) -> PushJob:
 
 def raw(cfg: Settings) -> Any:
     return redis.Redis.from_url(cfg.redis_url, decode_responses=True)
-
-
-def stream_done(cfg: Settings) -> bool:
-    """Every entry reached its final outcome: acked entries are deleted, so nothing is left."""
-    r = raw(cfg)
-    try:
-        groups = {g["name"]: g for g in r.xinfo_groups(cfg.stream)} if r.exists(cfg.stream) else {}
-        if cfg.group not in groups:
-            return False  # no dispatcher has started consuming yet
-        return bool(r.xlen(cfg.stream) == 0 and groups[cfg.group]["pending"] == 0)
-    finally:
-        r.close()
-
-
-def run_dispatcher(cfg: Settings, until: Callable[[], bool], pool: Any = None, limit: float = 40.0,
-                   **kw: Any) -> Dispatcher:
-    """Run one dispatcher until `until()` holds (checked off the event loop), then stop it."""
-    dispatcher = Dispatcher(cfg, pool=pool, consumer="test-" + uuid.uuid4().hex[:6], **kw)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher.run(stop))
-        end = time.monotonic() + limit  # safety bound only; the assertions decide
-        await asyncio.sleep(0.2)
-        while time.monotonic() < end and not task.done() and not await asyncio.to_thread(until):
-            await asyncio.sleep(0.1)
-        stop.set()
-        await task
-
-    asyncio.run(main())
-    return dispatcher
 
 
 def app_status(cfg: Settings, provider: str, app_id: str) -> dict[str, Any]:

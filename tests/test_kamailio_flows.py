@@ -592,9 +592,10 @@ def test_woken_phone_failing_with_nobody_left_ends_the_call_at_once(stack: Stack
 
 
 def test_a_dead_token_drops_the_binding_and_the_next_call_ends_at_once(stack: Stack, tmp: Path) -> None:
-    """APNs said 410 for the phone's only token: the dispatcher marks the device dead; the next
-    call does not ring the dead contact (that was 408 after 10 s, or a stranger now listening
-    there): the binding and the record go, and the caller gets 480 at once."""
+    """APNs said 410 for the phone's only token: the call it was pushed for ends at once (nobody
+    is left who could join it), and the dispatcher marks the device dead; the next call does not
+    ring the dead contact (that was 408 after 10 s, or a stranger now listening there): the
+    binding and the record go, and the caller gets 480 at once."""
     user, tok = _user(), apns_token()
     password = stack.add_user(user)
     with _phone(stack, "udp") as phone:
@@ -602,6 +603,7 @@ def test_a_dead_token_drops_the_binding_and_the_next_call_ends_at_once(stack: St
                               password=password).status == 200
     asleep(stack, user)
     stack.handle.control.set_behaviour(tok, 410, "Unregistered")
+    started = time.monotonic()
     first = sipp_caller(tmp, stack.kamailio.port, user, "udp")
     aor = f"sip:{user}@{DOMAIN}"
     deadline = time.monotonic() + 10
@@ -609,6 +611,8 @@ def test_a_dead_token_drops_the_binding_and_the_next_call_ends_at_once(stack: St
         time.sleep(0.1)
     assert [d.dead for d in stack.store.devices(aor)] == [True]
     first.wait(WAIT + 10)
+    assert first.final_codes() == [480] and time.monotonic() - started < WAIT, first.logs()[-2000:]  # not its window
+    wait_log(stack.kamailio, "pusher: nobody-reachable")
     started = time.monotonic()
     second = sipp_caller(tmp, stack.kamailio.port, user, "udp")
     second.wait(15)
