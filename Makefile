@@ -25,4 +25,6 @@ bench: deps
 	$(PY) bench/wake_bench.py --calls 200
 	$(PY) bench/capacity.py --step-seconds 10
 	$(PY) bench/parked_bench.py
+	$(PY) bench/reregister_bench.py
+	$(PY) bench/message_bench.py
 	$(PY) bench/chaos.py

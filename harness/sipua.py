@@ -301,3 +301,18 @@ def apns_token() -> str:
 def fcm_token() -> str:
     """A random FCM registration token (URL-safe alphabet, no '-'/'_' so it never looks like a param)."""
     return "fcm" + secrets.token_urlsafe(40).replace("-", "A").replace("_", "B")
+
+
+def message_request(to_user: str, body: str, local_port: int, call_id: str, cseq: int,
+                    ctype: str = "text/plain;charset=UTF-8", from_uri: str = "sip:friend@example.net",
+                    from_name: str = "Friend", transport: str = "udp", domain: str = DOMAIN) -> str:
+    """A SIP MESSAGE (RFC 3428) to `to_user`@`domain` from `from_name` <`from_uri`> (one From tag
+    per Call-ID), ready to send from `local_port`."""
+    raw = body.encode("utf-8")
+    return (
+        f"MESSAGE sip:{to_user}@{domain} SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport.upper()} 127.0.0.1:{local_port};branch=z9hG4bK{secrets.token_hex(8)};rport\r\n"
+        f'From: "{from_name}" <{from_uri}>;tag=s{call_id[:8]}\r\n'
+        f"To: <sip:{to_user}@{domain}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} MESSAGE\r\n"
+        f"Max-Forwards: 70\r\nContent-Type: {ctype}\r\nContent-Length: {len(raw)}\r\n\r\n{body}"
+    )

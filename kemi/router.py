@@ -34,9 +34,10 @@ for _path in (_ROOT, _ROOT / "kemi"):  # pushlib, and this router's sibling modu
 
 import KSR  # noqa: E402
 import ksrlog  # noqa: E402
+import ksrmessages  # noqa: E402
 import ksrmetrics  # noqa: E402
 
-from pushlib import access, calls  # noqa: E402
+from pushlib import access, calls, mwi, reregister  # noqa: E402
 from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
@@ -44,7 +45,9 @@ from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 # mapped at the same address in every process, or the TLS workers jump into unmapped memory.
 from pushlib.dispatcher import Dispatcher  # noqa: E402
 from pushlib.logutil import log_safe  # noqa: E402
+from pushlib.messages import message_limits  # noqa: E402
 from pushlib.models import Device, ParkedCall, PushJob, UaMapping  # noqa: E402
+from pushlib.notify import push_capable  # noqa: E402
 from pushlib.parked import ParkedCalls  # noqa: E402
 from pushlib.redisconn import StoreUnavailable, sync_client  # noqa: E402
 from pushlib.store import SyncStore  # noqa: E402
@@ -197,6 +200,7 @@ class Router:
         self._store: SyncStore | None = None
         self._state: ParkedCalls | None = None
         self._subscribers: Subscribers | None = None
+        self._voicemail: mwi.VoicemailStore | None = None
         self._mappings: TtlCache[str, list[UaMapping]] = TtlCache(_MAPPING_TTL, 1)
         self._legacy_logged: TtlCache[str, bool] = TtlCache(_LEGACY_NOTICE_TTL, 10_000)
         self._ha1_cache: TtlCache[tuple[str, str], str | None] = TtlCache(_HA1_TTL, 10_000)
@@ -221,6 +225,11 @@ class Router:
         except ValueError as exc:
             self._host_flags, self._host_refusal = (), str(exc)
         self._route_secret = secrets.token_bytes(32)  # replaced by the deployment's (load_route_secret)
+        # who may send RFC 3842 message summaries (NOTIFY) that push users: nobody unless listed
+        try:
+            self.vm_sources, self._vm_refusal = mwi.parse_sources(_unquoted_def("VOICEMAIL_SOURCES")), ""
+        except ValueError as exc:
+            self.vm_sources, self._vm_refusal = (), str(exc)
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
@@ -229,6 +238,10 @@ class Router:
         # KEMI mode listens on TCP at SIP_PORT on every address it listens on (kamailio.cfg)
         self._park_tcp_port = "" if self.role else (_unquoted_def("SIP_PORT") or "5060")
         self.metrics = ksrmetrics.KsrMetrics.from_defines(KSR, _get_def)
+        # MESSAGE to sleeping devices (kemi/ksrmessages.py): queued, pushed, delivered on REGISTER
+        self.messages = ksrmessages.MessageRoutes(
+            self.cfg, message_limits(_get_def), lambda: self.store.client, lambda aor: self.store.devices(aor),
+            lambda job: self.store.enqueue(job), self._bindings, self._disconnected, _pv, _log)
 
     def load_route_secret(self) -> None:
         """In the main process, before the fork, so that every worker signs and checks Record-Route
@@ -256,6 +269,8 @@ class Router:
 
     def startup_refusal(self) -> str | None:
         """Why this configuration must not run (auth off on a public address), or None."""
+        if self._vm_refusal:
+            return self._vm_refusal
         if self.role:
             return self._host_refusal  # the host config authenticates, and owns its listen addresses
         return access.insecure_start_refusal(
@@ -295,6 +310,7 @@ class Router:
         self._store = SyncStore(settings.redis_url, settings)
         self._state = ParkedCalls(self._store.client)  # one connection pool per process
         self._subscribers = Subscribers(self._store.client)
+        self._voicemail = mwi.VoicemailStore(self._store.client)
 
     @property
     def store(self) -> SyncStore:
@@ -307,6 +323,12 @@ class Router:
         self._connect()
         assert self._state is not None
         return self._state
+
+    @property
+    def voicemail(self) -> mwi.VoicemailStore:
+        self._connect()
+        assert self._voicemail is not None
+        return self._voicemail
 
     @property
     def subscribers(self) -> Subscribers:
@@ -344,8 +366,10 @@ class Router:
             self.route_overload,
             self.route_domain,
             self.route_auth,
+            self.route_mwi,
             self.route_register,
             self.route_invite,
+            self.route_message,
             self.route_location,
         )
         for step in pipeline:
@@ -502,7 +526,8 @@ class Router:
         return STOP
 
     def route_auth(self) -> bool:
-        if not self.cfg.auth or not (KSR.is_REGISTER() or KSR.is_INVITE()):
+        # (a MESSAGE is authenticated as an INVITE is: its From, when it claims a local user)
+        if not self.cfg.auth or not (KSR.is_REGISTER() or KSR.is_INVITE() or KSR.is_method("MESSAGE")):
             return NEXT
         register = KSR.is_REGISTER()
         user, domain = (_pv("$tU"), _pv("$td")) if register else (_pv("$fU"), _pv("$fd"))
@@ -540,6 +565,70 @@ class Router:
         challenged REGISTER fills the cache the authenticated one (the wake-up path) reads."""
         return self._ha1_cache.get_or_load((user, domain), lambda: self.subscribers.ha1(user, domain))
 
+    # ------------------------------------------------------------------ voicemail (RFC 3842 MWI)
+
+    def route_mwi(self) -> bool:
+        """A voicemail server's message summary (NOTIFY, Event: message-summary) for a user with
+        push devices: answered 200 here, and a rise in new voice messages pushes voicemailReceived
+        (pushlib.mwi). Only VOICEMAIL_SOURCES may send one (403 for anyone else: a stranger must not
+        make us push any user). Not forwarded to the user's bindings: the push carries the counts
+        and reaches awake and sleeping apps alike. A user without a push device: NEXT (the summary
+        is relayed to the bindings, as any other request)."""
+        if not self.cfg.pusher or _pv("$rm") != "NOTIFY":
+            return NEXT
+        if _pv("$hdr(Event)").split(";", 1)[0].strip().lower() != mwi.EVENT:
+            return NEXT
+        aor = calls.aor_of(_pv("$rU"), _pv("$rd"))
+        src = _pv("$si")
+        if not mwi.source_allowed(src, self.vm_sources):
+            _log(KSR.notice, "mwi-refused", aor=aor, src=src, reason="not-a-voicemail-source")
+            KSR.sl.sl_send_reply(403, "Forbidden (Not A Voicemail Server)")
+            return STOP
+        if _pv("$cT").split(";", 1)[0].strip().lower() != mwi.CONTENT_TYPE:
+            _log(KSR.notice, "mwi-refused", aor=aor, src=src, reason="content-type", type=_pv("$cT")[:60])
+            KSR.hdr.append_to_reply(f"Accept: {mwi.CONTENT_TYPE}\r\n")
+            KSR.sl.sl_send_reply(415, "Unsupported Media Type")
+            return STOP
+        try:
+            summary = mwi.parse_summary(_pv("$rb"))
+        except mwi.MwiError as exc:
+            _log(KSR.notice, "mwi-refused", aor=aor, src=src, reason="malformed", error=exc)
+            KSR.sl.sl_send_reply(400, "Bad Request (Malformed Message Summary)")
+            return STOP
+        now = time.time()
+        try:
+            if not any(push_capable(d, now) for d in self.store.devices(aor)):
+                return NEXT
+            self._voicemail_push(aor, summary, now)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "mwi-store-unavailable", aor=aor, error=exc)
+            KSR.hdr.append_to_reply("Retry-After: 5\r\n")
+            KSR.sl.sl_send_reply(503, "Service Unavailable")
+            return STOP
+        KSR.sl.sl_send_reply(200, "OK")
+        return STOP
+
+    def _voicemail_push(self, aor: str, summary: mwi.MessageSummary, now: float) -> None:
+        """Keep the user's counts; push on a rise (StoreUnavailable: nothing pushed, and the previous
+        counts put back when the push could not be queued, so the server's retry pushes)."""
+        previous, pushed = mwi.record_and_push(self.voicemail, self.store.enqueue, aor, summary.new, summary.old,
+                                               now, self.cfg.settings.message_ttl)
+        _log(KSR.info, "mwi", aor=aor, new=summary.new, old=summary.old, previous=previous, pushed=pushed)
+
+    def pusher_mwi(self, msg: object) -> int:
+        """Role mode: route(PUSHER_MWI) for NOTIFYs (kamailio/pusher-role.cfg)."""
+        return self._verdict("mwi", self.route_mwi)
+
+    def _fallback_uri(self, aor: str) -> str:
+        """Where an unanswered parked call to `aor` goes: the user's own voicemail URI (set with
+        `pushlib-admin subscriber voicemail` or the API) before FALLBACK_URI; "" = nowhere (480)."""
+        try:
+            own = self.voicemail.uri(aor)
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "voicemail-uri-unavailable", aor=aor, error=exc, used="FALLBACK_URI")
+            own = None
+        return calls.fallback_target(own or self.cfg.fallback_uri, aor)
+
     # ------------------------------------------------------------------ REGISTER
 
     def route_register(self) -> bool:
@@ -570,6 +659,7 @@ class Router:
         elif isinstance(plan, calls.RemoveDevice):
             try:
                 self.store.remove_device(aor, plan.device_id)
+                self._unschedule_refresh(aor, [plan.device_id])
             except StoreUnavailable as exc:
                 _log(KSR.err, "device-remove-failed", aor=aor, device=plan.device_id, error=exc)
             self._save()
@@ -580,7 +670,9 @@ class Router:
     def _save_device(self, aor: str, plan: calls.SaveDevice) -> None:
         device = plan.device
         self.metrics.push_register(device.params.provider.value)
-        KSR.hdr.append_to_reply(f"Feature-Caps: {plan.feature_caps}\r\n")
+        before = self.cfg.settings.reregister_before
+        caps = reregister.with_pnsreg(plan.feature_caps, _pv("$ct"), before, device.expires_at - device.registered_at)
+        KSR.hdr.append_to_reply(f"Feature-Caps: {caps}\r\n")
         # Order matters for wake latency: save the binding (reply held back), forward the parked
         # INVITEs to it, then write the push record and only then answer the REGISTER.
         if not self._save(reply=False):
@@ -595,12 +687,17 @@ class Router:
             _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, kept="binding",
                  error=exc)
             evicted = []
+        else:
+            self._schedule_refresh(device, evicted)
         # the same phone under another id (it changed +sip.instance, or began to send one; same
         # token): a call it was pushed for under the old id is resumed to it too
         for old_id in evicted:
             self._resume(aor, old_id)
         self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
+        # after the 200 OK: the messages queued while it slept (also those queued under an old id)
+        for queued_id in (device.device_id, *evicted):
+            self.messages.deliver(aor, queued_id, device.contact)
 
     def _app_enabled(self, provider: str, app_id: str) -> bool | None:
         """Whether we push for this app (None: not configured), so nobody can make us push for apps
@@ -620,10 +717,28 @@ class Router:
             return False
         return True
 
+    def _schedule_refresh(self, device: Device, evicted: list[str]) -> None:
+        """REREGISTER_PUSH_BEFORE: the device's re-registration push is due a lead before its
+        binding expires (pushlib.reregister); evicted devices are no longer pushed. Redis failing
+        here costs that one refresh push, never the REGISTER."""
+        due = reregister.due_at(device.registered_at, device.expires_at, self.cfg.settings.reregister_before)
+        if due is None:
+            return
+        try:
+            reregister.schedule(self.store.client, device.aor, device.device_id, due)
+            self._unschedule_refresh(device.aor, evicted)
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "refresh-schedule-failed", aor=device.aor, device=device.device_id, error=exc)
+
+    def _unschedule_refresh(self, aor: str, device_ids: list[str]) -> None:
+        if self.cfg.settings.reregister_before > 0:
+            reregister.unschedule(self.store.client, aor, device_ids)
+
     def _forget_all_devices(self, aor: str) -> None:
         try:
             for d in self.store.devices(aor):
                 self.store.remove_device(aor, d.device_id)
+                self._unschedule_refresh(aor, [d.device_id])
         except StoreUnavailable as exc:
             _log(KSR.err, "device-remove-failed", aor=aor, error=exc)
 
@@ -728,6 +843,15 @@ class Router:
         else:
             KSR.sl.sl_send_reply(480, "Temporarily Unavailable")
         return STOP
+
+    def route_message(self, role: bool = False) -> bool:
+        """A MESSAGE to a served user whose push devices sleep: queued for them, 202, pushed
+        (kemi/ksrmessages.py). Otherwise NEXT: routed as before (route_location, or the host's)."""
+        if not self.cfg.pusher or not KSR.is_method("MESSAGE") or not _pv("$rU"):
+            return NEXT
+        if role and not self._served(_pv("$rd")):
+            return NEXT
+        return self.messages.route(role)
 
     def _drop_dead(self, aor: str, drop: tuple[calls.Binding, ...], devices: list[Device]) -> None:
         """Remove the bindings of dead devices (the dispatcher marked them when their last token
@@ -1196,11 +1320,12 @@ class Router:
         _log(KSR.info, "missed", aor=aor, call=key, code=code)
 
     def _to_fallback(self, aor: str) -> bool:
-        """Relay the unanswered call to FALLBACK_URI as a new branch (failure route only).
+        """Relay the unanswered call to the user's voicemail URI, else FALLBACK_URI, as a new branch
+        (failure route only).
 
         No failure route is armed for it: if the fallback fails too, tm sends its reply upstream.
         """
-        uri = calls.fallback_target(self.cfg.fallback_uri, aor)
+        uri = self._fallback_uri(aor)
         if not uri:
             return False
         KSR.pv.sets("$ru", uri)
@@ -1310,6 +1435,14 @@ class Router:
                 _crashed("retry-end", exc)
         return 1
 
+    def ksr_uac_event(self, msg: object, evname: str = "") -> int:
+        """uac's `uac:reply` event (modparam uac event_callback): a queued MESSAGE's final reply."""
+        try:
+            self.messages.on_reply()
+        except Exception as exc:
+            _crashed("uac-reply", exc)
+        return 1
+
     def ksr_xhttp_event(self, msg: object, evname: str = "") -> int:
         """xhttp's event route (WITH_METRICS): the Prometheus scrape endpoint."""
         try:
@@ -1348,7 +1481,7 @@ class Router:
 
     def _end(self, key: str, entry: calls.WaitEntry) -> None:
         """The call's wait is over (window end, or a busy/decline code in the entry): answer it."""
-        end = entry.window_end(fallback=bool(self.cfg.fallback_uri))
+        end = entry.window_end(fallback=bool(self._fallback_uri(entry.aor)))
         if end.to_fallback:
             KSR.htable.sht_setxs(FALLBACK_TABLE, key, entry.aor, 120)
         self._finish(entry, key, reason=end.reason, reply=end.reply, answered=False, cancel=end.to_fallback)
@@ -1414,6 +1547,12 @@ class Router:
 
     def pusher_invite(self, msg: object) -> int:
         return self._verdict("invite", lambda: self.route_invite(role=True))
+
+    def pusher_message(self, msg: object) -> int:
+        return self._verdict("message", lambda: self.route_message(role=True))
+
+    def pusher_uac_reply(self, msg: object) -> int:
+        return self.ksr_uac_event(msg)
 
     def pusher_cancel(self, msg: object) -> int:
         return self._verdict("cancel", self._cancel_parked)

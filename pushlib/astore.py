@@ -124,6 +124,12 @@ class AsyncStore:
         self._job_devices = self._r.register_script(_JOB_DEVICES)
         self._read_nowait = self._r.register_script(_READ_NOWAIT)
 
+    @property
+    def client(self) -> Any:
+        """The underlying redis.asyncio client, for the dispatcher's other Redis users
+        (`reregister.Claimer`): one connection pool per dispatcher."""
+        return self._r
+
     async def aclose(self) -> None:
         await self._r.aclose()
 

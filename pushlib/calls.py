@@ -73,7 +73,8 @@ def proxy_config(
 
     A define that is present but has no value (e.g. `#!define WITH_AUTH`) counts as on.
     Recognised: WITH_PUSHER, WITH_AUTH, REDIS_URL, WAIT_WINDOW, AWAKE_WINDOW, AUTH_REALM,
-    HIDE_CALLER, FALLBACK_URI, PUSH_ON_SILENCE, CALL_ALERT_REPEAT (for the in-process dispatcher).
+    HIDE_CALLER, FALLBACK_URI, PUSH_ON_SILENCE, CALL_ALERT_REPEAT and REREGISTER_PUSH_BEFORE (also for
+    the in-process dispatcher).
     (WITH_EXTERNAL_DISPATCHER is the cfg's alone: it decides whether
     Kamailio starts dispatcher processes.)
     """
@@ -94,6 +95,8 @@ def proxy_config(
         overrides["wait_window"] = schema.finite_float(wait, "WAIT_WINDOW")
     if (repeat := text("CALL_ALERT_REPEAT")) is not None:
         overrides["call_alert_repeat"] = schema.finite_float(repeat, "CALL_ALERT_REPEAT")
+    if (before := text("REREGISTER_PUSH_BEFORE")) is not None:
+        overrides["reregister_before"] = max(0.0, schema.finite_float(before, "REREGISTER_PUSH_BEFORE"))
     if get_def("HIDE_CALLER") is not None:
         overrides["hide_caller"] = flag("HIDE_CALLER")
     settings = replace(settings, **overrides)  # type: ignore[arg-type]

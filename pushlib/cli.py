@@ -4,6 +4,11 @@ Every command talks to the Redis store the proxy uses: `--redis-url-file PATH`, 
 by default PUSHLIB_REDIS_URL / PUSHLIB_REDIS_URL_FILE (prefer a file or the environment when the URL
 holds a password: a command line shows in `ps`). Credentials are validated before they are stored
 and are never printed back.
+
+Every command prints text, or with `--json` one JSON object (`ok`, `message`, its fields; `error`
+when it fails), and exits 0 when it did what was asked, 1 when it failed (no such app, device, key,
+tenant...; a name another app or tenant holds; `app check` refused; Redis unavailable), 2 on a usage
+error (argparse's, or an invalid argument value: nothing is written then).
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ from pushlib.appcreds import (
 from pushlib.credentials import Subscribers
 from pushlib.logutil import redact_url, setup_logging
 from pushlib.models import AppCredentials, Provider, PushJob, PushKind, UaMapping
+from pushlib.mwi import MwiError, VoicemailStore
 from pushlib.redisconn import StoreUnavailable, async_client, sync_client
 from pushlib.schema import describe_app
 from pushlib.settings import Settings, read_redis_url_file
-from pushlib.store import SyncStore
-from pushlib.tenants import TenantError, TenantStore
+from pushlib.store import AppNameConflict, SyncStore
+from pushlib.tenants import TenantError, TenantStore, check_domain, check_tenant_id, check_tenant_name
 from pushlib.users import UserMap, check_user_uuid, device_view
 
 _T = TypeVar("_T")
@@ -51,11 +57,13 @@ SUBSCRIBER_TIMEOUT = 2.0
 
 
 class CliError(Exception):
-    """A bad argument or file: printed as one line, exit status 2."""
+    """Usage: an invalid argument value (or the file an argument names is unreadable or invalid), found
+    before anything is written: printed as one line, exit status 2 (as argparse's own usage errors)."""
 
 
 class CliFailure(Exception):
-    """The command ran and failed (no such key, a provider refused the credentials): exit status 1."""
+    """The command ran and failed: what it names does not exist, conflicts with what is stored, or a
+    provider refused the credentials: exit status 1 (as an unavailable store)."""
 
 
 class Output:
@@ -168,7 +176,9 @@ def _app_from_args(args: argparse.Namespace) -> AppCredentials:
 def _save_app(store: SyncStore, app: AppCredentials) -> None:
     try:
         store.save_app(app)
-    except ValueError as exc:  # AppNameConflict, an alias that is the app's own id
+    except AppNameConflict as exc:  # the name is another app's
+        raise CliFailure(str(exc)) from None
+    except ValueError as exc:  # an alias that is the app's own id, or given twice
         raise CliError(str(exc)) from None
 
 
@@ -189,7 +199,7 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
         return
     found = store.app(args.provider, args.app_id)
     if found is None:
-        raise CliError(f"no app {args.provider}:{args.app_id}")
+        raise CliFailure(f"no app {args.provider}:{args.app_id}")
     alias_of = found.app_id if found.app_id != args.app_id else None
     if args.cmd == "show":
         status = store.app_status(args.provider, found.app_id)
@@ -212,8 +222,8 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
     if alias_of:
         hint = (f"; `app alias-remove {args.provider} {alias_of} {args.app_id}` removes the alias"
                 if args.cmd == "remove" else "")
-        raise CliError(f"{args.provider}:{args.app_id} is an alias of {args.provider}:{alias_of}, "
-                       f"not an app: name the app{hint}")
+        raise CliFailure(f"{args.provider}:{args.app_id} is an alias of {args.provider}:{alias_of}, "
+                         f"not an app: name the app{hint}")
     if args.cmd in ("enable", "disable"):
         changed = replace(found, enabled=args.cmd == "enable")
         _save_app(store, changed)
@@ -227,12 +237,14 @@ def cmd_app(store: SyncStore, args: argparse.Namespace) -> None:
     elif args.cmd == "alias-add":
         try:
             saved = store.add_app_aliases(args.provider, args.app_id, _aliases(args.alias))
-        except ValueError as exc:  # AppNameConflict
+        except (AppNameConflict, LookupError) as exc:  # another app's name; the app went meanwhile
+            raise CliFailure(str(exc)) from None
+        except ValueError as exc:
             raise CliError(str(exc)) from None
         out(args).say(f"saved {describe_app(saved)}", app=public_view(saved))
     elif args.cmd == "alias-remove":
         if not store.remove_app_alias(args.provider, args.app_id, args.alias):
-            raise CliError(f"{args.provider}:{args.app_id} has no alias {args.alias}")
+            raise CliFailure(f"{args.provider}:{args.app_id} has no alias {args.alias}")
         out(args).say(f"removed alias {args.alias} of {args.provider}:{args.app_id}")
 
 
@@ -253,7 +265,7 @@ def cmd_uamap(store: SyncStore, args: argparse.Namespace) -> None:
             for m in found])
     elif args.cmd == "remove":
         if not store.remove_ua_mapping(args.name):
-            raise CliError(f"no UA mapping {args.name}")
+            raise CliFailure(f"no UA mapping {args.name}")
         out(args).say(f"removed UA mapping {args.name}")
 
 
@@ -273,7 +285,7 @@ def cmd_devices(store: SyncStore, args: argparse.Namespace) -> None:
         elif len(words) == 3 and not args.all:
             aor = _aor(words[1])
             if not store.remove_device(aor, words[2]):
-                raise CliError(f"no device {words[2]} of {aor}")
+                raise CliFailure(f"no device {words[2]} of {aor}")
             out(args).say(f"removed device {words[2]} of {aor}", removed=[words[2]])
         else:
             raise CliError("want `devices remove user@domain DEVICE_ID` or `devices remove user@domain --all`")
@@ -325,11 +337,30 @@ def cmd_subscriber(store: SyncStore, args: argparse.Namespace) -> None:
         if args.cmd == "set":
             subscribers.set_password(user, domain, _read_password(args.password), realm=args.realm)
             out(args).say(f"saved credentials of {user}@{domain}")
+        elif args.cmd == "voicemail":
+            _voicemail_uri(VoicemailStore(client), _aor(args.aor), args)
         else:
             subscribers.remove([(user, domain)])
             out(args).say(f"removed credentials of {user}@{domain}")
     finally:
         client.close()
+
+
+def _voicemail_uri(vm: VoicemailStore, aor: Aor, args: argparse.Namespace) -> None:
+    """`subscriber voicemail AOR [URI | --clear]`: set, clear or show the user's voicemail URI."""
+    if args.clear:
+        changed = vm.set_uri(aor, None)
+        out(args).say(f"cleared the voicemail URI of {aor}" if changed else f"{aor} had no voicemail URI",
+                      voicemail_uri=None)
+    elif args.uri:
+        try:
+            vm.set_uri(aor, args.uri)
+        except MwiError as exc:
+            raise CliError(str(exc)) from None
+        out(args).say(f"voicemail URI of {aor}: {args.uri}", voicemail_uri=args.uri)
+    else:
+        uri = vm.uri(aor)
+        out(args).say(f"voicemail URI of {aor}: {uri or '(none: FALLBACK_URI applies)'}", voicemail_uri=uri)
 
 
 def cmd_push(store: SyncStore, args: argparse.Namespace) -> None:
@@ -379,10 +410,13 @@ def cmd_keys(store: SyncStore, args: argparse.Namespace) -> None:
                 token, key = await keys.create(scopes, args.tenant, args.name)
             except ApiKeyError as exc:
                 raise CliError(str(exc)) from None
-            out(args).say(f"created key {key.key_id} scopes={','.join(sorted(key.scopes))} "
-                          f"tenant={key.tenant or '-'} (the token is shown once: store it now)",
-                          token=token, key=key.public())
-            out(args).text(token)
+            note = (f"created key {key.key_id} scopes={','.join(sorted(key.scopes))} "
+                    f"tenant={key.tenant or '-'} (the token is shown once: store it now)")
+            if out(args).as_json:
+                out(args).say(note, token=token, key=key.public())
+            else:  # the token alone on stdout (`KEY=$(pushlib-admin keys create ...)`), the note on stderr
+                print(note, file=sys.stderr)
+                print(token)
         elif args.cmd == "list":
             found = await keys.all()
             out(args).rows("keys", [k.public() for k in found], [
@@ -397,6 +431,16 @@ def cmd_keys(store: SyncStore, args: argparse.Namespace) -> None:
 
 def cmd_tenants(store: SyncStore, args: argparse.Namespace) -> None:
     """Tenants and what they own: SIP domains, apps."""
+    try:  # invalid values are usage (2); what the store then refuses is a failure (1)
+        if args.cmd != "list":
+            check_tenant_id(args.tenant_id)
+        if args.cmd == "create":
+            check_tenant_name(args.name)
+        domains = getattr(args, "domain", [])  # domain-add: a list; domain-remove: one
+        for domain in [domains] if isinstance(domains, str) else domains:
+            check_domain(domain)
+    except TenantError as exc:
+        raise CliError(str(exc)) from None
 
     async def work(client: Any) -> None:
         tenants = TenantStore(client)
@@ -434,22 +478,22 @@ def cmd_tenants(store: SyncStore, args: argparse.Namespace) -> None:
                 raise CliFailure(f"tenant {args.tenant_id} does not own app {args.provider}:{args.app_id}")
             else:
                 out(args).say(f"tenant {args.tenant_id} no longer owns app {args.provider}:{args.app_id}")
-        except TenantError as exc:
-            raise CliError(str(exc)) from None
+        except TenantError as exc:  # exists, no such tenant, a domain or app another tenant owns
+            raise CliFailure(str(exc)) from None
 
     _with_async_redis(store, work)
 
 
 def cmd_users(store: SyncStore, args: argparse.Namespace) -> None:
     """User uuids (Wazo's user_uuid) mapped to addresses of record."""
+    try:
+        check_user_uuid(args.user_uuid)
+    except AorError as exc:
+        raise CliError(str(exc)) from None
 
     async def work(client: Any) -> None:
         users = UserMap(client)
         if args.cmd == "map":
-            try:
-                check_user_uuid(args.user_uuid)
-            except AorError as exc:
-                raise CliError(str(exc)) from None
             aor = _aor(args.aor)
             await users.set(args.user_uuid, aor)
             out(args).say(f"user {args.user_uuid} is {aor}", user_uuid=args.user_uuid, aor=aor)
@@ -540,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realm", help="digest realm (default: the domain)")
     p.add_argument("--password", help="avoid: visible in the process list")
     subs.add_parser("remove").add_argument("aor", help="user@domain")
+    p = subs.add_parser("voicemail", help="the user's voicemail URI: unanswered push calls go there "
+                                          "(before FALLBACK_URI); no URI: show it")
+    p.add_argument("aor", help="user@domain")
+    p.add_argument("uri", nargs="?", help="sip: or sips: URI ({user}/{domain} are filled in)")
+    p.add_argument("--clear", action="store_true", help="forget it (FALLBACK_URI applies again)")
 
     p = sub.add_parser("devices", help="a user's push devices: list them, or remove one or all",
                        usage=DEVICES_USAGE)
@@ -617,9 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level)
         settings = settings_from_args(args)
         store = SyncStore(settings.redis_url, settings)
-    except ValueError as exc:  # SettingsError (unreadable URL file, refused rediss options), bad level
-        print(f"pushlib-admin: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # SettingsError (unreadable URL file, refused rediss options), bad level: usage
+        return _fail(args, str(exc), 2)
     try:
         handlers[args.area](store, args)
     except CliError as exc:

@@ -57,7 +57,7 @@ from typing import Generic, TypeVar
 
 from redis.exceptions import RedisError
 
-from pushlib import schema
+from pushlib import reregister, schema
 from pushlib.astore import ENV_WINDOW_PUSHES, AsyncStore
 from pushlib.calls import call_key
 from pushlib.logutil import redact_url, setup_logging, token_prefix
@@ -242,6 +242,7 @@ class Dispatcher:
         # written, the job stays pending and comes back to us reclaimed; this keeps it from being
         # pushed twice (a reclaim by another process still relies on the marks in Redis)
         self._delivered: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._refresh_pushes: set[asyncio.Task[None]] = set()  # re-registration pushes in flight
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -280,15 +281,19 @@ class Dispatcher:
                     asyncio.create_task(self._every(stop, self.stats_interval, self._log_stats)),
                     asyncio.create_task(self._every(stop, OUTCOME_FLUSH_SECONDS, self._flush_outcomes)),
                 ]
+                if self.settings.reregister_before > 0:
+                    self._claimer = reregister.Claimer(store.client)
+                    background.append(asyncio.create_task(
+                        self._every(stop, reregister.SCAN_SECONDS, self._reregister)))
                 await self._read_loop(stop)
         finally:
             await self._shutdown(background)
 
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         self._stopping = True  # no new repeats from the jobs still finishing
-        for task in (*background, *self._repeat_tasks):
+        for task in (*background, *self._repeat_tasks, *self._refresh_pushes):
             task.cancel()
-        await asyncio.gather(*self._repeat_tasks, return_exceptions=True)
+        await asyncio.gather(*self._repeat_tasks, *self._refresh_pushes, return_exceptions=True)
         await asyncio.gather(*background, return_exceptions=True)
         inflight = list(self._inflight.values())
         if inflight:
@@ -407,6 +412,40 @@ class Dispatcher:
         ids = list(self._inflight)
         for i in range(0, len(ids), 500):
             await self._store.touch(self.consumer, ids[i:i + 500])
+
+    async def _reregister(self) -> None:
+        """Claim the devices whose re-registration push is due (`pushlib.reregister`: the claim
+        removes them from the due set, so no other dispatcher pushes them) and push each once, in
+        tasks of their own (a retried push must not hold up the next tick). Not straight from the
+        job stream: a claimed device is pushed by the dispatcher that claimed it, at most once."""
+        for _ in range(reregister.CLAIM_MAX_BATCHES):
+            if len(self._refresh_pushes) >= self.settings.concurrency:
+                return  # pushes still in flight: the rest stays due for the next tick
+            claimed = await self._claimer.claim(time.time())
+            for aor, device_id, due in claimed:
+                task = asyncio.create_task(self._refresh_push(aor, device_id, due))
+                self._refresh_pushes.add(task)
+                task.add_done_callback(self._refresh_pushes.discard)
+            if len(claimed) < reregister.CLAIM_BATCH:
+                return
+
+    async def _refresh_push(self, aor: str, device_id: str, due: float) -> None:
+        try:
+            now = time.time()
+            probe = reregister.refresh_job(aor, device_id, due, now + 1, now)
+            targets = await self._lookups.submit((aor, probe.job_id, (device_id,)))
+            for device, sent in targets:
+                if device.expires_at <= now:
+                    continue  # the binding has expired: nothing to refresh, and no push
+                job = reregister.refresh_job(aor, device_id, due, device.expires_at, now)
+                await self._push(job, device, sent)
+        except StoreUnavailable as exc:
+            self._redis_failed(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dispatcher %s: re-registration push aor=%s device=%s failed", self.consumer, aor,
+                          device_id)
 
     def _start(self, entry_id: str, fields: dict[str, str]) -> None:
         if entry_id in self._inflight:

@@ -14,7 +14,9 @@ Fields by kind (APNs: top-level keys next to `aps`; FCM: `message.data`, all str
 `callee` is the address of record the call was for (`sip:user@domain`): an app signed in to
 several accounts, or to another one since it registered, refuses a call push not for its own.
 - messageReceived: `message_id`, `sender`, `title` (= sender), `body` (= message);
-- voicemailReceived: `call_id`, `message_id`, `caller_name`, `caller_number`, `title`, `body`;
+- voicemailReceived: `call_id`, `message_id`, `new_messages`, `old_messages` (RFC 3842 counts,
+  `pushlib.mwi`), `caller_name`, `caller_number`, `title`, `body`;
+- registrationRefresh: `aor` (the account to re-REGISTER; background / data-only, `pushlib.reregister`);
 - custom: `title`, `body` and every other data field except the reserved ones.
 Empty or absent inputs are left out. `settings.hide_caller` drops caller name and
 number from call kinds. `badge` (digits) sets `aps.badge` on alert pushes.
@@ -122,8 +124,10 @@ _ID_FIELDS = {
     PushKind.INCOMING_CALL: ("call_id", "callee"),
     PushKind.CANCEL_INCOMING_CALL: ("call_id", "callee"),
     PushKind.MISSED_CALL: ("call_id", "callee"),
-    PushKind.VOICEMAIL: ("call_id", "message_id"),
+    PushKind.VOICEMAIL: ("call_id", "message_id", "new_messages", "old_messages"),
     PushKind.MESSAGE: ("message_id",),
+    # (an app signed in to several accounts refreshes the one named)
+    PushKind.REGISTRATION_REFRESH: ("aor",),
 }
 
 

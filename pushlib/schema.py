@@ -20,6 +20,17 @@ Per user (AOR hash tag):
   call ends. A second call to the same user gets its own hash.
 - `pn:{<aor>}:pend:<device_id>` (`pending_key`) set of the call keys the device was pushed for and
   has not woken for yet. TTL: that of the last call parked for it.
+- `pn:{<aor>}:msgs` (`messages_key`) stream, the MESSAGEs queued for the user's sleeping devices
+  (`messages.StoredMessage.fields` plus `for`: the device ids it waits for, comma-separated, and
+  `size`). `pn:{<aor>}:msgmeta` (`message_meta_key`) hash: `bytes` (body bytes queued) and
+  `left:<entry id>` (devices that still have to acknowledge that entry). `pn:{<aor>}:msgcur`
+  (`message_cursor_key`) hash, device id -> the last entry id it acknowledged (2xx). An entry is
+  deleted when its last device acknowledged it, or MESSAGE_TTL after it was queued. TTL of the
+  three: MESSAGE_TTL after the last message queued (STORE_MESSAGE_LUA).
+- `pn:{<aor>}:msglock:<device_id>` (`message_lock_key`) string, the token of the device's delivery
+  chain in flight (one chain per device). TTL: MESSAGE_LOCK_TTL, refreshed at every MESSAGE sent.
+  `pn:{<aor>}:msgagain:<device_id>` (`message_again_key`) string, the binding a REGISTER that found
+  the chain busy wants it to go on to. TTL: MESSAGE_LOCK_TTL.
 
 Apps (secrets live in the app hash by design; the SIP workers' Redis user needs only `pn:apps`):
 - `pn:app:<provider>:<app_id>` (`app_key`, scan pattern APP_KEY_PATTERN) hash, app credentials
@@ -175,6 +186,26 @@ def call_key(aor: str, key: str) -> str:
 
 def pending_key(aor: str, device_id: str) -> str:
     return f"pn:{{{aor}}}:pend:{device_id}"
+
+
+def messages_key(aor: str) -> str:
+    return f"pn:{{{aor}}}:msgs"
+
+
+def message_meta_key(aor: str) -> str:
+    return f"pn:{{{aor}}}:msgmeta"
+
+
+def message_cursor_key(aor: str) -> str:
+    return f"pn:{{{aor}}}:msgcur"
+
+
+def message_lock_key(aor: str, device_id: str) -> str:
+    return f"pn:{{{aor}}}:msglock:{device_id}"
+
+
+def message_again_key(aor: str, device_id: str) -> str:
+    return f"pn:{{{aor}}}:msgagain:{device_id}"
 
 
 ROUTE_SECRET_KEY = "pn:rrsecret"
@@ -671,3 +702,111 @@ def app_status_view(raw: Mapping[str, str], window: list[str], now: float) -> di
         "counters": {k.removeprefix("count:"): int(v) for k, v in raw.items() if k.startswith("count:")},
         "recent": {"pushes": total, "bad_device_token": bad},
     }
+
+
+# --- messages to sleeping devices (pushlib.msgstore) --------------------------------------------
+# KEYS of the three: [1] `messages_key`, [2] `message_meta_key`, [3] `message_cursor_key` of one
+# AOR (one hash tag). Times are Redis's own (TIME): the stream ids are made from that clock too.
+
+#: ARGV: [1] MESSAGE_TTL in ms, [2] most messages queued, [3] most body bytes queued, [4] this
+#: message's size, [5] how many devices it is for, [6] their ids (comma-separated), then the
+#: message's field/value pairs. Drops the expired entries first. Returns {1, entry id}, or
+#: {-1, messages queued} / {-2, bytes queued} when it does not fit (nothing is written then).
+STORE_MESSAGE_LUA = """#!lua
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', tostring(now - ttl - 1), 'COUNT', 1000)) do
+  local f = e[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'size' then redis.call('HINCRBY', KEYS[2], 'bytes', -tonumber(f[i + 1])) end
+  end
+  redis.call('HDEL', KEYS[2], 'left:' .. e[1])
+  redis.call('XDEL', KEYS[1], e[1])
+end
+local count = redis.call('XLEN', KEYS[1])
+if count >= tonumber(ARGV[2]) then return {-1, count} end
+local bytes = tonumber(redis.call('HGET', KEYS[2], 'bytes') or '0')
+if bytes + tonumber(ARGV[4]) > tonumber(ARGV[3]) then return {-2, bytes} end
+local id = redis.call('XADD', KEYS[1], '*', 'for', ARGV[6], 'size', ARGV[4], unpack(ARGV, 7))
+redis.call('HINCRBY', KEYS[2], 'bytes', ARGV[4])
+redis.call('HSET', KEYS[2], 'left:' .. id, ARGV[5])
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl + 60000) end
+return {1, id}
+"""
+
+#: KEYS: [1] the stream, [2] the cursor hash. ARGV: [1] device id, [2] MESSAGE_TTL in ms. The
+#: oldest unexpired entry for the device after its cursor ({id, {field, value, ...}}), or {}.
+NEXT_MESSAGE_LUA = """#!lua flags=no-writes
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+local cur = redis.call('HGET', KEYS[2], ARGV[1]) or '0-0'
+local dev = ',' .. ARGV[1] .. ','
+while true do
+  local batch = redis.call('XRANGE', KEYS[1], '(' .. cur, '+', 'COUNT', 50)
+  if #batch == 0 then return {} end
+  for _, e in ipairs(batch) do
+    local f = e[2]
+    if tonumber(string.match(e[1], '^(%d+)')) >= oldest then
+      for i = 1, #f, 2 do
+        if f[i] == 'for' and string.find(',' .. f[i + 1] .. ',', dev, 1, true) then return e end
+      end
+    end
+    cur = e[1]
+  end
+end
+"""
+
+#: ARGV: [1] device id, [2] the entry id its 2xx acknowledges. Moves the device's cursor there and
+#: counts the device off every entry for it up to there; an entry nobody waits for any more is
+#: deleted. Returns 0 for an entry already acknowledged (a late or repeated 2xx), 1 otherwise.
+ACK_MESSAGE_LUA = """#!lua
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local cur = redis.call('HGET', KEYS[3], ARGV[1]) or '0-0'
+if not before(cur, ARGV[2]) then return 0 end
+local dev = ',' .. ARGV[1] .. ','
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. cur, ARGV[2])) do
+  local f, size, mine = e[2], 0, false
+  for i = 1, #f, 2 do
+    if f[i] == 'for' then mine = string.find(',' .. f[i + 1] .. ',', dev, 1, true) ~= nil
+    elseif f[i] == 'size' then size = tonumber(f[i + 1]) end
+  end
+  if mine and redis.call('HINCRBY', KEYS[2], 'left:' .. e[1], -1) <= 0 then
+    redis.call('HDEL', KEYS[2], 'left:' .. e[1])
+    redis.call('HINCRBY', KEYS[2], 'bytes', -size)
+    redis.call('XDEL', KEYS[1], e[1])
+  end
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+return 1
+"""
+
+#: KEYS[1]: a device's chain lock, `<token>\t<target>`. ARGV: [1] the new chain's value, [2] its
+#: target (the binding it sends to), [3] ms to live. Taken when free, or taken over from a chain
+#: towards another binding (the phone came back over a new connection: the old chain's MESSAGE in
+#: flight may wait out tm's timeout, and its reply no longer counts); returns 0 when a chain
+#: towards this same binding is in flight (it goes on), 1 when taken.
+CLAIM_MESSAGE_LOCK_LUA = """#!lua
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local tab = string.find(cur, '\t', 1, true)
+  if tab and string.sub(cur, tab + 1) == ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+#: KEYS[1]: a device's chain lock. ARGV: [1] the chain's lock value, [2] ms to live (0: release). Acts
+#: only when the lock is still this chain's; returns 1 then, else 0.
+MESSAGE_LOCK_LUA = """#!lua
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""

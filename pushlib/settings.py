@@ -51,6 +51,9 @@ class Settings:
     # well under the wait window: a dead dispatcher's call pushes are taken over in seconds
     reclaim_idle_ms: int = 3_000
     call_alert_repeat: float = 10.0
+    # seconds before a push binding's expiry its app is sent a background re-registration push
+    # (pushlib.reregister; REREGISTER_PUSH_BEFORE in Kamailio; 0 = off)
+    reregister_before: float = 0.0
 
     def __repr__(self) -> str:  # the URL may hold a password: shown redacted
         shown = (

@@ -50,6 +50,12 @@ def check_tenant_id(tenant_id: str) -> str:
     return tenant_id
 
 
+def check_tenant_name(name: str) -> str:
+    if len(name) > MAX_NAME or any(not c.isprintable() for c in name):
+        raise TenantError(f"a tenant name is at most {MAX_NAME} printable characters")
+    return name
+
+
 def check_domain(domain: str) -> str:
     host = ascii_lower(domain.strip())
     if not HOST.fullmatch(host):
@@ -75,8 +81,7 @@ class TenantStore:
 
     async def create(self, tenant_id: str, name: str = "") -> Tenant:
         check_tenant_id(tenant_id)
-        if len(name) > MAX_NAME or any(not c.isprintable() for c in name):
-            raise TenantError(f"a tenant name is at most {MAX_NAME} printable characters")
+        check_tenant_name(name)
         now = time.time()
         with unavailable_on_connection_error("create_tenant"):
             if not await self._r.sadd(schema.TENANT_IDS_KEY, tenant_id):

@@ -295,7 +295,7 @@ def test_subscribers_crud_stores_ha1_only(stack: ApiStack, admin: httpx.Client) 
     assert_error(admin.get(f"/1.0/subscribers/{aor}"), 404)
     assert admin.put(f"/1.0/subscribers/{aor}", json={"password": "s3cret-pass"}).status_code == 204
     r = admin.get(f"/1.0/subscribers/{aor}")
-    assert r.json() == {"aor": f"sip:{aor}", "realm": "example.com"} and "s3cret" not in r.text
+    assert r.json() == {"aor": f"sip:{aor}", "realm": "example.com", "voicemail_uri": None} and "s3cret" not in r.text
     stored = stack.store.client.hgetall(f"pn:sub:{aor}")
     assert set(stored) == {"ha1", "realm"} and "s3cret-pass" not in json.dumps(stored)
     assert admin.delete(f"/1.0/subscribers/{aor}").status_code == 204

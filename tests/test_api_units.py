@@ -102,9 +102,10 @@ def test_cli_keys_tenants_users_with_json_and_exit_codes(redis_url: str, capsys:
     url = ["--redis-url", redis_url]
     assert main([*url, "tenants", "create", "acme", "--name", "Acme"]) == 0
     assert main([*url, "tenants", "domain-add", "acme", "Acme.Example"]) == 0
-    assert main([*url, "tenants", "create", "acme"]) == 2  # exists: usage error
+    assert main([*url, "tenants", "create", "acme"]) == 1  # exists: a failure, not usage
+    assert main([*url, "tenants", "create", "Not An Id"]) == 2  # an invalid value: usage
     assert main([*url, "tenants", "create", "other"]) == 0
-    assert main([*url, "tenants", "domain-add", "other", "acme.example"]) == 2  # taken
+    assert main([*url, "tenants", "domain-add", "other", "acme.example"]) == 1  # taken
     capsys.readouterr()
     assert main([*url, "--json", "keys", "create", "--scope", "send", "--tenant", "acme", "--name", "crm"]) == 0
     created = json.loads(capsys.readouterr().out)

@@ -198,7 +198,7 @@ def test_fcm_app_aliases_are_set_listed_shown_and_removed(redis_url: str, tmp_pa
     assert main([*url, "app", "alias-remove", "fcm", "example-phone", "com.example.phone"]) == 0
     assert "removed alias com.example.phone of fcm:example-phone" in capsys.readouterr().out
     assert store.app_enabled("fcm", "com.example.phone") is None and store.app("fcm", "com.example.phone") is None
-    assert main([*url, "app", "alias-remove", "fcm", "example-phone", "com.example.phone"]) == 2
+    assert main([*url, "app", "alias-remove", "fcm", "example-phone", "com.example.phone"]) == 1
     assert "has no alias com.example.phone" in capsys.readouterr().err
     assert main([*url, "app", "alias-add", "fcm", "example-phone", "210987654321", "123456789012"]) == 0
     app = store.app("fcm", "example-phone")
@@ -206,9 +206,9 @@ def test_fcm_app_aliases_are_set_listed_shown_and_removed(redis_url: str, tmp_pa
 
     # an alias is not an app: the app-wide commands want the app's own id
     for cmd in ("disable", "remove"):
-        assert main([*url, "app", cmd, "fcm", "123456789012"]) == 2
+        assert main([*url, "app", cmd, "fcm", "123456789012"]) == 1
         assert "fcm:123456789012 is an alias of fcm:example-phone" in capsys.readouterr().err
-    assert main([*url, "app", "aliases", "fcm", "123456789012"]) == 2
+    assert main([*url, "app", "aliases", "fcm", "123456789012"]) == 1
     assert store.app_enabled("fcm", "123456789012") is True
 
     assert main([*url, "app", "disable", "fcm", "example-phone"]) == 0
@@ -224,13 +224,13 @@ def test_an_alias_naming_another_app_is_refused(redis_url: str, tmp_path: Path, 
                  "--alias", "123456789012"]) == 0
     other = _service_account(tmp_path, "other-project")
     for alias, what in (("example-phone", "the id"), ("123456789012", "an alias")):
-        assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", alias]) == 2
+        assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", alias]) == 1  # taken
         assert f"fcm:{alias} is already {what} of app fcm:example-phone" in capsys.readouterr().err
     assert SyncStore(redis_url, Settings()).app("fcm", "other-project") is None  # nothing stored
-    assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", "other-project"]) == 2
+    assert main([*url, "app", "set-fcm", "--service-account", other, "--alias", "other-project"]) == 2  # invalid
     assert "cannot be the app's own id" in capsys.readouterr().err
     assert main([*url, "app", "set-fcm", "--service-account", other]) == 0
-    assert main([*url, "app", "alias-add", "fcm", "other-project", "123456789012"]) == 2
+    assert main([*url, "app", "alias-add", "fcm", "other-project", "123456789012"]) == 1
     assert "fcm:123456789012 is already an alias of app fcm:example-phone" in capsys.readouterr().err
 
 
@@ -253,7 +253,7 @@ def test_devices_remove_one_or_all(redis_url: str, capsys) -> None:
     assert main([*url, "devices", "remove", "sip:alice@Example.COM", "dev1"]) == 0
     assert "removed device dev1 of sip:alice@example.com" in capsys.readouterr().out
     assert [d.device_id for d in store.devices(aor)] == ["dev2", "dev3"]
-    assert main([*url, "devices", "remove", "alice@example.com", "dev1"]) == 2
+    assert main([*url, "devices", "remove", "alice@example.com", "dev1"]) == 1
     assert "no device dev1 of sip:alice@example.com" in capsys.readouterr().err
     for bad in (["remove", "alice@example.com"], ["remove", "alice@example.com", "dev2", "--all"],
                 ["alice@example.com", "--all"], ["alice@example.com", "dev2"]):
@@ -268,3 +268,97 @@ def test_devices_remove_one_or_all(redis_url: str, capsys) -> None:
     assert "removed 0 devices" in capsys.readouterr().out
     assert main([*url, "devices", "alice@example.com"]) == 0
     assert capsys.readouterr().out == ""
+
+
+def _leaf_commands() -> set[str]:
+    """Every `pushlib-admin` command as "area cmd" (or "area" when it has no subcommands), from the parser."""
+    import argparse
+
+    from pushlib.cli import build_parser
+
+    def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        found = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(found[0].choices) if found else {}
+
+    leaves = set()
+    for area, area_parser in subparsers(build_parser()).items():
+        cmds = subparsers(area_parser)
+        leaves |= {f"{area} {cmd}" for cmd in cmds} if cmds else {area}
+    return leaves
+
+
+def test_every_command_answers_json_and_exits_0_1_or_2(redis_url: str, sbx, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command with `--json`: one JSON object on stdout (`ok`, and `error` when it fails); exit 0 when
+    done, 1 when it failed (not found, taken, refused), 2 for an invalid argument value (nothing written)."""
+    key = tmp_path / "k.p8"
+    key.write_text(_pem(ec.generate_private_key(ec.SECP256R1())))
+    cert_pem, cert_key_pem = sbx.control.apns_client_cert("com.example.cert")
+    (tmp_path / "cert.pem").write_text(cert_pem)
+    (tmp_path / "cert-key.pem").write_text(cert_key_pem)
+    sa, other_sa = _service_account(tmp_path, "example-phone"), _service_account(tmp_path, "other-project")
+    store = SyncStore(redis_url, Settings())
+    store.save_app(sbx.control.fcm_app("check-project"))
+    store.save_device(Device("sip:alice@example.com", "dev1", PushParams(Provider.FCM, "example-phone",
+                                                                         alert_token="tok"),
+                             registered_at=1e9, expires_at=4e9))
+    store.close()
+    apns = ["--key-file", str(key), "--key-id", "K1", "--team-id", "T1"]
+    steps: list[tuple[str, int]] = [
+        (f"app set-apns com.example.a {' '.join(apns)}", 0),
+        (f"app set-apns com.example.b --key-file {tmp_path}/missing.p8 --key-id K --team-id T", 2),
+        (f"app set-apns-cert com.example.cert --cert-file {tmp_path}/cert.pem --key-file {tmp_path}/cert-key.pem", 0),
+        (f"app set-apns-cert com.example.x --cert-file {tmp_path}/cert-key.pem --key-file {tmp_path}/cert.pem", 2),
+        (f"app set-fcm --service-account {sa} --alias 123456789012", 0),
+        (f"app set-fcm --service-account {other_sa} --alias 123456789012", 1),  # another app's alias
+        (f"app set-fcm --service-account {other_sa} --alias other-project", 2),  # its own id
+        ("app reindex", 0),
+        ("app show apns com.example.a", 0), ("app show apns com.example.none", 1),
+        ("app disable apns com.example.a", 0), ("app disable apns com.example.none", 1),
+        ("app disable fcm 123456789012", 1),  # an alias, not an app
+        ("app enable apns com.example.a", 0), ("app enable apns com.example.none", 1),
+        ("app check fcm check-project", 0), ("app check apns com.example.none", 1),
+        ("app aliases fcm example-phone", 0), ("app aliases fcm no-project", 1),
+        ("app alias-add fcm example-phone 210987654321", 0), ("app alias-add fcm no-project 4242", 1),
+        ("app alias-add fcm example-phone a,b", 2), ("app alias-add fcm check-project 210987654321", 1),
+        ("app alias-remove fcm example-phone 210987654321", 0), ("app alias-remove fcm example-phone 210987654321", 1),
+        ("app remove apns com.example.cert", 0), ("app remove apns com.example.cert", 1),
+        ("uamap set acme ^Acme/", 0), ("uamap set bad (unclosed", 2), ("uamap list", 0),
+        ("uamap remove acme", 0), ("uamap remove acme", 1),
+        ("subscriber set alice@example.com --password pw", 0), ("subscriber set no-domain --password pw", 2),
+        ("subscriber voicemail alice@example.com sip:vm@example.com", 0),
+        ("subscriber voicemail alice@example.com tel:+1234", 2), ("subscriber voicemail alice@example.com", 0),
+        ("subscriber remove alice@example.com", 0), ("subscriber remove no-domain", 2),
+        ("devices alice@example.com", 0), ("devices no-domain", 2), ("devices alice@example.com dev1", 2),
+        ("devices remove alice@example.com nodev", 1), ("devices remove alice@example.com dev1", 0),
+        ("push alice@example.com --title hi", 0), ("push alice@example.com --data novalue", 2),
+        ("tenants create acme", 0), ("tenants create acme", 1), ("tenants create Not_An_Id!", 2),
+        ("tenants list", 0), ("tenants show acme", 0), ("tenants show nobody", 1), ("tenants show -x", 2),
+        ("tenants domain-add acme acme.example", 0), ("tenants domain-add nobody other.example", 1),
+        ("tenants domain-add acme not..a..domain", 2),
+        ("tenants domain-remove acme acme.example", 0), ("tenants domain-remove acme acme.example", 1),
+        ("tenants app-add acme apns com.example.a", 0), ("tenants app-add nobody apns com.example.a", 1),
+        ("tenants app-remove acme apns com.example.a", 0), ("tenants app-remove acme apns com.example.a", 1),
+        ("keys create --scope read --tenant acme", 0), ("keys create --scope read --tenant nobody", 1),
+        ("keys list", 0), ("keys revoke KEY_ID", 0), ("keys revoke KEY_ID", 1),
+        ("tenants delete acme", 0), ("tenants delete acme", 1),
+        ("users map u-1 alice@example.com", 0), ("users map u-1 no-domain", 2), ("users map u/1 a@example.com", 2),
+        ("users show u-1", 0), ("users show u-2", 1), ("users unmap u-1", 0), ("users unmap u-1", 1),
+    ]
+    capsys.readouterr()
+    done: dict[str, set[int]] = {}
+    key_id = ""
+    for line, expected in steps:
+        argv = line.replace("KEY_ID", key_id).split(" ")
+        rc = main(["--redis-url", redis_url, "--json", *argv])
+        out, err = capsys.readouterr()
+        assert rc == expected, (line, out, err)
+        doc = json.loads(out)  # one JSON object, nothing else
+        assert isinstance(doc, dict) and doc["ok"] is (rc == 0), (line, doc)
+        assert ("error" in doc) is (rc != 0) and (not err) is (rc == 0), (line, doc, err)
+        if argv[:2] == ["keys", "create"] and rc == 0:
+            key_id = doc["key"]["key_id"]
+        name = " ".join(argv[:1] if argv[0] in ("devices", "push") else argv[:2])
+        done.setdefault(name, set()).add(rc)
+    assert set(done) == _leaf_commands(), "commands without a step here: add them"
+    assert all(0 in codes for codes in done.values()), done

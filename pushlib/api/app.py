@@ -48,6 +48,9 @@ from pushlib.api.models import (
     UaMappingsOut,
     UserIn,
     UserOut,
+    VoicemailIn,
+    VoicemailOut,
+    VoicemailUriIn,
 )
 from pushlib.apikeys import ApiKeyStore, Principal, Scope
 from pushlib.appcheck import check_app
@@ -65,6 +68,7 @@ from pushlib.logutil import get_logger
 from pushlib.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pushlib.metrics import render_metrics
 from pushlib.models import AppCredentials, Provider, UaMapping
+from pushlib.mwi import MwiError, VoicemailStore, check_voicemail_uri, record_and_push
 from pushlib.notify import Notification, NotificationError, check_notification, custom_job, push_capable
 from pushlib.redisconn import StoreUnavailable, async_client
 from pushlib.settings import Settings
@@ -97,6 +101,7 @@ class Backend:
         self.keys = ApiKeyStore(self.redis)
         self.tenants = TenantStore(self.redis)
         self.users = UserMap(self.redis)
+        self.voicemail = VoicemailStore(self.store.client)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -297,6 +302,26 @@ def create_app(settings: Settings, config: ApiConfig | None = None) -> FastAPI:
         log.info("api: queued %s job %s for %s (type %s)", job.kind.value, job.job_id, aor, body.notification_type)
         return Response(status_code=204)
 
+    @app.post(f"{v}/users/{{user}}/voicemail", response_model=VoicemailOut, tags=["notifications"],
+              responses=errors(404, 409, 413, 422, 503))
+    async def post_voicemail(request: Request, user: UserRef, body: VoicemailIn, principal: Sender) -> VoicemailOut:
+        """The user's voicemail counts, for voicemail systems that send no MWI NOTIFY: as a SIP
+        message summary, a rise in new messages queues a voicemailReceived push."""
+        b = backend_of(request)
+        aor = await visible_user(b, principal, user)
+        now = time.time()
+        devices = await run_in_threadpool(b.store.devices, aor)
+        if not any(push_capable(d, now) for d in devices):
+            raise ApiError(409, "no_push_device", f"user {aor} has no device a notification can reach")
+        caller = (body.caller_name or "", body.caller_number or "")
+        previous, pushed = await run_in_threadpool(record_and_push, b.voicemail, b.store.enqueue, aor,
+                                                   body.new_messages, body.old_messages, now,
+                                                   settings.message_ttl, caller)
+        log.info("api: voicemail counts for %s new=%d old=%d previous=%s pushed=%s", aor, body.new_messages,
+                 body.old_messages, previous, pushed)
+        return VoicemailOut(aor=aor, new_messages=body.new_messages, old_messages=body.old_messages,
+                            previous_new=previous, pushed=pushed)
+
     # --- users and their devices -----------------------------------------------------------------
 
     @app.get(f"{v}/users/{{user_uuid}}", response_model=UserOut, tags=["users"], responses=AUTHED_READ)
@@ -369,7 +394,30 @@ def create_app(settings: Settings, config: ApiConfig | None = None) -> FastAPI:
         raw = await b.redis.hgetall(schema.subscriber_key(*aor_parts(aor)))
         if not raw.get("ha1"):
             raise ApiError(404, "not_found", f"{aor} has no SIP credentials")
-        return SubscriberOut(aor=aor, realm=raw.get("realm"))
+        return SubscriberOut(aor=aor, realm=raw.get("realm"), voicemail_uri=raw.get("voicemail"))
+
+    @app.put(f"{v}/subscribers/{{user}}/voicemail", status_code=204, response_class=Response,
+             tags=["subscribers"], responses=AUTHED_WRITE)
+    async def put_voicemail_uri(request: Request, user: UserRef, body: VoicemailUriIn, principal: Admin) -> Response:
+        """Set the user's voicemail URI: its unanswered push calls go there (before FALLBACK_URI)."""
+        b = backend_of(request)
+        aor = await visible_user(b, principal, user)
+        try:
+            uri = check_voicemail_uri(body.uri)
+        except MwiError as exc:
+            raise ApiError(422, "invalid_voicemail_uri", str(exc)) from None
+        await run_in_threadpool(b.voicemail.set_uri, aor, uri)
+        return Response(status_code=204)
+
+    @app.delete(f"{v}/subscribers/{{user}}/voicemail", status_code=204, response_class=Response,
+                tags=["subscribers"], responses=AUTHED_READ)
+    async def delete_voicemail_uri(request: Request, user: UserRef, principal: Admin) -> Response:
+        """Forget the user's voicemail URI (FALLBACK_URI applies again)."""
+        b = backend_of(request)
+        aor = await visible_user(b, principal, user)
+        if not await run_in_threadpool(b.voicemail.set_uri, aor, None):
+            raise ApiError(404, "not_found", f"{aor} has no voicemail URI")
+        return Response(status_code=204)
 
     @app.put(f"{v}/subscribers/{{user}}", status_code=204, response_class=Response, tags=["subscribers"],
              responses=AUTHED_WRITE)

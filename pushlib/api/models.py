@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
+from pushlib.mwi import MAX_COUNT, MAX_URI_CHARS
 from pushlib.notify import EXTRA_KEY_PATTERN, MAX_BODY, MAX_EXTRA_FIELDS, MAX_TITLE, NOTIFICATION_TYPE_PATTERN
 
 PEM_MAX = 16_384
@@ -86,6 +87,33 @@ class SubscriberIn(_In):
 class SubscriberOut(BaseModel):
     aor: str
     realm: str | None
+    voicemail_uri: str | None = Field(default=None, description="the user's own voicemail URI, if set")
+
+
+class VoicemailUriIn(_In):
+    uri: Annotated[StrictStr, StringConstraints(min_length=5, max_length=MAX_URI_CHARS)] = Field(
+        description="sip: or sips: URI where the user's unanswered push calls go (before FALLBACK_URI); "
+                    "{user} and {domain} are filled in")
+
+
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
+
+
+class VoicemailIn(_In):
+    """A voicemail system's message counts for the user (RFC 3842 Voice-Message new/old)."""
+
+    new_messages: Count
+    old_messages: Count = 0
+    caller_name: Annotated[StrictStr, StringConstraints(max_length=128)] | None = None
+    caller_number: Annotated[StrictStr, StringConstraints(max_length=64)] | None = None
+
+
+class VoicemailOut(BaseModel):
+    aor: str
+    new_messages: int
+    old_messages: int
+    previous_new: int | None = Field(description="the new count kept from the previous summary (null: none)")
+    pushed: bool = Field(description="a voicemailReceived push was queued (only a rise in new messages pushes)")
 
 
 class ApnsTokenIn(_In):
