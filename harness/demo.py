@@ -9,7 +9,8 @@ the device, it answers, and the caller hangs up.
 
 The timeline comes from one clock: a tshark capture of loopback (the SIP port, the sandbox port and
 the device's port) plus the sandbox's own push record time. Output ends with a line starting
-`demo: call completed`, exit status 0; on any failure a `demo: FAILED: ...` line and exit status 1.
+`demo: call completed` and the next step (`NEXT_STEP`: `make demo-api`, a custom notification through
+the HTTP API), exit status 0; on any failure a `demo: FAILED: ...` line and exit status 1.
 Either way every process the demo started is stopped by PID and every temp dir removed; the
 `demo: processes` line lists the process groups it started, all checked gone.
 
@@ -322,6 +323,10 @@ def _expect_sipp(run: SippRun, who: str, timeout: float) -> None:
         raise DemoError(f"the {who} (SIPp) ended with {code}:\n{run.logs()[-1500:]}")
 
 
+NEXT_STEP = ("next: `make demo-api` sends one custom notification through the HTTP API to an iPhone and an "
+             "Android phone and shows what the sandbox received")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 when the call completed, 1 otherwise. Nothing it started outlives it."""
     del argv  # no options: the demo runs on embedded defaults
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: FAILED: {error}", file=sys.stderr, flush=True)
         return 1
     say(f"call completed: {summary}")
+    say(NEXT_STEP)
     return 0
 
 

@@ -37,7 +37,7 @@ import ksrlog  # noqa: E402
 import ksrmessages  # noqa: E402
 import ksrmetrics  # noqa: E402
 
-from pushlib import access, calls, mwi, reregister  # noqa: E402
+from pushlib import access, calls, mwi, reregister, schema  # noqa: E402
 from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
@@ -203,6 +203,7 @@ class Router:
         self._voicemail: mwi.VoicemailStore | None = None
         self._mappings: TtlCache[str, list[UaMapping]] = TtlCache(_MAPPING_TTL, 1)
         self._legacy_logged: TtlCache[str, bool] = TtlCache(_LEGACY_NOTICE_TTL, 10_000)
+        self._store_down_until = 0.0  # (monotonic) pnretry attempts wait until then: see _retry_owed_end
         self._ha1_cache: TtlCache[tuple[str, str], str | None] = TtlCache(_HA1_TTL, 10_000)
         self._app_cache: TtlCache[tuple[str, str], bool | None] = TtlCache(_APP_TTL, 1_000)
         self.limits = access.limits_from(_get_def)
@@ -679,14 +680,15 @@ class Router:
             return
         self._resume(aor, device.device_id)
         try:
-            evicted = self.store.save_device(device)
+            # (the same round trip tells whether messages wait for the user: most REGISTERs have none)
+            evicted, queued = self.store.save_device_probing(device, schema.messages_key(aor))
         except StoreUnavailable as exc:
             # Redis degrades push, never SIP: the binding stands and the phone keeps the call it
             # was just given; the record is written at its next REGISTER (the stored one, if any,
             # still pushes it meanwhile).
             _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, kept="binding",
                  error=exc)
-            evicted = []
+            evicted, queued = [], False
         else:
             self._schedule_refresh(device, evicted)
         # the same phone under another id (it changed +sip.instance, or began to send one; same
@@ -696,7 +698,7 @@ class Router:
         self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
         # after the 200 OK: the messages queued while it slept (also those queued under an old id)
-        for queued_id in (device.device_id, *evicted):
+        for queued_id in (device.device_id, *evicted) if queued else ():
             self.messages.deliver(aor, queued_id, device.contact)
 
     def _app_enabled(self, provider: str, app_id: str) -> bool | None:
@@ -959,16 +961,6 @@ class Router:
             return
         KSR.tm.t_save_lumps()
         pushed = tuple(d.device_id for d in plan.push)
-        try:
-            self._record_parked(aor, key, pushed, now)
-        except StoreUnavailable as exc:
-            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
-            self._give_back_park_slot(aor)
-            if plan.ring:
-                self._ring(plan.ring)
-            else:
-                KSR.tm.t_reply(480, "Temporarily Unavailable")
-            return
         self._arm_window(aor, key, call_id)
         self._set_parking_branch(key)
         KSR.tm.t_reply(100, "Trying")
@@ -985,16 +977,32 @@ class Router:
         window = max(1, int(self.cfg.settings.wait_window))
         KSR.htable.sht_setxi(BRANCH_COUNT_TABLE, key, len(plan.ring), window + 5)
         self._mark_pending(aor, key, pushed)
-        if self._push_call(aor, key, pushed, now):
+        if self._record_and_push(aor, key, pushed, now):
             _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
             self.metrics.parked(key)
         elif not plan.ring:
-            self._end_parked(key, reason="push-unavailable", reply=480)
+            self._end_parked(key, reason="push-unavailable", reply=480, recorded=False)
 
     def _caller(self) -> tuple[str, str]:
         """The caller's (name, number) as call pushes may carry it (HIDE_CALLER)."""
         return calls.pushed_caller(calls.caller_identity(_pv("$hdr(From)"), _pv("$fU")),
                                    self.cfg.settings.hide_caller)
+
+    def _record_and_push(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> bool:
+        """Record the parked call in Redis (whom it waits for, what its end owes) and queue its
+        push, in one round trip; False (logged) when Redis cannot take them. The push's job id
+        comes from the Call-ID, so the dispatcher never delivers it twice to a device."""
+        caller, settings = self._caller(), self.cfg.settings
+        call_id = _pv("$ci")
+        call = ParkedCall(aor=aor, key=key, call_id=call_id, cseq=_pv("$cs"), caller_name=caller[0],
+                          caller_number=caller[1], deadline=now + settings.wait_window, pushed=pushed)
+        job = calls.incoming_call_job(aor, call_id, caller, pushed, now, settings.wait_window)
+        try:
+            self.state.park_and_push(call, job, settings, now)
+        except StoreUnavailable as exc:
+            _log(KSR.err, "push-unavailable", aor=aor, call=key, error=exc)
+            return False
+        return True
 
     def _record_parked(self, aor: str, key: str, pushed: tuple[str, ...], now: float) -> None:
         """Record the parked call in Redis (StoreUnavailable): whom it waits for, what its end owes."""
@@ -1123,16 +1131,18 @@ class Router:
 
     # ------------------------------------------------------------------ ending parked calls
 
-    def _end_parked(self, key: str, reason: str, reply: int = 0, answered: bool = False) -> None:
-        """End a parked call once: stop its timer, optionally answer the caller, owe its pushes."""
+    def _end_parked(self, key: str, reason: str, reply: int = 0, answered: bool = False,
+                    recorded: bool = True) -> None:
+        """End a parked call once: stop its timer, optionally answer the caller, owe its pushes
+        (none when Redis never `recorded` it)."""
         entry = calls.WaitEntry.decode(KSR.htable.sht_get(WAIT_TABLE, key))
         if entry is None:
             return
         KSR.htable.sht_rm(WAIT_TABLE, key)
-        self._finish(entry, key, reason, reply, answered)
+        self._finish(entry, key, reason, reply, answered, recorded=recorded)
 
     def _finish(self, entry: calls.WaitEntry, key: str, reason: str, reply: int, answered: bool,
-                cancel: bool = False) -> None:
+                cancel: bool = False, recorded: bool = True) -> None:
         aor = entry.aor
         self._give_back_park_slot(aor)
         self.metrics.ended(key, reason)
@@ -1149,7 +1159,8 @@ class Router:
             # no final reply: tm cancels the open branches and, once they end, runs the
             # failure route, where the call can still be relayed (to the fallback URI)
             KSR.tmx.t_cancel_callid(entry.call_id, entry.cseq, 0)
-        self._settle_end(calls.OwedEnd(aor, key, reason, answered, time.time()))
+        if recorded:
+            self._settle_end(calls.OwedEnd(aor, key, reason, answered, time.time()))
 
     def _settle_end(self, owed: calls.OwedEnd) -> None:
         """Finish the call's Redis record and queue its end-of-call pushes. What Redis cannot take
@@ -1172,6 +1183,7 @@ class Router:
                     jobs = jobs[i:]
                     raise
         except StoreUnavailable as exc:
+            self._store_down_until = time.monotonic() + 1.0
             self._retry_end(replace(owed, jobs=jobs), exc)
             return
         KSR.htable.sht_rm(WOKEN_TABLE, owed.key)
@@ -1453,8 +1465,14 @@ class Router:
 
     def _retry_owed_end(self) -> None:
         owed = calls.OwedEnd.decode(_pv("$shtrecord(value)"))
-        if owed is not None:
-            self._settle_end(owed)
+        if owed is None:
+            return
+        if time.monotonic() < self._store_down_until:
+            # Redis failed this process less than a second ago: with it unreachable (a timeout,
+            # not a refusal) every try would hold the htable timer, which also ends the windows
+            self._retry_end(owed, StoreUnavailable("skipped: redis failed under a second ago"))
+            return
+        self._settle_end(owed)
 
     def ksr_end_now(self, msg: object, evname: str = "") -> int:
         """async task process (queued by _onreply): end a call a device rejected for everyone."""

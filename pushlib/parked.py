@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
+
 from pushlib import schema
-from pushlib.models import ParkedCall
+from pushlib.models import ParkedCall, PushJob
 from pushlib.redisconn import unavailable_on_error
+from pushlib.settings import Settings
 
 # KEYS[1]: the device's pending set. ARGV[1]: the prefix of the AOR's call keys, ARGV[2]: the
 # device's field in a call hash, ARGV[3]: its woken state. Returns the keys of the calls still parked.
@@ -59,6 +62,26 @@ class ParkedCalls:
                       len(call.pushed), *call.pushed, *fields],
             )
         return bool(done)
+
+    def park_and_push(self, call: ParkedCall, job: PushJob, settings: Settings, now: float) -> None:
+        """`park`, then queue the call's push job: one round trip for both (a pipeline; the job
+        stream and the call's keys live in different Cluster slots, so not one script). The
+        script goes by its digest (loaded by `warm_up`; loaded again once if Redis lost it)."""
+        fields = [x for kv in schema.encode_parked_call(call).items() for x in kv]
+        park_args = [schema.parked_ttl(call.deadline, now), schema.pending_key(call.aor, ""), call.key,
+                     len(call.pushed), *call.pushed, *fields]
+        ck = schema.call_key(call.aor, call.key)
+        with unavailable_on_error("park_and_push"):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.evalsha(self._park.sha, 1, ck, *park_args)
+            pipe.xadd(settings.stream, schema.encode_job(job), maxlen=settings.stream_maxlen, approximate=True)
+            parked, queued = pipe.execute(raise_on_error=False)
+            if isinstance(queued, Exception):
+                raise queued
+            if isinstance(parked, redis.exceptions.NoScriptError):
+                self._park(keys=[ck], args=park_args)  # (loads the script; the job is queued already)
+            elif isinstance(parked, Exception):
+                raise parked
 
     def add_pushed(self, aor: str, key: str, device_id: str, now: float) -> bool:
         """Add a device pushed later in the life of a parked call (a directly rung phone that

@@ -606,6 +606,41 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
+#: The common REGISTER, a device refreshing the record it already has (same tokens, still listed,
+#: not dead), in one round trip. KEYS[1]: the device hash, KEYS[2]: the AOR's device set, KEYS[3]
+#: (optional): a key of the AOR whose existence the caller wants to know (its message queue).
+#: ARGV: [1] the device id, [2] the device's TTL, [3] n, then n identity field/value pairs that must
+#: hold (an absent field reads ''), then the hash's field/value pairs. Returns 0 (nothing written)
+#: when any identity differs (SAVE_DEVICE_LUA's full save then decides evictions), else 1, or 2
+#: when KEYS[3] exists. No other device can
+#: hold the same tokens (the full save evicted such duplicates when these tokens were written) and
+#: the device count is unchanged, so there is nothing to evict; the set's TTL only grows.
+REFRESH_DEVICE_LUA = """#!lua
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 0 end
+local n = tonumber(ARGV[3])
+for i = 4, 2 + 2 * n, 2 do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if (v or '') ~= ARGV[i + 1] then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4 + 2 * n))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+return 1
+"""
+
+#: The fields whose values make a device record "the same phone" (see `same_phone`) or dead:
+#: a save that changes none of them can take REFRESH_DEVICE_LUA's one round trip.
+DEVICE_IDENTITY_FIELDS = ("provider", "app_id", "voip_token", "alert_token", DEVICE_DEAD_FIELD)
+
+
+def device_identity(device: Device) -> list[str]:
+    """REFRESH_DEVICE_LUA's identity pairs for `device`, flattened."""
+    fields = encode_device(device)
+    return [x for name in DEVICE_IDENTITY_FIELDS for x in (name, fields.get(name, ""))]
+
+
 #: KEYS[1]: the parked call's hash. ARGV: [1] TTL, [2] the prefix of the AOR's pending sets,
 #: [3] the call's key, [4] how many devices were pushed (n), then the n device ids, then the
 #: hash's field/value pairs. Returns 0 when the call was already parked (a retransmission).

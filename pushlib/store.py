@@ -45,6 +45,7 @@ class SyncStore:
         self._r: Any = sync_client(redis_url, timeout)
         self._devices = self._r.register_script(schema.DEVICES_LUA)
         self._save_device = self._r.register_script(schema.SAVE_DEVICE_LUA)
+        self._refresh_device = self._r.register_script(schema.REFRESH_DEVICE_LUA)
 
     @property
     def client(self) -> Any:
@@ -68,10 +69,31 @@ class SyncStore:
         at most `max_devices_per_user` devices for the AOR by evicting the oldest registered.
         Returns the evicted device ids.
 
-        Two round trips: the AOR's devices are read (DEVICES_LUA), the plan is made here
-        (`schema.plan_device_save`), and SAVE_DEVICE_LUA writes it only if the device set is still
-        the one the plan was made from (else the plan is made again: a concurrent REGISTER of
-        another device of the same user)."""
+        One round trip when the device refreshes the record it has (same tokens: the wake-up and
+        refresh REGISTERs; REFRESH_DEVICE_LUA). Otherwise two more: the AOR's devices are read
+        (DEVICES_LUA), the plan is made here (`schema.plan_device_save`), and SAVE_DEVICE_LUA writes
+        it only if the device set is still the one the plan was made from (else the plan is made
+        again: a concurrent REGISTER of another device of the same user)."""
+        return self.save_device_probing(device, None)[0]
+
+    def save_device_probing(self, device: Device, probe: str | None) -> tuple[list[str], bool]:
+        """`save_device`, also telling whether the key `probe` (of the device's AOR: same hash tag)
+        exists, in the same round trip when the device only refreshes its record; True ("look")
+        when the full save ran."""
+        fields = [x for kv in schema.encode_device(device).items() for x in kv]
+        identity = schema.device_identity(device)
+        keys = [schema.device_key(device.aor, device.device_id), schema.devices_key(device.aor)]
+        with unavailable_on_error("save_device"):
+            refreshed = self._refresh_device(
+                keys=[*keys, probe] if probe else keys,
+                args=[device.device_id, schema.ttl_until(device.expires_at, time.time()), len(identity) // 2,
+                      *identity, *fields],
+            )
+        if refreshed:
+            return [], refreshed == 2
+        return self._save_device_fully(device), True
+
+    def _save_device_fully(self, device: Device) -> list[str]:
         for _ in range(_SAVE_ATTEMPTS):
             live, stale = self._device_hashes(device.aor)
             others: dict[str, dict[str, str] | None] = {i: raw for i, raw in live.items() if i != device.device_id}

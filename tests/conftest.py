@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from harness.localstack import Stack, stop_all_sipp
+from harness.localstack import BUNDLE, FCM_PROJECT, Stack, stop_all_sipp
 from pushlib.logutil import QUIET_LOGGERS
+from pushlib.settings import Settings
+from pushlib.store import SyncStore
 from pushsandbox.process import SandboxHandle, sandbox_process
 from tests.support import RedisServer, redis_server
 
@@ -35,6 +37,18 @@ def sandbox() -> Iterator[SandboxHandle]:
     resets registrations)."""
     with sandbox_process() as handle:
         yield handle
+
+
+@pytest.fixture()
+def push_env(sandbox: SandboxHandle, redis_url: str) -> Iterator[tuple[SandboxHandle, SyncStore, Settings]]:
+    """A clean sandbox and Redis, with one APNs (token auth) and one FCM app saved (dispatcher tests)."""
+    sandbox.control.clear()
+    cfg = Settings(redis_url=redis_url, reclaim_idle_ms=1000, concurrency=32)
+    store = SyncStore(redis_url, cfg)
+    store.save_app(sandbox.control.apns_token_app(BUNDLE))
+    store.save_app(sandbox.control.fcm_app(FCM_PROJECT))
+    yield sandbox, store, cfg
+    store.close()
 
 
 @pytest.fixture()

@@ -52,3 +52,17 @@ def test_chaos_quick_accounts_for_every_call() -> None:
     assert re.search(r"late incomingCall pushes 0,", out), out[-3000:]
     assert "CRITICAL/BUG/crash lines 0" in out, out[-3000:]
     assert re.search(r"'ok-answered': \d+", out) and re.search(r"'ok-480-window-end': \d+", out), out[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_reregister_bench_quick_scans_without_keyspace_scans() -> None:
+    out = _run(_readme_command("reregister_bench.py"), timeout=180)
+    assert re.search(r"due per minute: \d[\d,]* claimed", out), out[-3000:]
+    assert "no SCAN/KEYS issued" in out, out[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_message_bench_quick_measures_both_flows() -> None:
+    out = _run(_readme_command("message_bench.py"), timeout=180)
+    assert re.search(r"MESSAGE stored -> push at the sandbox: p50 [\d.]+ ms", out), out[-3000:]
+    assert re.search(r"REGISTER -> 100 queued MESSAGEs delivered: p50 [\d.]+ ms", out), out[-3000:]

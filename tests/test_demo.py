@@ -1,7 +1,8 @@
 """`make demo` end to end: `python -m harness.demo` as a subprocess, as a user runs it.
 
 Checks the contract the README promises: exit 0, a timeline of real events in causal order with
-non-decreasing millisecond offsets, a last line starting `demo: call completed`, and no process
+non-decreasing millisecond offsets, a line starting `demo: call completed` followed by the next
+step (`make demo-api`, the HTTP API's demo), and no process
 the demo started still alive afterwards (only the process groups the demo itself reported are
 inspected: other tests run their own Kamailio/Redis in parallel)."""
 
@@ -11,7 +12,7 @@ import re
 import subprocess
 import sys
 
-from harness.demo import EVENTS
+from harness.demo import EVENTS, NEXT_STEP
 from harness.localrun import group_members
 from tests.support import ROOT
 
@@ -24,7 +25,8 @@ def test_demo_runs_the_flagship_call_and_leaves_nothing_behind() -> None:
                          timeout=120, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.strip().splitlines()
-    assert lines[-1].startswith("demo: call completed"), run.stdout
+    assert lines[-2].startswith("demo: call completed"), run.stdout
+    assert lines[-1] == f"demo: {NEXT_STEP}" and "`make demo-api`" in NEXT_STEP, run.stdout
 
     timeline = [(m.group(2), float(m.group(1))) for m in map(TIMELINE.match, lines) if m]
     assert [name for name, _ in timeline] == list(EVENTS), run.stdout

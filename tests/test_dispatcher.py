@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,15 +60,8 @@ DATA = {"call_id": "call-1", "caller_name": "Bob", "caller_number": "+15550100",
 
 
 @pytest.fixture()
-def env(sandbox: SandboxHandle, redis_url: str) -> Iterator[tuple[SandboxHandle, SyncStore, Settings]]:
-    """A clean sandbox and Redis, with one APNs (token auth) and one FCM app saved."""
-    sandbox.control.clear()
-    cfg = Settings(redis_url=redis_url, reclaim_idle_ms=1000, concurrency=32)
-    store = SyncStore(redis_url, cfg)
-    store.save_app(sandbox.control.apns_token_app(BUNDLE))
-    store.save_app(sandbox.control.fcm_app(PROJECT))
-    yield sandbox, store, cfg
-    store.close()
+def env(push_env: tuple[SandboxHandle, SyncStore, Settings]) -> tuple[SandboxHandle, SyncStore, Settings]:
+    return push_env
 
 
 def apns_token() -> str:

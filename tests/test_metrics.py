@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -157,14 +156,8 @@ def test_redis_down_is_an_error_not_zeroes() -> None:
 
 
 @pytest.fixture()
-def env(sandbox: SandboxHandle, redis_url: str) -> Iterator[tuple[SandboxHandle, SyncStore, Settings]]:
-    sandbox.control.clear()
-    cfg = Settings(redis_url=redis_url, reclaim_idle_ms=1000, concurrency=32)
-    store = SyncStore(redis_url, cfg)
-    store.save_app(sandbox.control.apns_token_app(BUNDLE))
-    store.save_app(sandbox.control.fcm_app(FCM_PROJECT))
-    yield sandbox, store, cfg
-    store.close()
+def env(push_env: tuple[SandboxHandle, SyncStore, Settings]) -> tuple[SandboxHandle, SyncStore, Settings]:
+    return push_env
 
 
 def test_dispatcher_pushes_are_counted_and_rendered(env: tuple[SandboxHandle, SyncStore, Settings]) -> None:

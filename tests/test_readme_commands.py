@@ -1,14 +1,16 @@
 """The README's commands run as written: Kamailio in KEMI and role mode, the standalone dispatcher,
-the sandbox (server, credentials, pushes) and the `pushlib-admin` block.
+the sandbox (server, credentials, pushes), the `pushlib-admin` block and the HTTP API's blocks
+(`pushlib-api`, its `pushlib-admin` lines, the `curl` examples).
 
 How:
 - `readme_blocks()` reads README.md at test time and finds every code block (fenced, or indented by
-  four spaces) whose first command is `kamailio`, `pushlib-*`, `python -m push…` or `P=…pushlib-admin`.
+  four spaces) whose first command (after `export NAME=value` lines) is `kamailio`, `pushlib-*`,
+  `python -m push…`, `P=…pushlib-admin` or `curl`.
   A block of those programs that this module does not know how to run fails the test: a command added
   to the README gets run here too.
 - Each block runs through `bash` exactly as the README shows it, with one documented change: the
-  README's example values (`EXAMPLES`: SIP port 5060, sandbox port 8443, the Redis URL file
-  /etc/pushproxy/redis-url, the Redis URL redis://10.0.0.5:6379/0 and Kamailio's runtime directory
+  README's example values (`EXAMPLES`: SIP port 5060, sandbox port 8443, API port 8088, the Redis URL
+  file /etc/pushproxy/redis-url, the Redis URL redis://10.0.0.5:6379/0 and Kamailio's runtime directory
   /var/lib/pushproxy) become the test's own (free ports, a private redis-server, a temp dir created
   as the README says). Every example value must occur, and no other text changes.
 - Kamailio's processes must have the runtime directory as their working directory (where core
@@ -19,6 +21,10 @@ How:
   The other commands run in a fresh temp dir, so their files (sandbox-pki/, the stand-in
   credentials) never land in the checkout.
 - The sandbox's `# prints:` line must be what it prints; printed `pushlib-admin` lines are run too.
+- The API's `pushlib-admin` block and its `curl` block run in one shell (the curl lines use the `$KEY`
+  the admin block's `keys create` sets), against the README's `pushlib-api` command, a dispatcher and
+  the sandbox (apps and alice's two phones stored as `make demo-api` stores them). Each curl line's
+  `# ` comment is checked against what it printed and what the sandbox received (`...`: any value).
 - Long-running commands start in their own session and are stopped by PID, within fixed timeouts;
   nothing of them may be left running, and the temp dirs are removed.
 """
@@ -39,16 +45,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
 
+from harness.apistack import dispatcher_process, wait_healthy
 from harness.localrun import group_members
+from harness.sipua import BUNDLE, FCM_PROJECT, TEAM, apns_token, fcm_token
 from pushlib.apns import ApnsClient
-from pushlib.models import ApnsRequest, Outcome
+from pushlib.models import ApnsRequest, Device, Outcome, Provider, PushParams
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
-from tests.support import ROOT, RedisServer, free_port, redis_server, stop_process
+from pushsandbox.process import SandboxHandle, sandbox_process
+from tests.support import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
 
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
@@ -59,12 +69,15 @@ TOKEN = "ef" * 32
 EXAMPLES = {
     "sip_port": "5060",
     "sandbox_port": "8443",
+    "api_port": "8088",
     "redis_url_file": "/etc/pushproxy/redis-url",
     "redis_url": "redis://10.0.0.5:6379/0",
     "run_dir": "/var/lib/pushproxy",
 }
 
-_PROGRAMS = ("kamailio", "pushlib-dispatcher", "pushlib-sandbox", "pushlib-admin", "python -m push", "P=")
+_PROGRAMS = ("kamailio", "pushlib-dispatcher", "pushlib-sandbox", "pushlib-admin", "pushlib-api", "python -m push",
+             "P=", "curl")
+_EXPORT = re.compile(r"^export [A-Za-z_][A-Za-z0-9_]*=\S*\s*(?:#.*)?$")
 _ASSIGNMENTS = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*=\S*\s+)+")
 KINDS = {
     "kamailio": re.compile(r"^kamailio -f kamailio/kamailio\.cfg\b"),
@@ -74,6 +87,9 @@ KINDS = {
     "credentials": re.compile(r"^pushlib-sandbox credentials\b"),
     "pushes": re.compile(r"^pushlib-sandbox pushes\b"),
     "admin": re.compile(r"^P=pushlib-admin\b"),
+    "api": re.compile(r"^pushlib-api\b"),
+    "api-admin": re.compile(r"^pushlib-admin tenants create\b"),
+    "api-curl": re.compile(r"^curl\b"),
 }
 
 
@@ -106,11 +122,11 @@ def _code_blocks(text: str) -> Iterator[tuple[int, str]]:
 
 def first_command(block: str) -> str:
     """The block's first command, continuation lines joined, leading VAR=value assignments dropped
-    (`P=pushlib-admin` alone on its line stays: it is the command)."""
+    (`P=pushlib-admin` alone on its line stays: it is the command), `export NAME=value` lines skipped."""
     joined = re.sub(r"\\\n\s*", " ", block)
     for line in joined.splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
+        if line and not line.startswith("#") and not _EXPORT.match(line):
             command = _ASSIGNMENTS.sub("", line)
             return command if command and not command.startswith("#") else line
     return ""
@@ -172,7 +188,7 @@ def run(redis: RedisServer) -> Iterator[Run]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHLIB_") and k != "PWD"}
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
         env["PUSHLIB_REDIS_URL_FILE"] = str(url_file)
-        values = {"sip_port": str(free_port()), "sandbox_port": str(free_port()),
+        values = {"sip_port": str(free_port()), "sandbox_port": str(free_port()), "api_port": str(free_port()),
                   "redis_url_file": str(url_file), "redis_url": redis.url, "run_dir": str(run_dir)}
         yield Run(values, env, workdir, set())
 
@@ -209,13 +225,14 @@ class Background:
 
 
 @contextmanager
-def background(run: Run, block: Block, cwd: Path) -> Iterator[Background]:
-    """A long-running block in its own session; stopped by PID (its process group), nothing left."""
+def background(run: Run, block: Block, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Background]:
+    """A long-running block in its own session (`env`: instead of the operator's); stopped by PID (its
+    process group), nothing left."""
     log = run.workdir.parent / f"{block.kind}-{block.line}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(["bash", "-c", run.substitute(block.text)], cwd=cwd, env=run.env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(["bash", "-c", run.substitute(block.text)], cwd=cwd,
+                                env=run.env if env is None else env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield Background(proc, log, block)
     finally:
@@ -369,3 +386,155 @@ def test_dispatcher_sandbox_and_admin_commands(run: Run, redis: RedisServer) -> 
         records = [json.loads(line) for line in shell(run, pushes_block, work).splitlines()]
         assert [(r["provider"], r["token"], r["environment"]) for r in records] == [("apns", TOKEN, None)]
     assert run.used >= {"sandbox_port", "redis_url"}
+
+
+# --------------------------------------------------------------------------- the HTTP API's blocks
+
+
+@dataclass
+class Shown:
+    """A command of a README block and the `# ` comment lines after it (without the `#`)."""
+
+    command: str
+    comment: list[str]
+
+    def printed(self) -> str:
+        """The output the comment shows: a long line is split over comment lines, continuations indented."""
+        return "".join(line.strip() for line in self.comment)
+
+
+def shown_commands(block: str) -> list[Shown]:
+    found: list[Shown] = []
+    for line in block.splitlines():
+        if line.startswith("#"):
+            found[-1].comment.append(line[1:])
+        elif found and not found[-1].comment:  # a continuation of the command
+            found[-1].command += "\n" + line
+        else:
+            found.append(Shown(line, []))
+    return found
+
+
+def described_pushes(lines: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """`<provider> name=value ...` descriptions of pushes (a value plain or JSON, `...` any value; a name is
+    a field of the sandbox's record or of its payload), each continued on indented comment lines."""
+    texts: list[str] = []
+    for line in lines:
+        if line.startswith("   ") and texts:
+            texts[-1] += " " + line.strip()
+        elif line.strip().split(" ")[0] in ("apns", "fcm"):
+            texts.append(line.strip())
+    decoder = json.JSONDecoder()
+    found = []
+    for text in texts:
+        provider, _, rest = text.replace("...", "null").partition(" ")
+        fields: dict[str, Any] = {}
+        while rest.strip():
+            name, _, rest = rest.strip().partition("=")
+            if rest.startswith("{"):
+                fields[name], end = decoder.raw_decode(rest)
+                rest = rest[end:]
+            else:
+                raw, _, rest = rest.partition(" ")
+                try:
+                    fields[name] = json.loads(raw)
+                except ValueError:
+                    fields[name] = raw
+        found.append((provider, fields))
+    return found
+
+
+def matches(shown: Any, got: Any) -> bool:
+    """`got` is what `shown` shows: the same keys, the same values, None (`...`) any value."""
+    if shown is None:
+        return True
+    if isinstance(shown, dict):
+        return (isinstance(got, dict) and shown.keys() == got.keys()
+                and all(matches(v, got[k]) for k, v in shown.items()))
+    return bool(shown == got)
+
+
+def sandbox_pushes(sandbox: SandboxHandle, token: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    end = time.monotonic() + timeout
+    while not (got := sandbox.control.pushes(token)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return got
+
+
+def admin_json(run: Run, *argv: str) -> dict[str, Any]:
+    done = subprocess.run(["pushlib-admin", "--json", *argv], env=run.env, cwd=run.workdir, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
+
+
+@pytest.mark.timeout(90)
+def test_api_server_admin_and_curl_commands(run: Run, redis: RedisServer) -> None:
+    [api_block] = blocks_of("api")
+    [admin_block] = blocks_of("api-admin")
+    [curl_block] = blocks_of("api-curl")
+    # The API block exports PUSHLIB_REDIS_URL_FILE itself: it runs without the operator's.
+    api_env = {k: v for k, v in run.env.items() if k != "PUSHLIB_REDIS_URL_FILE"}
+    with sandbox_process() as sandbox, dispatcher_process(redis.url, run.workdir.parent):
+        # What `make demo-api` stores: the sandbox's apps (and the app `app check` names), alice's two phones.
+        store = SyncStore(redis.url, Settings(redis_url=redis.url))
+        now = time.time()
+        tokens = {"apns": apns_token(), "fcm": fcm_token()}
+        try:
+            for app in (sandbox.control.apns_token_app(BUNDLE, TEAM), sandbox.control.fcm_app(FCM_PROJECT),
+                        sandbox.control.apns_token_app("com.acme.phone", TEAM)):
+                store.save_app(app)
+            store.save_device(Device("sip:alice@example.com", "iphone", PushParams(
+                Provider.APNS, BUNDLE, voip_token=apns_token(), alert_token=tokens["apns"], team_id=TEAM),
+                registered_at=now, expires_at=now + 3600))
+            store.save_device(Device("sip:alice@example.com", "android", PushParams(
+                Provider.FCM, FCM_PROJECT, alert_token=tokens["fcm"]), registered_at=now, expires_at=now + 3600))
+        finally:
+            store.close()
+        with background(run, api_block, run.workdir, env=api_env) as api:
+            try:
+                wait_for_port(int(run.values["api_port"]), timeout=20)
+                wait_healthy(f"http://127.0.0.1:{run.values['api_port']}")
+            except (TimeoutError, RuntimeError) as exc:
+                pytest.fail(f"README.md:{api_block.line}: {exc}\n{api.output()[-3000:]}")
+            # The admin lines, then the curl lines in the same shell (they use its $KEY).
+            both = Block("api-admin", admin_block.text + "\n" + curl_block.text, admin_block.line)
+            lines = shell(run, both, run.workdir).splitlines()
+        received = {provider: sandbox_pushes(sandbox, token) for provider, token in tokens.items()}
+
+    commands = shown_commands(curl_block.text)
+    admin_lines, printed = lines[:-len(commands)], lines[-len(commands):]
+    assert json.loads(admin_lines[-1])["check"]["ok"] is True, admin_lines  # `app check`: exit 0, and says so
+    assert "pnk_" not in "\n".join(admin_lines)  # the tokens went into $CRM and $KEY; `keys list` shows none
+    assert [k["name"] for k in admin_json(run, "keys", "list")["keys"]] == ["ops"]  # crm revoked
+    user_uuid, aor = re.findall(r"^pushlib-admin users map (\S+) (\S+)$", admin_block.text, re.M)[0]
+    assert admin_json(run, "users", "show", user_uuid)["aor"] == f"sip:{aor}"
+    assert admin_json(run, "tenants", "show", "acme")["tenant"]["domains"] == ["acme.example"]
+
+    kinds = set()
+    for shown, got in zip(commands, printed, strict=True):
+        where = f"README.md:{curl_block.line}: {shown.command}"
+        if "/1.0/mobile/notifications" in shown.command:
+            kinds.add("notification")
+            assert got == shown.comment[0].strip().split(",")[0] == "204", (where, got)
+            described = described_pushes(shown.comment[1:])
+            assert sorted(p for p, _ in described) == ["apns", "fcm"], shown.comment
+            for provider, fields in described:
+                [record] = received[provider]
+                for name, value in fields.items():
+                    actual = record[name] if name in record else record["payload"][name]
+                    assert matches(value, actual), (where, provider, name, value, actual)
+        elif shown.command.endswith("/health"):
+            kinds.add("health")
+            expected, actual = json.loads(shown.printed()), json.loads(got)
+            volatile = {"stream_length", "pending", "lag"}  # the notification's job may still be in flight
+            assert expected.keys() == actual.keys(), (where, got)
+            assert {k: v for k, v in expected.items() if k not in volatile} == {
+                k: v for k, v in actual.items() if k not in volatile}, (where, got)
+            assert all(isinstance(actual[k], int) for k in volatile), got
+        else:
+            kinds.add("422" if got.endswith(" 422") else got)
+            assert got == shown.printed(), (where, got)
+    assert kinds == {"notification", "health", "422"}
+    assert run.used >= {"api_port", "redis_url_file"}

@@ -477,3 +477,63 @@ def test_save_device_plans_again_when_the_set_changed_meanwhile(redis_url: str) 
     store._device_hashes = read_then_race  # type: ignore[method-assign]
     assert store.save_device(make_device(3)) == ["dev1"]  # planned again with dev2 in view
     assert [d.device_id for d in store.devices("sip:alice@example.com")] == ["dev2", "dev3"]
+
+
+def _evalsha_calls(url: str) -> int:
+    stats = raw_client(url).info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_a_device_refreshing_its_record_takes_one_round_trip(redis_url: str) -> None:
+    """The wake-up REGISTER (same tokens): one script, the new contact and times written, a
+    quarantine cleared, the TTLs extended; a changed token or a tombstone takes the full save."""
+    store = SyncStore(redis_url, Settings())
+    aor = "sip:refresh@example.com"
+    first = make_device(1, aor=aor, expires_at=time.time() + 60)
+    assert store.save_device(first) == []
+    store.client.hset(schema.device_key(aor, first.device_id), "quarantined_until", repr(time.time() + 999))
+    before = _evalsha_calls(redis_url)
+    woken = replace(first, contact="<sip:alice@10.0.0.9:5999;pn-prid=x>", registered_at=time.time(),
+                    expires_at=time.time() + 3600)
+    assert store.save_device(woken) == []
+    assert _evalsha_calls(redis_url) == before + 1
+    assert stored_device(store, aor, first.device_id) == woken  # (quarantine gone with the old hash)
+    r = raw_client(redis_url)
+    assert r.ttl(schema.device_key(aor, first.device_id)) > 3000 and r.ttl(schema.devices_key(aor)) > 3000
+
+    new_token = replace(woken, params=replace(woken.params, voip_token="ab" * 32))
+    before = _evalsha_calls(redis_url)
+    assert store.save_device(new_token) == []
+    assert _evalsha_calls(redis_url) == before + 3  # refresh refused, then read + full save
+    assert stored_device(store, aor, first.device_id) == new_token
+
+    store.client.hset(schema.device_key(aor, first.device_id), schema.DEVICE_DEAD_FIELD, "1")
+    before = _evalsha_calls(redis_url)
+    assert store.save_device(new_token) == []  # a tombstone is not refreshed: it is replaced
+    assert _evalsha_calls(redis_url) == before + 3
+    assert stored_device(store, aor, first.device_id) == new_token
+
+
+def test_a_refresh_never_keeps_a_duplicate_of_another_device(redis_url: str) -> None:
+    """The same phone registering under a new id still evicts its old record (full save), and a
+    refresh of the survivor stays one device."""
+    store = SyncStore(redis_url, Settings())
+    aor = "sip:dup@example.com"
+    old = make_device(1, aor=aor)
+    store.save_device(old)
+    moved = replace(old, device_id="dev-new", registered_at=time.time() + 5)
+    assert store.save_device(moved) == ["dev1"]
+    assert store.save_device(replace(moved, registered_at=time.time() + 6)) == []
+    assert [d.device_id for d in store.devices(aor)] == ["dev-new"]
+
+
+def test_a_refresh_also_says_whether_a_key_of_the_user_exists(redis_url: str) -> None:
+    """(the REGISTER learns in its one round trip whether messages wait for the user)"""
+    store = SyncStore(redis_url, Settings())
+    aor = "sip:probe@example.com"
+    dev = make_device(1, aor=aor)
+    probe = schema.messages_key(aor)
+    assert store.save_device_probing(dev, probe) == ([], True)  # a full save cannot tell: "look"
+    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], False)
+    raw_client(redis_url).xadd(probe, {"m": "1"})
+    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], True)
