@@ -678,10 +678,13 @@ class Router:
         # INVITEs to it, then write the push record and only then answer the REGISTER.
         if not self._save(reply=False):
             return
-        self._resume(aor, device.device_id)
+        woken = self._resume(aor, device.device_id, record=False)
+        wake = schema.wake_args(aor, device.device_id) if woken else None
         try:
-            # (the same round trip tells whether messages wait for the user: most REGISTERs have none)
-            evicted, queued = self.store.save_device_probing(device, schema.messages_key(aor))
+            # one round trip for the record, the wake and whether messages wait for the user
+            evicted, queued, wake_recorded = self.store.save_device_probing(device, schema.messages_key(aor), wake)
+            if woken and not wake_recorded:
+                self._record_woken(aor, device.device_id, woken)
         except StoreUnavailable as exc:
             # Redis degrades push, never SIP: the binding stands and the phone keeps the call it
             # was just given; the record is written at its next REGISTER (the stored one, if any,
@@ -689,6 +692,8 @@ class Router:
             _log(KSR.err, "device-store-unavailable", aor=aor, device=device.device_id, kept="binding",
                  error=exc)
             evicted, queued = [], False
+            if woken:
+                self._woken_unrecorded(device.device_id, woken)
         else:
             self._schedule_refresh(device, evicted)
         # the same phone under another id (it changed +sip.instance, or began to send one; same
@@ -753,12 +758,13 @@ class Router:
             KSR.registrar.unregister_ruid(LOCATION, aor, b.ruid)
             _log(KSR.info, "stale-binding-removed", aor=aor, device=device_id)
 
-    def _resume(self, aor: str, device_id: str) -> None:
-        """Forward the calls parked for this device to its fresh binding.
+    def _resume(self, aor: str, device_id: str, record: bool = True) -> list[str]:
+        """Forward the calls parked for this device to its fresh binding; their keys.
 
         The fast path is shared memory: `pnpend` says whether the device was pushed for a call
         parked on this node (tsilo transactions are per node too), so the parked INVITE goes out
-        before any Redis round trip; Redis then records the device as woken (for cancel pushes).
+        before any Redis round trip; Redis then records the device as woken (for cancel pushes),
+        here, or (`record` False) by the caller with the device's own save.
         """
         # Taken atomically (under the slot lock): a retransmitted REGISTER in another worker
         # finds nothing, so the parked INVITE is forwarded once.
@@ -773,22 +779,30 @@ class Router:
         # only calls still parked (a call that ended must not get the device as a branch)
         alive = [k for k in keys if KSR.htable.sht_get(WAIT_TABLE, k) is not None]
         if not alive:
-            return
+            return []
         for k in alive:  # (counted before the branch exists: its failure must find it counted)
             if KSR.htable.sht_get(BRANCH_COUNT_TABLE, k) is not None:
                 KSR.htable.sht_inc(BRANCH_COUNT_TABLE, k)
         rc = KSR.tsilo.ts_append_by_contact(LOCATION, aor)
+        _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(alive), rc=rc)
+        self.metrics.woken(alive)
+        if record:
+            self._record_woken(aor, device_id, alive)
+        return alive
+
+    def _record_woken(self, aor: str, device_id: str, keys: list[str]) -> None:
         try:
-            woken = self.state.wake(aor, device_id)
+            self.state.wake(aor, device_id)
         except StoreUnavailable as exc:
             _log(KSR.err, "wake-state-unavailable", aor=aor, device=device_id, error=exc)
-            # remembered here so the call's end owes this device no cancel push (it got the INVITE)
-            for k in alive:
-                KSR.htable.sht_sets(WOKEN_TABLE, k, calls.add_pending_call(KSR.htable.sht_get(WOKEN_TABLE, k),
-                                                                         device_id))
-            woken = alive
-        _log(KSR.info, "wake", aor=aor, device=device_id, calls=",".join(woken), rc=rc)
-        self.metrics.woken(alive)
+            self._woken_unrecorded(device_id, keys)
+
+    @staticmethod
+    def _woken_unrecorded(device_id: str, keys: list[str]) -> None:
+        """Redis could not record the wake: remembered here, so the calls' ends owe this device no
+        cancel push (it got the INVITE)."""
+        for k in keys:
+            KSR.htable.sht_sets(WOKEN_TABLE, k, calls.add_pending_call(KSR.htable.sht_get(WOKEN_TABLE, k), device_id))
 
     # ------------------------------------------------------------------ INVITE
 

@@ -105,11 +105,9 @@ class ParkedCalls:
         set and marks it woken in each call still parked, so a second REGISTER of the same device
         does not add a second branch.
         """
+        pending, *args = schema.wake_args(aor, device_id)
         with unavailable_on_error("wake"):
-            keys = self._wake(
-                keys=[schema.pending_key(aor, device_id)],
-                args=[schema.call_key(aor, ""), schema.parked_device_field(device_id), schema.WOKEN],
-            )
+            keys = self._wake(keys=[pending], args=args)
         return sorted(str(k) for k in keys)
 
     def finish(self, aor: str, key: str) -> ParkedCall | None:

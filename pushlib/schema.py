@@ -607,28 +607,49 @@ return 1
 """
 
 #: The common REGISTER, a device refreshing the record it already has (same tokens, still listed,
-#: not dead), in one round trip. KEYS[1]: the device hash, KEYS[2]: the AOR's device set, KEYS[3]
-#: (optional): a key of the AOR whose existence the caller wants to know (its message queue).
-#: ARGV: [1] the device id, [2] the device's TTL, [3] n, then n identity field/value pairs that must
-#: hold (an absent field reads ''), then the hash's field/value pairs. Returns 0 (nothing written)
-#: when any identity differs (SAVE_DEVICE_LUA's full save then decides evictions), else 1, or 2
-#: when KEYS[3] exists. No other device can
-#: hold the same tokens (the full save evicted such duplicates when these tokens were written) and
-#: the device count is unchanged, so there is nothing to evict; the set's TTL only grows.
+#: not dead), in one round trip. KEYS[1]: the device hash, KEYS[2]: the AOR's device set, then
+#: the optional keys ARGV[3] names. ARGV: [1] the device id, [2] the device's TTL, [3] what else to
+#: do: '' or a mix of 'p' (KEYS[3] is a key of the AOR whose existence to report: its message
+#: queue) and 'w' (the device woke for parked calls: the last key is its pending set; the wake
+#: of PARKED_WAKE_LUA is done with ARGV[4..6]: the prefix of the AOR's call keys, the device's
+#: field in a call hash, its woken state), [7] n, then n identity field/value pairs that must hold
+#: (an absent field reads ''), then the hash's field/value pairs. Returns 0 when any identity
+#: differs, with nothing written or woken (SAVE_DEVICE_LUA's full save then decides evictions),
+#: else 1, or 2 when the 'p' key exists. No other device can hold the same tokens (the full save
+#: evicted such duplicates when these tokens were written) and the device count is unchanged, so
+#: there is nothing to evict; the set's TTL only grows.
 REFRESH_DEVICE_LUA = """#!lua
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 0 end
-local n = tonumber(ARGV[3])
-for i = 4, 2 + 2 * n, 2 do
+local n = tonumber(ARGV[7])
+for i = 8, 6 + 2 * n, 2 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if (v or '') ~= ARGV[i + 1] then return 0 end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4 + 2 * n))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8 + 2 * n))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+if string.find(ARGV[3], 'w', 1, true) then
+  local pend = KEYS[#KEYS]
+  for _, k in ipairs(redis.call('SMEMBERS', pend)) do
+    local ck = ARGV[4] .. k
+    if redis.call('EXISTS', ck) == 1 then redis.call('HSET', ck, ARGV[5], ARGV[6]) end
+  end
+  redis.call('DEL', pend)
+end
+if string.find(ARGV[3], 'p', 1, true) and redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
 """
+
+#: The wake of a device that re-registered (see ParkedCalls.wake): KEYS[1] its pending set, ARGV
+#: the prefix of the AOR's call keys, the device's field in a call hash, its woken state.
+WakeArgs = tuple[str, str, str, str]
+
+
+def wake_args(aor: str, device_id: str) -> WakeArgs:
+    """(pending set key, call key prefix, device field, woken state) for a device's wake."""
+    return pending_key(aor, device_id), call_key(aor, ""), parked_device_field(device_id), WOKEN
+
 
 #: The fields whose values make a device record "the same phone" (see `same_phone`) or dead:
 #: a save that changes none of them can take REFRESH_DEVICE_LUA's one round trip.

@@ -76,22 +76,34 @@ class SyncStore:
         again: a concurrent REGISTER of another device of the same user)."""
         return self.save_device_probing(device, None)[0]
 
-    def save_device_probing(self, device: Device, probe: str | None) -> tuple[list[str], bool]:
+    def save_device_probing(self, device: Device, probe: str | None,
+                            wake: schema.WakeArgs | None = None) -> tuple[list[str], bool, bool]:
         """`save_device`, also telling whether the key `probe` (of the device's AOR: same hash tag)
-        exists, in the same round trip when the device only refreshes its record; True ("look")
-        when the full save ran."""
+        exists and recording the device's `wake` for its parked calls (`schema.wake_args`), in the
+        same round trip when the device only refreshes its record. Returns (evicted, probe exists
+        (True, "look", when the full save ran), the wake was recorded (False: the caller records
+        it, ParkedCalls.wake))."""
         fields = [x for kv in schema.encode_device(device).items() for x in kv]
         identity = schema.device_identity(device)
         keys = [schema.device_key(device.aor, device.device_id), schema.devices_key(device.aor)]
+        flags = ""
+        if probe:
+            keys.append(probe)
+            flags += "p"
+        wake_rest: list[str] = ["", "", ""]
+        if wake is not None:
+            keys.append(wake[0])
+            wake_rest = list(wake[1:])
+            flags += "w"
         with unavailable_on_error("save_device"):
             refreshed = self._refresh_device(
-                keys=[*keys, probe] if probe else keys,
-                args=[device.device_id, schema.ttl_until(device.expires_at, time.time()), len(identity) // 2,
-                      *identity, *fields],
+                keys=keys,
+                args=[device.device_id, schema.ttl_until(device.expires_at, time.time()), flags, *wake_rest,
+                      len(identity) // 2, *identity, *fields],
             )
         if refreshed:
-            return [], refreshed == 2
-        return self._save_device_fully(device), True
+            return [], refreshed == 2, wake is not None
+        return self._save_device_fully(device), True, False
 
     def _save_device_fully(self, device: Device) -> list[str]:
         for _ in range(_SAVE_ATTEMPTS):

@@ -17,7 +17,18 @@ from hypothesis import strategies as st
 
 from pushlib import schema
 from pushlib.astore import AsyncStore
-from pushlib.models import AppCredentials, Device, Outcome, Provider, PushJob, PushKind, PushParams, UaMapping
+from pushlib.models import (
+    AppCredentials,
+    Device,
+    Outcome,
+    ParkedCall,
+    Provider,
+    PushJob,
+    PushKind,
+    PushParams,
+    UaMapping,
+)
+from pushlib.parked import ParkedCalls
 from pushlib.redisconn import StoreUnavailable
 from pushlib.settings import Settings
 from pushlib.store import SyncStore
@@ -533,7 +544,28 @@ def test_a_refresh_also_says_whether_a_key_of_the_user_exists(redis_url: str) ->
     aor = "sip:probe@example.com"
     dev = make_device(1, aor=aor)
     probe = schema.messages_key(aor)
-    assert store.save_device_probing(dev, probe) == ([], True)  # a full save cannot tell: "look"
-    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], False)
+    assert store.save_device_probing(dev, probe) == ([], True, False)  # a full save cannot tell: "look"
+    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], False, False)
     raw_client(redis_url).xadd(probe, {"m": "1"})
-    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], True)
+    assert store.save_device_probing(replace(dev, registered_at=time.time()), probe) == ([], True, False)
+
+
+def test_a_woken_device_refresh_records_its_wake_in_the_same_round_trip(redis_url: str) -> None:
+    """The woken REGISTER's one script also marks the device woken in its parked calls (what
+    ParkedCalls.wake does) and clears its pending set; a full save leaves that to the caller."""
+    store = SyncStore(redis_url, Settings())
+    state = ParkedCalls(store.client)
+    aor = "sip:woke@example.com"
+    dev = make_device(1, aor=aor)
+    store.save_device(dev)
+    now = time.time()
+    state.park(ParkedCall(aor, "k1", "c1", "1", "A", "1", now + 30, pushed=(dev.device_id,)), now)
+    assert raw_client(redis_url).exists(schema.pending_key(aor, dev.device_id))
+    before = _evalsha_calls(redis_url)
+    woke = store.save_device_probing(replace(dev, registered_at=now), None, schema.wake_args(aor, dev.device_id))
+    assert woke == ([], False, True) and _evalsha_calls(redis_url) == before + 1
+    parked = state.parked(aor, "k1")
+    assert parked is not None and parked.woken == (dev.device_id,)
+    assert not raw_client(redis_url).exists(schema.pending_key(aor, dev.device_id))
+    changed = replace(dev, params=replace(dev.params, voip_token="cd" * 32))
+    assert store.save_device_probing(changed, None, schema.wake_args(aor, dev.device_id)) == ([], True, False)
