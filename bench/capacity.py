@@ -1,7 +1,7 @@
 """Capacity benchmark: our proxy (KEMI mode) against a minimal native Kamailio config, same SIPp load.
 
 Two configurations, measured one after the other in the same run, each with its own redis-server
-and Kamailio on free loopback ports (shm 1024 MB, pkg 32 MB, 4 UDP workers, log level 1):
+and Kamailio on free loopback ports (shm 1024 MB, pkg 32 MB, 8 UDP workers (--children), log level 1):
 
 - ours:   kamailio/kamailio.cfg with WITH_PUSHER, WITH_EXTERNAL_DISPATCHER (no dispatcher runs:
           the call pushes pile up in the Redis stream), AWAKE_WINDOW=0 (every push device is
@@ -77,7 +77,7 @@ REG_RATES = (500, 1000, 1500, 2000, 3000, 4000, 6000)
 QUICK_REG_RATES = (200, 500, 1000)
 SHM_MB = 1024
 PKG_MB = 32
-CHILDREN = 4
+CHILDREN = 8  # (kamailio/kamailio.cfg's default)
 # a step whose SIPp offered less than this share of its rate is limited by the load generator
 GENERATOR_SHORTFALL = 0.85
 # a line of a Kamailio log worth reporting (CRITICAL/BUG levels, crashes, memory exhaustion)
@@ -584,10 +584,11 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
         rds = redis.Redis(host="127.0.0.1", port=srv.port, decode_responses=True)
         es.callback(rds.close)
         if name == "ours":
-            defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps)})
+            defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps),
+                                                          "CHILDREN": str(args.children)})
             cfg = KAMAILIO_CFG
         else:
-            defines = {"CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
+            defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
                        "REDIS_SERVER": f'"name=q;addr=127.0.0.1;port={srv.port}"'}
             cfg = NATIVE_CFG
         k = BenchKamailio(free_port(), cfg, dict(defines), rundir, {})
@@ -715,6 +716,8 @@ def main() -> None:
                     "60 for the official figure)")
     ap.add_argument("--reg-seconds", type=int, default=5, help="seconds of REGISTERs per REGISTER step")
     ap.add_argument("--configs", default="ours,native", help="which configurations, in order")
+    ap.add_argument("--children", type=int, default=CHILDREN,
+                    help=f"SIP worker processes of both configs (default {CHILDREN})")
     ap.add_argument("--max-cps", type=int, default=0,
                     help="ours' MAX_CPS (new calls per second before 503 + Retry-After); 0 = off, to measure")
     ap.add_argument("--keep-going", action="store_true",
@@ -756,7 +759,7 @@ def main() -> None:
         "started": started.isoformat(timespec="seconds"),
         "params": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                    for k, v in vars(args).items()} | {"rates": list(rates), "reg_rates": list(reg_rates),
-                                                      "children": CHILDREN, "shm_mb": SHM_MB,
+                                                      "shm_mb": SHM_MB,
                                                       "cpus": os.cpu_count()},
         "summary": summary,
         "configs": {name: asdict(r) for name, r in results.items()},

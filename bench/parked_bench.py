@@ -3,7 +3,7 @@
 Our proxy in KEMI mode (kamailio/kamailio.cfg, the same defines as bench/capacity.py's "ours":
 WITH_PUSHER, WITH_EXTERNAL_DISPATCHER (no dispatcher runs: the pushes pile up in the Redis stream),
 AWAKE_WINDOW=0, WITHOUT_AUTH, PIKE_DENSITY=0, MAX_CALL_PUSHES_PER_MINUTE=0, MAX_CPS=0,
-MAX_PARKED_PER_USER=0, 4 UDP workers, log level 1, shm 1024 MB), its own redis-server and the
+MAX_PARKED_PER_USER=0, 8 UDP workers, log level 1, shm 1024 MB), its own redis-server and the
 sandbox APNs app, all on loopback.
 
 --calls N RFC 8599 APNs VoIP devices are registered first (SIPp, capacity-register.xml, their
