@@ -43,8 +43,8 @@ SCENARIOS = ROOT / "sipp-scenarios"
 
 __all__ = [
     "BUNDLE", "DOMAIN", "FCM_PROJECT", "KAMAILIO_CFG", "SCENARIOS", "TEAM",
-    "KamailioProc", "SippRun", "Stack", "check_config", "device_params", "kamailio_process",
-    "push_kind", "push_stack", "pusher_defines", "sipp_caller", "sipp_device", "sipp_events",
+    "KamailioProc", "PushEnv", "SippRun", "Stack", "check_config", "device_params", "kamailio_process",
+    "push_env", "push_kind", "push_stack", "pusher_defines", "sipp_caller", "sipp_device", "sipp_events",
     "stop_all_sipp", "wait_log",
 ]
 
@@ -64,6 +64,7 @@ class KamailioProc:
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    host: str = "127.0.0.1"
 
     @property
     def log_path(self) -> Path:
@@ -90,7 +91,7 @@ class KamailioProc:
         RuntimeError carrying the log tail."""
         self.spawn()
         try:
-            wait_for_port(self.port, timeout=15)
+            wait_for_port(self.port, self.host, timeout=15)
             wait_log(self, "pusher: ready", timeout=15, since=self.starts)
         except TimeoutError:
             self.stop()
@@ -163,11 +164,14 @@ def pusher_defines(
 
 @contextmanager
 def kamailio_process(
-    defines: Mapping[str, str | None], cfg: Path = KAMAILIO_CFG, env: Mapping[str, str] | None = None
+    defines: Mapping[str, str | None], cfg: Path = KAMAILIO_CFG, env: Mapping[str, str] | None = None,
+    host: str = "127.0.0.1", port: int | None = None,
 ) -> Iterator[KamailioProc]:
-    """A started Kamailio on a free loopback port; stopped by PID and its dir removed on exit."""
+    """A started Kamailio on a free loopback port (or `port`) of `host` (its LISTEN_IP when not
+    127.0.0.1); stopped by PID and its dir removed on exit."""
     rundir = Path(tempfile.mkdtemp(prefix="pn-kamailio-"))
-    k = KamailioProc(free_port(), cfg, dict(defines), rundir, dict(env or {}))
+    defines = {**defines, "LISTEN_IP": host} if host != "127.0.0.1" else defines
+    k = KamailioProc(port or free_port(), cfg, dict(defines), rundir, dict(env or {}), host=host)
     try:
         k.start()
         yield k
@@ -266,10 +270,11 @@ def sipp_device(tmp: Path, transport: str, scenario: str = "device-answer.xml",
 
 
 def sipp_caller(tmp: Path, proxy_port: int, callee: str, transport: str,
-                scenario: str = "caller-call.xml", args: Sequence[str] = ()) -> SippRun:
+                scenario: str = "caller-call.xml", args: Sequence[str] = (),
+                proxy_host: str = "127.0.0.1") -> SippRun:
     """A caller calling `callee`@proxy (starts at once; `wait()` for its result)."""
     workdir = Path(tempfile.mkdtemp(prefix="caller-", dir=tmp))
-    return _sipp(scenario, ["-s", callee, *args, f"127.0.0.1:{proxy_port}"], workdir, free_port(), transport)
+    return _sipp(scenario, ["-s", callee, *args, f"{proxy_host}:{proxy_port}"], workdir, free_port(), transport)
 
 
 _SIPP_STAMP = re.compile(r"^-+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\n(.*?) message (sent|received)", re.M)
@@ -350,23 +355,48 @@ def push_stack(*, auth: bool = True, wait_window: float = 30, awake_window: floa
 
     `cfg` may name a native host config including kamailio/pusher-role.cfg (role mode)."""
     with ExitStack() as es:
-        tmpdir = Path(tempfile.mkdtemp(prefix="pn-stack-"))
-        es.callback(shutil.rmtree, tmpdir, True)
-        srv = redis if redis is not None else es.enter_context(redis_server())
-        sandbox = es.enter_context(sandbox_process())
-        settings = Settings(redis_url=srv.url, wait_window=wait_window)
-        store = SyncStore(srv.url, settings)
-        es.callback(store.close)
-        apns_app = sandbox.control.apns_token_app(BUNDLE, TEAM)
-        fcm_app = sandbox.control.fcm_app(FCM_PROJECT)
-        store.save_app(apns_app)
-        store.save_app(fcm_app)
-        defines = pusher_defines(srv.url, auth=auth, wait_window=wait_window, awake_window=awake_window,
+        env = push_env(es, redis, wait_window)
+        defines = pusher_defines(env.redis.url, auth=auth, wait_window=wait_window, awake_window=awake_window,
                                  extra=extra_defines)
-        es.callback(stop_all_sipp)
         k = es.enter_context(kamailio_process(defines, cfg=cfg))
         wait_log(k, "pusher: dispatcher-start", timeout=15)
-        yield Stack(srv, k, store, Subscribers(store.client), sandbox, apns_app, fcm_app, settings, tmpdir)
+        yield env.stack(k)
+
+
+@dataclass
+class PushEnv:
+    """What every push stack runs beside its Kamailio node(s): Redis, the sandbox providers with
+    their two apps registered, and a store on that Redis."""
+
+    redis: RedisServer
+    sandbox: SandboxHandle
+    settings: Settings
+    store: SyncStore
+    apns_app: AppCredentials
+    fcm_app: AppCredentials
+    tmpdir: Path
+
+    def stack(self, kamailio: KamailioProc) -> Stack:
+        return Stack(self.redis, kamailio, self.store, Subscribers(self.store.client), self.sandbox,
+                     self.apns_app, self.fcm_app, self.settings, self.tmpdir)
+
+
+def push_env(es: ExitStack, redis: RedisServer | None, wait_window: float) -> PushEnv:
+    """Start (in `es`, undone in reverse order) the sandbox and, unless given, Redis; register the
+    sandbox's apps; SIPp runs are stopped too when `es` closes."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="pn-stack-"))
+    es.callback(shutil.rmtree, tmpdir, True)
+    srv = redis if redis is not None else es.enter_context(redis_server())
+    sandbox = es.enter_context(sandbox_process())
+    settings = Settings(redis_url=srv.url, wait_window=wait_window)
+    store = SyncStore(srv.url, settings)
+    es.callback(store.close)
+    apns_app = sandbox.control.apns_token_app(BUNDLE, TEAM)
+    fcm_app = sandbox.control.fcm_app(FCM_PROJECT)
+    store.save_app(apns_app)
+    store.save_app(fcm_app)
+    es.callback(stop_all_sipp)
+    return PushEnv(srv, sandbox, settings, store, apns_app, fcm_app, tmpdir)
 
 
 def device_params(token: str) -> PushParams:

@@ -231,6 +231,16 @@ class Router:
             self.vm_sources, self._vm_refusal = mwi.parse_sources(_unquoted_def("VOICEMAIL_SOURCES")), ""
         except ValueError as exc:
             self.vm_sources, self._vm_refusal = (), str(exc)
+        # WITH_CLUSTER: the other nodes (kamailio.cfg), trusted by source address only: they
+        # authenticated what they replicate, and only they may route to a device by a Path
+        self.cluster = KSR.kx.ifdef("WITH_CLUSTER") > 0
+        try:
+            self.cluster_nodes, self._cluster_refusal = mwi.parse_sources(_unquoted_def("CLUSTER_NODES"),
+                                                                          "CLUSTER_NODES"), ""
+        except ValueError as exc:
+            self.cluster_nodes, self._cluster_refusal = (), str(exc)
+        if self.cluster and not self.cluster_nodes and not self._cluster_refusal:
+            self._cluster_refusal = "WITH_CLUSTER needs CLUSTER_NODES (every node's address)"
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
@@ -272,6 +282,8 @@ class Router:
         """Why this configuration must not run (auth off on a public address), or None."""
         if self._vm_refusal:
             return self._vm_refusal
+        if self._cluster_refusal and self.cluster:
+            return self._cluster_refusal
         if self.role:
             return self._host_refusal  # the host config authenticates, and owns its listen addresses
         return access.insecure_start_refusal(
@@ -358,6 +370,7 @@ class Router:
     def _request_pipeline(self) -> None:
         pipeline = (
             self.route_parking,
+            self.route_cluster,
             self.route_flood,
             self.route_reqinit,
             self.route_natdetect,
@@ -377,6 +390,103 @@ class Router:
             if step():
                 break
 
+    def _from_node(self) -> bool:
+        return self.cluster and mwi.source_allowed(_pv("$si"), self.cluster_nodes)
+
+    def route_cluster(self) -> bool:
+        """WITH_CLUSTER: what the other nodes send. DMQ's own messages (KDMQ) only from a node,
+        else dropped: a stranger must not join the cluster and receive every REGISTER. A node's
+        replicated REGISTER (route_replica_register) and its INVITE to a device connected here
+        (route_to_flow) skip flood, auth and domain checks: the node did them. A REGISTER from
+        anyone else must not carry a Path: with use_path on, a device could make every node send
+        its calls to any address it names."""
+        if not self.cluster:
+            return NEXT
+        from_node = self._from_node()
+        if KSR.is_method("KDMQ"):
+            if from_node:
+                KSR.dmq.handle_message()
+            else:
+                _log(KSR.notice, "dmq-not-from-node", src=f"{_pv('$si')}:{_pv('$sp')}")
+            return STOP
+        if not from_node:
+            if KSR.is_REGISTER() and KSR.hdr.is_present("Path") > 0:
+                _log(KSR.notice, "register-rejected", code=403, reason="path", src=_pv("$si"))
+                KSR.sl.sl_send_reply(403, "Path Not Allowed")
+                return STOP
+            return NEXT
+        if KSR.is_REGISTER():
+            self.route_replica_register()
+            return STOP
+        if KSR.siputils.has_totag() < 0 and not KSR.is_CANCEL() and not KSR.is_ACK():
+            self.route_to_flow()
+            return STOP
+        return NEXT  # in-dialog requests, CANCELs: as anyone's (signed Record-Route, tm)
+
+    def route_replica_register(self) -> None:
+        """A REGISTER another node took and replicated (dmq_t_replicate): it authenticated it,
+        stored the device in Redis and answered the device. Here the binding is saved with that
+        node's Path, so calls from here reach the device through it, and a call parked here for
+        the device is resumed now (tsilo), through that node."""
+        aor = calls.aor_of(_pv("$tU"), _pv("$td"))
+        if not self.cfg.pusher:
+            self._save()
+            return
+        plan = calls.plan_register(aor, _pv("$ct"), _pv("$hdr(Expires)") or None, _pv("$ua"),
+                                   self._ua_mappings(), self._app_enabled, self.limits, time.time())
+        if isinstance(plan, calls.RegisterReply):
+            # (the node accepted it; a refusal here means the two disagree, e.g. an app just disabled)
+            _log(KSR.notice, "replica-register-rejected", code=plan.code, aor=aor, node=_pv("$si"))
+            KSR.sl.sl_send_reply(plan.code, plan.reason)
+            return
+        if not self._save() or not isinstance(plan, calls.SaveDevice):
+            return
+        self._resume(aor, plan.device.device_id)
+        self._drop_stale_bindings(aor, plan.device.device_id, plan.device.contact, [])
+
+    def route_to_flow(self) -> None:
+        """An initial request another node sends for a device connected here (its binding there
+        has our Path). tsilo's resume sends it with our Path entry as its Route, whose received
+        parameter names the device's address (path use_received); the router's own ringing
+        sends it to us with the device's Contact as request URI, and our binding of that
+        Contact says where the device is. Either way it goes out over the device's own flow
+        (TCP/TLS connection, NAT pinhole)."""
+        route = _pv("$hdr(Route)")
+        if route:
+            if KSR.is_myself(calls.first_route_uri(route)) < 0:
+                _log(KSR.notice, "node-route-refused", method=_pv("$rm"), src=_pv("$si"))
+                KSR.sl.sl_send_reply(403, "Route Not Recognized")
+                return
+            # (-1 once our Route, the only one, is consumed: rr's "not route driven", expected)
+            KSR.rr.loose_route()
+        else:
+            ours = [b for b in self._bindings(calls.aor_of(_pv("$tU"), _pv("$td"))) if b.uri == _pv("$ru")]
+            if not ours:
+                KSR.sl.sl_send_reply(404, "Not Found")
+                return
+            if ours[0].received:
+                KSR.pv.sets("$du", ours[0].received)
+        if KSR.is_INVITE():
+            self._record_route()
+        self._relay()
+
+    def _replicate_register(self) -> None:
+        """WITH_CLUSTER: send this REGISTER, once saved and answered, to the other nodes
+        (dmq_t_replicate) with a Path back to us carrying the device's address when we use it.
+        After the answer, not before: the replication makes a transaction, and tm then refuses
+        the registrar's stateful 200 (seen: "failed to reply stateful"). A retransmission of the
+        REGISTER is absorbed by that transaction while it lives (a few seconds: the nodes answer
+        at once), and answered again after it."""
+        if not self.cluster:
+            return
+        # the device's address only where this node uses it too (NAT detected: route_natdetect)
+        if _pv("$avp(RECEIVED)"):
+            KSR.path.add_path_received()
+        else:
+            KSR.path.add_path()
+        if KSR.dmq.t_replicate_mode(1) < 0:
+            _log(KSR.err, "replicate-failed", aor=_pv("$tu"))
+
     def route_parking(self) -> bool:
         """Our own parking branches (see _park): swallowed, never answered. tm kills the branch
         (no CANCEL: it never got a reply) when the parked INVITE gets its final reply."""
@@ -388,7 +498,7 @@ class Router:
         """Per-source request rate (pike): a source above PIKE_DENSITY is ignored for BAN_TIME.
         Dropped without a reply, so a flood costs us one lookup and gets nothing back. The
         proxy's own addresses are exempt (its parking branches, local tools)."""
-        if not self.pike or KSR.is_myself_srcip() > 0:
+        if not self.pike or KSR.is_myself_srcip() > 0 or self._from_node():
             return NEXT
         src = _pv("$si")
         if KSR.htable.sht_get(BAN_TABLE, src) is not None:
@@ -638,7 +748,7 @@ class Router:
         if self.role and self._refuse_register():  # (KEMI mode checked it before auth)
             return STOP
         if not self.cfg.pusher:
-            self._save()
+            self._save_and_replicate()
             return STOP
         aor = calls.aor_of(_pv("$tU"), _pv("$td"))
         plan = calls.plan_register(aor, _pv("$ct"), _pv("$hdr(Expires)") or None, _pv("$ua"),
@@ -647,23 +757,24 @@ class Router:
             _log(KSR.notice, "register-rejected", code=plan.code, aor=aor, **dict(plan.log_fields))
             self.metrics.register_rejected(plan.code)
             KSR.sl.sl_send_reply(plan.code, plan.reason)
-        elif isinstance(plan, calls.SaveBinding):
+            return STOP
+        if isinstance(plan, calls.SaveBinding):
             if plan.legacy_ua is not None and not self._legacy_logged.get(aor, False):
                 self._legacy_logged.put(aor, True)
                 _log(KSR.notice, "legacy-params-no-ua-mapping", aor=aor, ua=plan.legacy_ua)
             if plan.feature_caps:
                 KSR.hdr.append_to_reply(f"Feature-Caps: {plan.feature_caps}\r\n")
-            self._save()
+            self._save_and_replicate()
         elif isinstance(plan, calls.UnregisterAll):
             self._forget_all_devices(aor)
-            self._save()
+            self._save_and_replicate()
         elif isinstance(plan, calls.RemoveDevice):
             try:
                 self.store.remove_device(aor, plan.device_id)
                 self._unschedule_refresh(aor, [plan.device_id])
             except StoreUnavailable as exc:
                 _log(KSR.err, "device-remove-failed", aor=aor, device=plan.device_id, error=exc)
-            self._save()
+            self._save_and_replicate()
         else:
             self._save_device(aor, plan)
         return STOP
@@ -702,6 +813,7 @@ class Router:
             self._resume(aor, old_id)
         self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
+        self._replicate_register()
         # after the 200 OK: the messages queued while it slept (also those queued under an old id)
         for queued_id in (device.device_id, *evicted) if queued else ():
             self.messages.deliver(aor, queued_id, device.contact)
@@ -715,6 +827,10 @@ class Router:
         except StoreUnavailable as exc:
             _log(KSR.warn, "app-check-unavailable", app=app_id, error=exc)
             return True
+
+    def _save_and_replicate(self) -> None:
+        if self._save():
+            self._replicate_register()
 
     def _save(self, reply: bool = True) -> bool:
         if KSR.registrar.save(LOCATION, 0 if reply else 0x02) < 0:
@@ -1092,6 +1208,7 @@ class Router:
                     ruid=_pv(f"$(ulc(pn=>ruid)[{i}])"),
                     user_agent=_pv(f"$(ulc(pn=>user_agent)[{i}])"),
                     conid=KSR.pv.geti(f"$(ulc(pn=>conid)[{i}])") or 0,
+                    path=_pv(f"$(ulc(pn=>path)[{i}])") if self.cluster else "",
                 )
             )
         KSR.registrar.reg_free_contacts("pn")
@@ -1099,18 +1216,14 @@ class Router:
 
     def _ring(self, ring: tuple[calls.Binding, ...]) -> None:
         first, *others = ring
-        for b in others:
+        for b in (*others, first):  # (the first is the request URI, the others branches)
             KSR.pv.sets("$ru", b.uri)
-            if b.received:
-                KSR.pv.sets("$du", b.received)
+            if b.destination:
+                KSR.pv.sets("$du", b.destination)
             else:
                 KSR.pv.unset("$du")
-            KSR.corex.append_branch()
-        KSR.pv.sets("$ru", first.uri)
-        if first.received:
-            KSR.pv.sets("$du", first.received)
-        else:
-            KSR.pv.unset("$du")
+            if b is not first:
+                KSR.corex.append_branch()
         self._arm_tm_routes()
         self._relay()
 

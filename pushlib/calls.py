@@ -325,6 +325,21 @@ class Binding:
     user_agent: str = ""
     #: Kamailio's id of the TCP/TLS connection the binding's REGISTER came over (0: UDP)
     conid: int = 0
+    #: WITH_CLUSTER: the Path of a binding another node took ("<sip:node;lr>"): reached through it
+    path: str = ""
+
+    @property
+    def destination(self) -> str:
+        """Where a request for this binding is sent ("": to its URI): through the node whose
+        Path it has (that node knows the device's flow), else to the address its REGISTER came
+        from when that differs from its Contact (NAT)."""
+        return first_route_uri(self.path) if self.path else self.received
+
+
+def first_route_uri(value: str) -> str:
+    """The first URI of a Path or Route header value ("<sip:a;lr>,<sip:b;lr>" -> "sip:a;lr")."""
+    first = value.split(",", 1)[0].strip()
+    return first[1:first.index(">")] if first.startswith("<") and ">" in first else first
 
 
 class Verdict(Enum):

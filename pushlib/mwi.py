@@ -183,21 +183,21 @@ def voicemail_job(aor: str, new: int, old: int, now: float, ttl: float, caller: 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def parse_sources(raw: str | None) -> tuple[Network, ...]:
-    """VOICEMAIL_SOURCES: addresses or networks (CIDR) separated by commas or blanks; "" or None:
-    nobody. Raises ValueError naming the entry that is neither."""
+def parse_sources(raw: str | None, setting: str = "VOICEMAIL_SOURCES") -> tuple[Network, ...]:
+    """Trusted senders (VOICEMAIL_SOURCES, CLUSTER_NODES): addresses or networks (CIDR) separated
+    by commas or blanks; "" or None: nobody. Raises ValueError naming the entry that is neither."""
     out: list[Network] = []
     for part in (raw or "").replace(",", " ").split():
         try:
             out.append(ipaddress.ip_network(part, strict=False))
         except ValueError:
-            raise ValueError(f"VOICEMAIL_SOURCES: {part[:60]!r} is not an address or network") from None
+            raise ValueError(f"{setting}: {part[:60]!r} is not an address or network") from None
     return tuple(out)
 
 
 def source_allowed(address: str, sources: tuple[Network, ...]) -> bool:
     """Whether a request from `address` (Kamailio's `$si`, IPv6 possibly in brackets) comes from
-    a configured voicemail server."""
+    one of `sources`."""
     try:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
     except ValueError:

@@ -1,0 +1,258 @@
+"""Integration: two clustered nodes (WITH_CLUSTER) on one Redis, on loopback (issue "Scale-out").
+
+Node A (127.0.0.2) and node B (127.0.0.3) share the SIP port; callers and devices are on
+127.0.0.1, the served domain. A REGISTER a node takes is replicated to the other over DMQ with a
+Path back to it, so a call parked on A reaches a device that wakes on B, through B. Callers send
+to a node with SIPp's -rsa (the request URI keeps the domain, 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.clusterstack import ClusterStack, cluster_stack, wait_cluster
+from tests.support import asleep as back_date
+from tests.support import (
+    DOMAIN,
+    KamailioProc,
+    SipClient,
+    SippRun,
+    SipResponse,
+    apns_token,
+    fcm_token,
+    push_kind,
+    rfc8599_apns_contact,
+    rfc8599_fcm_contact,
+    sipp_caller,
+    sipp_device,
+    stop_all_sipp,
+    wait_log,
+)
+
+WAIT = 4.0
+TRANSPORTS = ["udp", "tcp"]
+
+
+@pytest.fixture(scope="module")
+def cs() -> Iterator[ClusterStack]:
+    with cluster_stack(2, wait_window=WAIT, awake_window=10,
+                       extra_defines={"LOCAL_DOMAINS": f'"{DOMAIN}"'}) as c:
+        yield c
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def keep_logs(cs: ClusterStack, tmp_path: Path) -> Iterator[None]:
+    yield
+    stop_all_sipp()
+    for i, node in enumerate(cs.nodes):
+        (tmp_path / f"node{i}.log").write_text(node.log())
+
+
+def _user() -> str:
+    return "c" + uuid.uuid4().hex[:10]
+
+
+def _aor(user: str) -> str:
+    return f"sip:{user}@{DOMAIN}"
+
+
+def register(node: KamailioProc, user: str, contact: str, transport: str, **kw: object) -> SipResponse:
+    # (from 127.0.0.1: a UDP client binds on the proxy's address unless told otherwise, and a
+    # node's address is trusted as a node)
+    with SipClient(node.port, transport, host=node.host, source="127.0.0.1") as c:
+        return c.register(user, contact, **kw)  # type: ignore[arg-type]
+
+
+def call(tmp: Path, node: KamailioProc, user: str, transport: str, scenario: str = "caller-call.xml",
+         args: tuple[str, ...] = ()) -> SippRun:
+    """A SIPp caller sending to `node` an INVITE for `user`@DOMAIN."""
+    return sipp_caller(tmp, node.port, user, transport, scenario=scenario,
+                       args=["-rsa", f"{node.host}:{node.port}", *args])
+
+
+def asleep(cs: ClusterStack, user: str) -> None:
+    """Back-date the user's devices (in the one Redis every node reads)."""
+    back_date(cs.stack(0), user)
+
+
+def bindings(node: KamailioProc, aor: str) -> str:
+    """The node's usrloc record of `aor` (kamcmd ul.lookup), "" when it has none."""
+    out = subprocess.run(["kamcmd", "-s", f"unixs:{node.rundir / 'kamailio_ctl'}", "ul.lookup", "location",
+                          aor.removeprefix("sip:")],
+                         capture_output=True, text=True, timeout=10, check=False)
+    return out.stdout if out.returncode == 0 and "Contacts" in out.stdout else ""
+
+
+def wait_bindings(node: KamailioProc, aor: str, present: bool, timeout: float = 3.0) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        got = bindings(node, aor)
+        if bool(got) == present or time.monotonic() > end:
+            return got
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- shared location
+
+
+def test_a_binding_taken_by_one_node_is_on_every_node_with_a_path_back(cs: ClusterStack) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    assert register(b, user, rfc8599_apns_contact(5993, tok), "udp").status == 200
+    on_a = wait_bindings(a, _aor(user), True)
+    assert on_a, "the binding did not reach node A"
+    assert f"sip:{b.host}:{b.port}" in on_a and ";lr" in on_a  # A reaches it through B
+    on_b = bindings(b, _aor(user))
+    assert "Path: [not set]" in on_b  # B reaches it directly
+    assert len(cs.env.store.devices(_aor(user))) == 1
+
+
+def test_unregistering_on_one_node_is_seen_by_all(cs: ClusterStack, tmp: Path) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    contact = rfc8599_apns_contact(5992, tok)
+    assert register(b, user, contact, "udp").status == 200
+    assert wait_bindings(a, _aor(user), True)
+    assert register(b, user, contact, "udp", expires=0).status == 200
+    assert not wait_bindings(a, _aor(user), False)
+    assert not bindings(b, _aor(user))
+    assert cs.env.store.devices(_aor(user)) == []
+    caller = call(tmp, a, user, "udp")
+    caller.wait(15)
+    assert caller.final_codes() == [404], caller.logs()[-2000:]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_caller_on_one_node_reaches_an_awake_device_on_another(cs: ClusterStack, tmp: Path,
+                                                                  transport: str) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, transport)
+    assert register(b, user, rfc8599_apns_contact(dev.port, tok, transport), transport).status == 200
+    assert wait_bindings(a, _aor(user), True)
+    caller = call(tmp, a, user, transport)
+    assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
+    assert dev.wait(15) == 0, dev.logs()[-3000:]
+    # the INVITE came through B (its Record-Route), not straight from A
+    assert f"{b.host}:{b.port}" in dev.messages()
+    assert cs.env.sandbox.control.pushes(tok) == []
+
+
+# --------------------------------------------------------------------------- cross-node wake
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_call_parked_on_one_node_is_answered_when_the_device_wakes_on_another(
+        cs: ClusterStack, tmp: Path, transport: str) -> None:
+    a, b = cs.nodes
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    dev = sipp_device(tmp, transport)
+    contact = rfc8599_apns_contact(dev.port, tok, transport, instance=instance)
+    assert register(b, user, contact, transport).status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, transport)
+    pushes = cs.stack(0).wait_pushes(tok, 1)
+    assert [push_kind(p) for p in pushes] == ["incomingCall"]
+    assert register(b, user, contact, transport).status == 200  # the app wakes, on B
+    assert caller.wait(30) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
+    assert dev.wait(15) == 0, dev.logs()[-3000:]
+    assert dev.received("INVITE") == 1
+    assert f"{b.host}:{b.port}" in dev.messages()  # through B, where the device is connected
+    wait_log(a, f"pusher: wake aor={_aor(user)}")
+    time.sleep(0.3)
+    assert len(cs.env.sandbox.control.pushes(tok)) == 1  # no cancel push: it answered
+
+
+def test_caller_cancel_reaches_a_device_that_woke_on_another_node(cs: ClusterStack, tmp: Path) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, "udp", scenario="device-ring.xml")
+    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
+    assert register(b, user, contact, "udp").status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp", scenario="caller-cancel-ringing.xml", args=("-d", "300"))
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    assert register(b, user, contact, "udp").status == 200
+    assert caller.wait(20) == 0, caller.logs()[-3000:]
+    assert dev.wait(15) == 0, dev.logs()[-3000:]  # rang, got the CANCEL, answered 487
+    assert dev.received("CANCEL") == 1
+
+
+def test_the_window_ends_on_the_parking_node_while_the_device_registers_on_another(
+        cs: ClusterStack, tmp: Path) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), fcm_token()
+    dev = sipp_device(tmp, "udp")
+    contact = rfc8599_fcm_contact(dev.port, tok, "udp")
+    assert register(b, user, contact, "udp").status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp")
+    caller.wait(WAIT + 10)
+    assert caller.final_codes() == [480], caller.logs()[-3000:]
+    assert register(b, user, contact, "udp").status == 200  # too late: the call has ended
+    time.sleep(1.0)
+    assert dev.received("INVITE") == 0
+    kinds = sorted(push_kind(p) for p in cs.stack(0).wait_pushes(tok, 3))
+    assert kinds == ["cancelIncomingCall", "incomingCall", "missedCall"]
+
+
+# --------------------------------------------------------------------------- dispatchers on every node
+
+
+def test_each_device_is_pushed_once_with_a_dispatcher_on_every_node(cs: ClusterStack, tmp: Path) -> None:
+    """Both nodes' in-process dispatchers read one consumer group: every call push goes out once
+    per device, whichever node parked the call and whichever dispatcher took the job."""
+    users = [(_user(), fcm_token()) for _ in range(6)]
+    for i, (user, tok) in enumerate(users):
+        assert register(cs.nodes[i % 2], user, rfc8599_fcm_contact(5970 + i, tok), "udp").status == 200
+        asleep(cs, user)
+    callers = [call(tmp, cs.nodes[(i + 1) % 2], user, "udp") for i, (user, _) in enumerate(users)]
+    for c in callers:
+        c.wait(WAIT + 15)
+        assert c.final_codes() == [480], c.logs()[-2000:]
+    for _, tok in users:
+        got = cs.stack(0).wait_pushes(tok, 3)
+        assert sorted(push_kind(p) for p in got) == ["cancelIncomingCall", "incomingCall", "missedCall"]
+
+
+# --------------------------------------------------------------------------- a node dies
+
+
+def test_a_dead_node_loses_only_its_parked_calls(cs: ClusterStack, tmp: Path) -> None:
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, "udp")
+    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
+    assert register(a, user, contact, "udp").status == 200
+    assert wait_bindings(b, _aor(user), True)
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp")
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    assert a.proc is not None
+    os.killpg(a.proc.pid, signal.SIGKILL)  # the node and all its workers, at once
+    a.proc.wait(10)
+    try:
+        caller.stop()  # nobody can answer it any more: the parked transaction died with A
+        # the device, its binding on B and the push queue outlive A
+        assert register(b, user, contact, "udp").status == 200
+        assert len(cs.env.store.devices(_aor(user))) == 1
+        second = call(tmp, b, user, "udp")
+        assert second.wait(20) == 0 and second.final_codes() == [200], second.logs()[-3000:]
+        assert dev.wait(15) == 0
+    finally:
+        a.stop()
+        a.start()
+        wait_cluster(cs.nodes, 2)
