@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.clusterstack import ClusterStack, cluster_stack, wait_cluster
+from harness.clusterstack import ClusterStack, cluster_stack, dmq_active_nodes, wait_cluster
 from tests.support import asleep as back_date
 from tests.support import (
     DOMAIN,
@@ -43,9 +44,12 @@ TRANSPORTS = ["udp", "tcp"]
 
 @pytest.fixture(scope="module")
 def cs() -> Iterator[ClusterStack]:
-    with cluster_stack(2, wait_window=WAIT, awake_window=10,
+    with cluster_stack(2, wait_window=WAIT, awake_window=10, auth=True,
                        extra_defines={"LOCAL_DOMAINS": f'"{DOMAIN}"'}) as c:
+        global _STACK
+        _STACK = c
         yield c
+        _STACK = None
 
 
 @pytest.fixture
@@ -69,11 +73,26 @@ def _aor(user: str) -> str:
     return f"sip:{user}@{DOMAIN}"
 
 
-def register(node: KamailioProc, user: str, contact: str, transport: str, **kw: object) -> SipResponse:
-    # (from 127.0.0.1: a UDP client binds on the proxy's address unless told otherwise, and a
-    # node's address is trusted as a node)
+_PASSWORDS: dict[str, str] = {}
+
+
+def register(node: KamailioProc, user: str, contact: str, transport: str, *, expires: int = 300,
+             password: str | None = None, extra_headers: tuple[str, ...] = ()) -> SipResponse:
+    """A REGISTER of `user` (a subscriber of the shared Redis) sent to `node` from 127.0.0.1 (a UDP
+    client binds on the proxy's address unless told otherwise, and a node's address is trusted)."""
+    if password is None:
+        password = _PASSWORDS.get(user) or _PASSWORDS.setdefault(user, _add_user(user))
     with SipClient(node.port, transport, host=node.host, source="127.0.0.1") as c:
-        return c.register(user, contact, **kw)  # type: ignore[arg-type]
+        return c.register(user, contact, expires=expires, password=password or None,
+                          extra_headers=extra_headers)
+
+
+def _add_user(user: str) -> str:
+    assert _STACK is not None
+    return _STACK.stack(0).add_user(user)
+
+
+_STACK: ClusterStack | None = None
 
 
 def call(tmp: Path, node: KamailioProc, user: str, transport: str, scenario: str = "caller-call.xml",
@@ -256,3 +275,62 @@ def test_a_dead_node_loses_only_its_parked_calls(cs: ClusterStack, tmp: Path) ->
         a.stop()
         a.start()
         wait_cluster(cs.nodes, 2)
+
+
+# --------------------------------------------------------------------------- what a stranger cannot do
+
+
+def _send(node: KamailioProc, text: str, wait: float = 1.0) -> str:
+    """Send one UDP request from 127.0.0.1 to `node`; the first response, or "" after `wait` s."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(wait)
+        s.sendto(text.replace("PORT", str(s.getsockname()[1])).encode(), (node.host, node.port))
+        try:
+            return s.recv(65535).decode(errors="replace")
+        except TimeoutError:
+            return ""
+
+
+def _request(method: str, ruri: str, *extra: str) -> str:
+    lines = [f"{method} {ruri} SIP/2.0",
+             f"Via: SIP/2.0/UDP 127.0.0.1:PORT;branch=z9hG4bK{uuid.uuid4().hex};rport",
+             f"From: <sip:mallory@{DOMAIN}>;tag={uuid.uuid4().hex[:8]}", f"To: <{ruri}>",
+             f"Call-ID: {uuid.uuid4().hex}", f"CSeq: 1 {method}", "Max-Forwards: 70", *extra]
+    return "\r\n".join(lines) + "\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_stranger_cannot_join_the_cluster_over_dmq(cs: ClusterStack) -> None:
+    a, b = cs.nodes
+    notify = _request("KDMQ", f"sip:notification_peer@{a.host}:{a.port}", "Content-Type: text/plain")
+    body = "sip:127.0.0.1:5999;status=active\r\n"
+    notify = notify.replace("Content-Length: 0", f"Content-Length: {len(body)}") + body
+    assert _send(a, notify) == ""  # dropped, unanswered
+    assert dmq_active_nodes(a) == {b.host}
+    wait_log(a, "pusher: dmq-not-from-node")
+
+
+def test_a_device_cannot_register_a_path(cs: ClusterStack) -> None:
+    """With use_path on, a Path the device wrote would make every node send its calls wherever it
+    says: refused, and nothing stored."""
+    b = cs.nodes[1]
+    user, tok = _user(), apns_token()
+    r = register(b, user, rfc8599_apns_contact(5991, tok), "udp",
+                 extra_headers=("Path: <sip:203.0.113.9:5060;lr;received=sip:203.0.113.9:5060>",))
+    assert (r.status, r.reason) == (403, "Path Not Allowed")
+    assert cs.env.store.devices(_aor(user)) == []
+    assert not bindings(b, _aor(user))
+
+
+def test_a_stranger_gets_no_trust_a_node_has(cs: ClusterStack) -> None:
+    """Only node addresses skip authentication (replicated REGISTERs) and may route a request to a
+    device by a Route naming us: from anyone else, the same requests get the usual treatment."""
+    a = cs.nodes[0]
+    user, tok = _user(), apns_token()
+    reply = _send(a, _request("REGISTER", f"sip:{DOMAIN}", f"Contact: {rfc8599_apns_contact(5990, tok)}"))
+    assert reply.startswith("SIP/2.0 401"), reply  # challenged, not saved as a replica
+    assert not bindings(a, _aor(user))
+    routed = _request("INVITE", "sip:victim@203.0.113.7:5060",
+                      f"Route: <sip:{a.host}:{a.port};lr;received=sip:203.0.113.7:5060>")
+    reply = _send(a, routed)
+    assert reply.startswith("SIP/2.0 403"), reply  # a foreign domain, not relayed
