@@ -37,7 +37,7 @@ import ksrlog  # noqa: E402
 import ksrmessages  # noqa: E402
 import ksrmetrics  # noqa: E402
 
-from pushlib import access, calls, mwi, reregister, schema  # noqa: E402
+from pushlib import access, calls, mwi, nodes, reregister, schema  # noqa: E402
 from pushlib.credentials import Subscribers, route_secret  # noqa: E402
 
 # Imported here, in the main process before Kamailio forks, on purpose: the tls module puts
@@ -241,6 +241,10 @@ class Router:
             self.cluster_nodes, self._cluster_refusal = (), str(exc)
         if self.cluster and not self.cluster_nodes and not self._cluster_refusal:
             self._cluster_refusal = "WITH_CLUSTER needs CLUSTER_NODES (every node's address)"
+        # this run of this node (made before the fork: every process of the node shares it)
+        self.node = nodes.node_id(_unquoted_def("CLUSTER_ADDRESS") or "") if self.cluster else ""
+        self._book: nodes.NodeBook | None = None
+        self._tick_failed_logged = 0.0
         self.pike = _int_def("PIKE_DENSITY", 40) > 0
         self.ban_time = _int_def("BAN_TIME", 300)
         self.register_tls_only = KSR.kx.ifdef("REGISTER_TLS_ONLY") > 0
@@ -324,6 +328,7 @@ class Router:
         self._state = ParkedCalls(self._store.client)  # one connection pool per process
         self._subscribers = Subscribers(self._store.client)
         self._voicemail = mwi.VoicemailStore(self._store.client)
+        self._book = nodes.NodeBook(self._store.client, self.node)
 
     @property
     def store(self) -> SyncStore:
@@ -336,6 +341,12 @@ class Router:
         self._connect()
         assert self._state is not None
         return self._state
+
+    @property
+    def book(self) -> nodes.NodeBook:
+        self._connect()
+        assert self._book is not None
+        return self._book
 
     @property
     def voicemail(self) -> mwi.VoicemailStore:
@@ -1110,6 +1121,7 @@ class Router:
         if self._record_and_push(aor, key, pushed, now):
             _log(KSR.info, "park", aor=aor, call=key, pushed=",".join(pushed), ring=len(plan.ring))
             self.metrics.parked(key)
+            self._list_caller(aor, key)
         elif not plan.ring:
             self._end_parked(key, reason="push-unavailable", reply=480, recorded=False)
 
@@ -1288,6 +1300,53 @@ class Router:
             KSR.tmx.t_cancel_callid(entry.call_id, entry.cseq, 0)
         if recorded:
             self._settle_end(calls.OwedEnd(aor, key, reason, answered, time.time()))
+        if self.cluster:
+            try:
+                self.book.unlist_call(key)
+            except StoreUnavailable as exc:  # (a stale entry: answered again if this node dies)
+                _log(KSR.warn, "node-unlist-failed", call=key, error=exc)
+
+    # ------------------------------------------------------------------ a clustered node dies
+
+    def _list_caller(self, aor: str, key: str) -> None:
+        """WITH_CLUSTER: what another node needs to answer this call's caller if this node dies
+        while the call is parked (pushlib.nodes). UDP callers only: a TCP/TLS caller sees its
+        connection to a dead node reset, and fails at once by itself."""
+        if not self.cluster or _pv("$pr") != "udp":
+            return
+        answer = nodes.CallerAnswer(
+            aor=aor, key=key, dest=nodes.udp_destination(_pv("$si"), _pv("$sp")), via=_pv("$(hdr(Via)[*])"),
+            from_=_pv("$hdr(From)"), to=_pv("$hdr(To)"), call_id=_pv("$ci"), cseq=_pv("$hdr(CSeq)"))
+        try:
+            self.book.list_call(answer)
+        except StoreUnavailable as exc:
+            _log(KSR.warn, "node-list-failed", call=key, error=exc)
+
+    def ksr_node_tick(self, msg: object, evname: str = "") -> int:
+        """WITH_CLUSTER, every second (rtimer): this node's heartbeat, and the callers of a node
+        whose heartbeat is gone answered 503 from here, their calls' end pushes owed."""
+        try:
+            self._node_tick()
+        except StoreUnavailable as exc:
+            now = time.monotonic()
+            if now - self._tick_failed_logged >= 60:  # one line a minute through an outage
+                self._tick_failed_logged = now
+                _log(KSR.err, "node-heartbeat-failed", node=self.node, error=exc)
+        except Exception as exc:
+            _crashed("node-tick", exc)
+        return 1
+
+    def _node_tick(self) -> None:
+        book = self.book
+        book.heartbeat()
+        for node in book.dead_nodes():
+            answers = book.take_over(node)
+            if answers is None:
+                continue  # another node took it
+            _log(KSR.warn, "node-failed", node=node, calls=len(answers), by=self.node)
+            for a in answers:
+                KSR.corex.send_data(a.dest, a.response(503, "Service Unavailable", secrets.token_hex(6)))
+                self._settle_end(calls.OwedEnd(a.aor, a.key, "node-failed", False, time.time()))
 
     def _settle_end(self, owed: calls.OwedEnd) -> None:
         """Finish the call's Redis record and queue its end-of-call pushes. What Redis cannot take

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from harness.clusterstack import ClusterStack, cluster_stack, dmq_active_nodes, wait_cluster
-from tests.support import asleep as back_date
 from tests.support import (
     DOMAIN,
     KamailioProc,
@@ -37,6 +36,7 @@ from tests.support import (
     stop_all_sipp,
     wait_log,
 )
+from tests.support import asleep as back_date
 
 WAIT = 4.0
 TRANSPORTS = ["udp", "tcp"]
@@ -264,7 +264,12 @@ def test_a_dead_node_loses_only_its_parked_calls(cs: ClusterStack, tmp: Path) ->
     os.killpg(a.proc.pid, signal.SIGKILL)  # the node and all its workers, at once
     a.proc.wait(10)
     try:
-        caller.stop()  # nobody can answer it any more: the parked transaction died with A
+        # the parked transaction died with A: B answers its UDP caller once A's heartbeat is gone
+        # (after ALIVE_TTL, about 3 s), and owes the call's end pushes as any call end does
+        caller.wait(15)
+        assert caller.final_codes() == [503], caller.logs()[-3000:]
+        wait_log(b, "pusher: node-failed")
+        wait_log(b, f"pusher: end aor={_aor(user)}")
         # the device, its binding on B and the push queue outlive A
         assert register(b, user, contact, "udp").status == 200
         assert len(cs.env.store.devices(_aor(user))) == 1
