@@ -611,7 +611,10 @@ class Router:
                 return STOP
             if KSR.is_INVITE():
                 self._record_route()
-            KSR.nathelper.handle_ruri_alias()
+            if not _pv("$du"):
+                # we are the last proxy: the request URI's alias is the device's flow here. With a
+                # Route left (another node's, WITH_CLUSTER), that node holds the flow and the alias
+                KSR.nathelper.handle_ruri_alias()
             self._relay()
             return STOP
         if KSR.is_ACK():

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.clusterstack import ClusterStack, cluster_stack, dmq_active_nodes, wait_cluster
+from harness.sipua import SipPhone, open_sip_socket
 from tests.support import (
     DOMAIN,
     KamailioProc,
@@ -193,6 +194,49 @@ def test_a_call_parked_on_one_node_is_answered_when_the_device_wakes_on_another(
     wait_log(a, f"pusher: wake aor={_aor(user)}")
     time.sleep(0.3)
     assert len(cs.env.sandbox.control.pushes(tok)) == 1  # no cancel push: it answered
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_natted_device_that_wakes_on_another_node_gets_the_call_over_its_new_flow(
+        cs: ClusterStack, tmp: Path, transport: str) -> None:
+    """The device's Contact names a port nobody reads (its private address): only node B, where
+    its REGISTER came from port X (UDP) or over its connection (TCP), can reach it. A's INVITE
+    goes through B (the Path's received parameter) and the dialog's requests follow."""
+    a, b = cs.nodes
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = _add_user(user)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as decoy:
+        decoy.bind(("127.0.0.1", 0))
+        via_port = int(decoy.getsockname()[1])
+        contact = rfc8599_apns_contact(via_port, tok, transport, instance=instance)
+
+        def nat_phone() -> SipPhone:
+            proxy = (b.host, b.port)
+            return SipPhone(open_sip_socket(proxy, transport, "127.0.0.1"), transport, proxy, via_port=via_port)
+
+        with nat_phone() as first:
+            assert first.register(user, contact, password=password).status == 200
+        asleep(cs, user)
+        caller = call(tmp, a, user, transport)
+        assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+        with nat_phone() as phone:  # woken: a new NAT mapping
+            assert phone.register(user, contact, password=password).status == 200
+            invite = phone.request("INVITE")
+            assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{via_port};transport={transport}")
+            assert f"Record-Route: <sip:{b.host}:{b.port};" in invite
+            tag = uuid.uuid4().hex[:8]
+            phone.answer(invite, 180, "Ringing", tag)
+            phone.answer(invite, 200, "OK", tag, SDP)
+            phone.request("ACK")
+            bye = phone.request("BYE", timeout=10)
+            phone.answer(bye, 200, "OK")
+        assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
+        decoy.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            decoy.recv(65535)  # nothing went to the address the phone claimed
+
+
+SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 
 
 def test_caller_cancel_reaches_a_device_that_woke_on_another_node(cs: ClusterStack, tmp: Path) -> None:
