@@ -638,7 +638,7 @@ class Router:
         and the calls already accepted (and every wake-up REGISTER) keep the node's capacity.
         One log line per second per worker at most: a flood must not flood the log."""
         limit = self.limits.max_calls_per_second
-        if not limit or not KSR.is_INVITE() or self.role:
+        if not limit or not KSR.is_INVITE():
             return NEXT
         if KSR.pipelimit.pl_check_limit(OVERLOAD_PIPE, "TAILDROP", limit) != -1:
             return NEXT
@@ -944,6 +944,8 @@ class Router:
             return NEXT
         if role and not self._served(_pv("$rd")):
             return NEXT
+        if role and self.route_overload():  # (KEMI mode sheds in its request pipeline)
+            return STOP
         aor = calls.aor_of(_pv("$rU"), _pv("$rd"))
         bindings = self._bindings(aor)
         devices: list[Device] | None
