@@ -16,10 +16,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-from harness.localrun import RedisServer, free_port
+from harness.localrun import free_port
 from harness.localstack import (
     KamailioProc,
     PushEnv,
+    RedisEndpoint,
     Stack,
     kamailio_process,
     push_env,
@@ -75,9 +76,10 @@ class ClusterStack:
 @contextmanager
 def cluster_stack(count: int = 2, *, wait_window: float = 30, awake_window: float = 10, auth: bool = False,
                   extra_defines: Mapping[str, str | None] | None = None,
-                  redis: RedisServer | None = None) -> Iterator[ClusterStack]:
-    """Redis + sandbox + `count` clustered Kamailio nodes, each with its in-process dispatcher (all
-    on the one consumer group); yielded once the nodes see each other over DMQ."""
+                  redis: RedisEndpoint | None = None) -> Iterator[ClusterStack]:
+    """Redis (a server of its own, or `redis`: e.g. a Redis Cluster) + sandbox + `count` clustered
+    Kamailio nodes, each with its in-process dispatcher (all on the one consumer group); yielded
+    once the nodes see each other over DMQ."""
     port = free_port()
     with ExitStack() as es:
         env = push_env(es, redis, wait_window)

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from harness.localrun import ROOT, RedisServer, free_port, redis_server, stop_process, wait_for_port
 from harness.sipua import BUNDLE, DOMAIN, FCM_PROJECT, TEAM
@@ -363,12 +363,20 @@ def push_stack(*, auth: bool = True, wait_window: float = 30, awake_window: floa
         yield env.stack(k)
 
 
+class RedisEndpoint(Protocol):
+    """A Redis the stack can use: one server (`RedisServer`), or a Redis Cluster
+    (`harness.rediscluster.RedisCluster`, its `redis+cluster://` URL)."""
+
+    @property
+    def url(self) -> str: ...
+
+
 @dataclass
 class PushEnv:
     """What every push stack runs beside its Kamailio node(s): Redis, the sandbox providers with
     their two apps registered, and a store on that Redis."""
 
-    redis: RedisServer
+    redis: RedisEndpoint
     sandbox: SandboxHandle
     settings: Settings
     store: SyncStore
@@ -377,16 +385,17 @@ class PushEnv:
     tmpdir: Path
 
     def stack(self, kamailio: KamailioProc) -> Stack:
-        return Stack(self.redis, kamailio, self.store, Subscribers(self.store.client), self.sandbox,
+        # (a Redis Cluster for the cluster tests, which never stop or restart it through the Stack)
+        return Stack(cast(RedisServer, self.redis), kamailio, self.store, Subscribers(self.store.client), self.sandbox,
                      self.apns_app, self.fcm_app, self.settings, self.tmpdir)
 
 
-def push_env(es: ExitStack, redis: RedisServer | None, wait_window: float) -> PushEnv:
+def push_env(es: ExitStack, redis: RedisEndpoint | None, wait_window: float) -> PushEnv:
     """Start (in `es`, undone in reverse order) the sandbox and, unless given, Redis; register the
     sandbox's apps; SIPp runs are stopped too when `es` closes."""
     tmpdir = Path(tempfile.mkdtemp(prefix="pn-stack-"))
     es.callback(shutil.rmtree, tmpdir, True)
-    srv = redis if redis is not None else es.enter_context(redis_server())
+    srv: RedisEndpoint = redis if redis is not None else es.enter_context(redis_server())
     sandbox = es.enter_context(sandbox_process())
     settings = Settings(redis_url=srv.url, wait_window=wait_window)
     store = SyncStore(srv.url, settings)

@@ -12,14 +12,18 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from harness.clusterstack import ClusterStack, cluster_stack, dmq_active_nodes, wait_cluster
+from harness.rediscluster import RedisCluster, redis_cluster
 from harness.sipua import SipPhone, open_sip_socket
 from tests.support import (
     DOMAIN,
@@ -43,14 +47,19 @@ WAIT = 4.0
 TRANSPORTS = ["udp", "tcp"]
 
 
-@pytest.fixture(scope="module")
-def cs() -> Iterator[ClusterStack]:
-    with cluster_stack(2, wait_window=WAIT, awake_window=10, auth=True,
-                       extra_defines={"LOCAL_DOMAINS": f'"{DOMAIN}"'}) as c:
-        global _STACK
+@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+def cs(request: pytest.FixtureRequest) -> Iterator[ClusterStack]:
+    """The nodes on one Redis server, then on a Redis Cluster (3 masters, 3 replicas)."""
+    global _STACK
+    with ExitStack() as es:
+        global _RCLUSTER
+        redis = _RCLUSTER = es.enter_context(redis_cluster()) if request.param == "redis-cluster" else None
+        c = es.enter_context(cluster_stack(2, wait_window=WAIT, awake_window=10, auth=True, redis=redis,
+                                           extra_defines={"LOCAL_DOMAINS": f'"{DOMAIN}"'}))
         _STACK = c
+        _PASSWORDS.clear()
         yield c
-        _STACK = None
+        _STACK = _RCLUSTER = None
 
 
 @pytest.fixture
@@ -94,6 +103,7 @@ def _add_user(user: str) -> str:
 
 
 _STACK: ClusterStack | None = None
+_RCLUSTER: RedisCluster | None = None
 
 
 def call(tmp: Path, node: KamailioProc, user: str, transport: str, scenario: str = "caller-call.xml",
@@ -383,3 +393,37 @@ def test_a_stranger_gets_no_trust_a_node_has(cs: ClusterStack) -> None:
                       f"Route: <sip:{a.host}:{a.port};lr;received=sip:203.0.113.7:5060>")
     reply = _send(a, routed)
     assert reply.startswith("SIP/2.0 403"), reply  # a foreign domain, not relayed
+
+
+# --------------------------------------------------------------------------- Redis Cluster failover
+
+
+def test_calls_go_on_through_a_redis_cluster_failover(cs: ClusterStack, tmp: Path) -> None:
+    """A planned failover (CLUSTER FAILOVER on a replica) of the master holding the push queue,
+    during a run of calls parked on A and woken on B: every call is answered (redis-py follows the
+    slot to the new master, and reloads the scripts it lacks)."""
+    if _RCLUSTER is None:
+        pytest.skip("Redis Cluster only")
+    a, b = cs.nodes
+    master = _RCLUSTER.master_of_slot(key_slot(cs.env.settings.stream.encode()))
+    replica = _RCLUSTER.replica_of(master)
+    failover: threading.Thread | None = None
+    outcomes: list[int] = []
+    for i in range(6):
+        user, tok = _user(), apns_token()
+        dev = sipp_device(tmp, "udp")
+        contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
+        assert register(b, user, contact, "udp").status == 200
+        asleep(cs, user)
+        caller = call(tmp, a, user, "udp")
+        if i == 2:  # while this call waits for its device
+            failover = threading.Thread(target=_RCLUSTER.failover, args=(replica,))
+            failover.start()
+        cs.stack(0).wait_pushes(tok, 1, timeout=10)
+        register(b, user, contact, "udp")
+        caller.wait(20)
+        outcomes += caller.final_codes()
+    assert failover is not None
+    failover.join(30)
+    assert outcomes == [200] * 6
+    assert _RCLUSTER.master_of_slot(key_slot(cs.env.settings.stream.encode())).address == replica.address
