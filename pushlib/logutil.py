@@ -99,29 +99,24 @@ def token_prefix(token: str | None, keep: int = 8) -> str:
 
 def redact_url(url: str | None) -> str:
     """A connection URL fit for a log line or an error message: the password (if any) replaced
-    by `***`; the user name, host, port and path are kept. Unparsable input gives a placeholder
-    rather than risking an echo of a secret."""
+    by `***`; the user name, hosts (a Redis Cluster URL lists several), port and path are kept.
+    Unparsable input gives a placeholder rather than risking an echo of a secret."""
     if not url:
         return "-"
     try:
         parts = urlsplit(url)
-        password = parts.password
-        host = parts.hostname
-        port = parts.port
     except ValueError:
         return "<unparsable url>"
     query = parts.query
     if query:
         # a password can also ride in the query string (?password=...)
         query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", query)
-    if password is None:  # no secret in the authority (a lone `user@` is an ACL user name)
-        return log_safe(urlunsplit(parts._replace(query=query)), 500)
-    user = parts.username or ""
-    netloc = f"{user}:***@" if user else ":***@"
-    if host is not None:
-        netloc += f"[{host}]" if ":" in host else host
-    if port is not None:
-        netloc += f":{port}"
+    # (the user info ends at the last "@": a password may contain "@" too)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}"
     return log_safe(urlunsplit(parts._replace(netloc=netloc, query=query)), 500)
 
 
