@@ -100,8 +100,8 @@ class BenchKamailio(KamailioProc):
         # (ready when it answers OPTIONS: at LOG_LEVEL 1 the router's "ready" line is not logged)
         self.spawn()
         try:
-            wait_for_port(self.port, timeout=20)
-            options_ping(self.port, timeout=20)
+            wait_for_port(self.port, self.host, timeout=20)
+            options_ping(self.port, timeout=20, host=self.host)
         except (TimeoutError, OSError):
             self.stop()
             raise RuntimeError("kamailio did not start:\n" + self.log()[-4000:]) from None
@@ -114,8 +114,9 @@ class BenchKamailio(KamailioProc):
         return self.proc is not None and self.proc.poll() is None
 
 
-def options_ping(port: int, timeout: float) -> None:
-    """Send OPTIONS sip:127.0.0.1 over UDP until anything answers; TimeoutError after `timeout`."""
+def options_ping(port: int, timeout: float, host: str = "127.0.0.1") -> None:
+    """Send OPTIONS sip:127.0.0.1 over UDP (from 127.0.0.1, to `host`) until anything answers;
+    TimeoutError after `timeout`."""
     end = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -132,12 +133,20 @@ def options_ping(port: int, timeout: float) -> None:
                 "Content-Length: 0",
                 "", "",
             ])
-            s.sendto(msg.encode(), ("127.0.0.1", port))
+            s.sendto(msg.encode(), (host, port))
             s.settimeout(0.5)
             with contextlib.suppress(TimeoutError):
                 if s.recv(65535).startswith(b"SIP/2.0 "):
                     return
-    raise TimeoutError(f"no answer to OPTIONS on port {port} after {timeout}s")
+    raise TimeoutError(f"no answer to OPTIONS on {host}:{port} after {timeout}s")
+
+
+def log_findings(text: str) -> tuple[list[str], list[str]]:
+    """The ERROR-level lines and the lines worth reporting (CRITICAL/BUG, crashes, memory
+    exhaustion) of a Kamailio log text, each stripped."""
+    errors = [ln.strip() for ln in text.splitlines() if " ERROR: " in ln]
+    bad = [ln.strip() for ln in text.splitlines() if _BAD_LINE.search(ln)]
+    return errors, bad
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -311,13 +320,15 @@ def sipp_client_args(scenario: str, proxy_port: int, inf: Path, rate: int, count
 
 
 def register(workdir: Path, name: str, proxy_port: int, device_port: int, devices: Sequence[Device],
-             rate: int) -> SippResult:
-    """REGISTER `devices` (push params, Contact at device_port) at `rate`/s; wait until done."""
+             rate: int, extra_args: Sequence[str] = ()) -> SippResult:
+    """REGISTER `devices` (push params, Contact at device_port) at `rate`/s; wait until done.
+    `extra_args` go to SIPp as they are (e.g. `-rsa HOST:PORT`: send to one node of a cluster while
+    the request URI keeps the served domain)."""
     inf = workdir / f"{name}.csv"
     write_injection(inf, [(d.user, d.token, d.instance) for d in devices])
     argv = [*sipp_client_args("capacity-register.xml", proxy_port, inf, rate, len(devices)),
             "-key", "device_port", str(device_port), "-key", "pn_param", f"{TEAM}.{BUNDLE}.voip",
-            "-recv_timeout", "10000"]
+            "-recv_timeout", "10000", *extra_args]
     run = Sipp(workdir, name, argv, len(devices))
     return run.wait(len(devices) / rate + 40)
 

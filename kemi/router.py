@@ -490,6 +490,10 @@ class Router:
         at once), and answered again after it."""
         if not self.cluster:
             return
+        # A wake on this node (tsilo appending to a parked INVITE, in this process) leaves the
+        # request URI marked as used, and tm would then find nothing to replicate ("no branches
+        # for forwarding"): setting it again marks it new.
+        KSR.pv.sets("$ru", _pv("$ru"))
         # the device's address only where this node uses it too (NAT detected: route_natdetect)
         if _pv("$avp(RECEIVED)"):
             KSR.path.add_path_received()

@@ -87,14 +87,15 @@ _PASSWORDS: dict[str, str] = {}
 
 
 def register(node: KamailioProc, user: str, contact: str, transport: str, *, expires: int = 300,
-             password: str | None = None, extra_headers: tuple[str, ...] = ()) -> SipResponse:
+             password: str | None = None, extra_headers: tuple[str, ...] = (),
+             call_id: str | None = None) -> SipResponse:
     """A REGISTER of `user` (a subscriber of the shared Redis) sent to `node` from 127.0.0.1 (a UDP
     client binds on the proxy's address unless told otherwise, and a node's address is trusted)."""
     if password is None:
         password = _PASSWORDS.get(user) or _PASSWORDS.setdefault(user, _add_user(user))
     with SipClient(node.port, transport, host=node.host, source="127.0.0.1") as c:
         return c.register(user, contact, expires=expires, password=password or None,
-                          extra_headers=extra_headers)
+                          extra_headers=extra_headers, call_id=call_id)
 
 
 def _add_user(user: str) -> str:
@@ -247,6 +248,27 @@ def test_a_natted_device_that_wakes_on_another_node_gets_the_call_over_its_new_f
 
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
+
+
+def test_a_wake_on_the_parking_node_is_replicated_too(cs: ClusterStack, tmp: Path) -> None:
+    """The woken device's REGISTER resumes the call on its own node and still reaches the others
+    (tsilo's append had left the request URI marked as used: nothing was replicated)."""
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, "udp")
+    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
+    assert register(a, user, contact, "udp").status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp")
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    wake_id = uuid.uuid4().hex
+    assert register(a, user, contact, "udp", call_id=wake_id).status == 200
+    assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
+    end = time.monotonic() + 3
+    while wake_id not in bindings(b, _aor(user)) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert wake_id in bindings(b, _aor(user))
+    assert "replicate-failed" not in a.log()
 
 
 def test_caller_cancel_reaches_a_device_that_woke_on_another_node(cs: ClusterStack, tmp: Path) -> None:
