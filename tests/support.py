@@ -73,6 +73,7 @@ __all__ = [
     "ROOT",
     "SCENARIOS",
     "TEAM",
+    "TLS_CFG",
     "VENV_PYTHON",
     "KamailioProc",
     "RedisServer",
@@ -267,3 +268,20 @@ def run_dispatcher(cfg: Settings, until: Callable[[], bool], pool: Any = None, l
 
     asyncio.run(main())
     return dispatcher
+
+
+# Kamailio tls module configuration (the tested one; README "TLS and ports for real")
+TLS_CFG = """\
+[server:default]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+certificate = {cert}
+private_key = {key}
+
+[client:default]
+method = TLSv1.2+
+verify_certificate = yes
+require_certificate = yes
+ca_list = {ca}
+"""

@@ -9,9 +9,12 @@ to a node with SIPp's -rsa (the request URI keeps the domain, 127.0.0.1).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -25,14 +28,17 @@ from redis.crc import key_slot
 from harness.clusterstack import ClusterStack, cluster_stack, dmq_active_nodes, wait_cluster
 from harness.rediscluster import RedisCluster, redis_cluster
 from harness.sipua import SipPhone, open_sip_socket
+from pushsandbox.certs import SandboxPki
 from tests.support import (
     DOMAIN,
+    TLS_CFG,
     KamailioProc,
     SipClient,
     SippRun,
     SipResponse,
     apns_token,
     fcm_token,
+    free_port,
     push_kind,
     rfc8599_apns_contact,
     rfc8599_fcm_contact,
@@ -50,12 +56,18 @@ TRANSPORTS = ["udp", "tcp"]
 @pytest.fixture(scope="module", params=["redis", "redis-cluster"])
 def cs(request: pytest.FixtureRequest) -> Iterator[ClusterStack]:
     """The nodes on one Redis server, then on a Redis Cluster (3 masters, 3 replicas)."""
-    global _STACK
+    global _STACK, _RCLUSTER, _PKI
     with ExitStack() as es:
-        global _RCLUSTER
         redis = _RCLUSTER = es.enter_context(redis_cluster()) if request.param == "redis-cluster" else None
+        tls_dir = Path(tempfile.mkdtemp(prefix="pn-cluster-tls-"))
+        es.callback(shutil.rmtree, tls_dir, True)
+        pki = _PKI = SandboxPki.load_or_create(tls_dir / "pki")
+        (tls_dir / "tls.cfg").write_text(TLS_CFG.format(cert=pki.server_cert_path, key=pki.server_key_path,
+                                                        ca=pki.ca_path))
+        defines: dict[str, str | None] = {"LOCAL_DOMAINS": f'"{DOMAIN}"', "WITH_TLS": None,
+                                          "SIPS_PORT": str(free_port()), "TLS_CFG": f'"{tls_dir / "tls.cfg"}"'}
         c = es.enter_context(cluster_stack(2, wait_window=WAIT, awake_window=10, auth=True, redis=redis,
-                                           extra_defines={"LOCAL_DOMAINS": f'"{DOMAIN}"'}))
+                                           extra_defines=defines))
         _STACK = c
         _PASSWORDS.clear()
         yield c
@@ -104,6 +116,7 @@ def _add_user(user: str) -> str:
 
 
 _STACK: ClusterStack | None = None
+_PKI: SandboxPki | None = None
 _RCLUSTER: RedisCluster | None = None
 
 
@@ -269,6 +282,45 @@ def test_a_wake_on_the_parking_node_is_replicated_too(cs: ClusterStack, tmp: Pat
         time.sleep(0.05)
     assert wake_id in bindings(b, _aor(user))
     assert "replicate-failed" not in a.log()
+
+
+def _tls_phone(node: KamailioProc) -> SipPhone:
+    """A phone on a new TLS connection to `node`'s SIPS port (the sandbox PKI's certificate is for
+    127.0.0.1, the name the phone checks)."""
+    assert _PKI is not None
+    port = int(str(node.defines["SIPS_PORT"]))
+    ctx = ssl.create_default_context(cafile=str(_PKI.ca_path))
+    raw = socket.create_connection((node.host, port), timeout=5)
+    return SipPhone(ctx.wrap_socket(raw, server_hostname="127.0.0.1"), "tls")
+
+
+def test_a_tls_phone_that_wakes_on_another_node_gets_the_call_over_its_new_connection(
+        cs: ClusterStack, tmp: Path) -> None:
+    """Like an iOS app: it registers over TLS on B, drops its connection and sleeps; woken, it opens
+    a new TLS connection to B and re-registers. The call parked on A reaches it over that very
+    connection, through B, and so do the dialog's requests."""
+    a, b = cs.nodes
+    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
+    password = _add_user(user)
+    with _tls_phone(b) as first:
+        contact = rfc8599_apns_contact(first.local_port, tok, "tls", instance)
+        assert first.register(user, contact, password=password).status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp")
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    with _tls_phone(b) as phone:  # woken: a new connection from a new port
+        contact = rfc8599_apns_contact(phone.local_port, tok, "tls", instance)
+        assert phone.register(user, contact, password=password).status == 200
+        invite = phone.request("INVITE")
+        assert invite.startswith(f"INVITE sip:dev@127.0.0.1:{phone.local_port};transport=tls")
+        assert f"sip:{b.host}:{b.defines['SIPS_PORT']};transport=tls" in invite  # B's Record-Route
+        tag = uuid.uuid4().hex[:8]
+        phone.answer(invite, 180, "Ringing", tag)
+        phone.answer(invite, 200, "OK", tag, SDP)
+        assert phone.request("ACK").startswith(f"ACK sip:dev@127.0.0.1:{phone.local_port};transport=tls")
+        bye = phone.request("BYE", timeout=10)
+        phone.answer(bye, 200, "OK")
+    assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
 
 
 def test_caller_cancel_reaches_a_device_that_woke_on_another_node(cs: ClusterStack, tmp: Path) -> None:

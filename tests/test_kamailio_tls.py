@@ -29,6 +29,7 @@ from harness.sipua import header_values as _header
 from pushsandbox.certs import SandboxPki
 from tests.support import (
     DOMAIN,
+    TLS_CFG,
     Stack,
     apns_token,
     asleep,
@@ -39,22 +40,6 @@ from tests.support import (
     sipp_caller,
     stop_all_sipp,
 )
-
-TLS_CFG = """\
-# Kamailio tls module configuration (the tested one; see kamailio/README-section.md)
-[server:default]
-method = TLSv1.2+
-verify_certificate = no
-require_certificate = no
-certificate = {cert}
-private_key = {key}
-
-[client:default]
-method = TLSv1.2+
-verify_certificate = yes
-require_certificate = yes
-ca_list = {ca}
-"""
 
 
 @pytest.fixture(scope="module")
