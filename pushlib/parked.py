@@ -16,7 +16,7 @@ import redis
 
 from pushlib import schema
 from pushlib.models import ParkedCall, PushJob
-from pushlib.redisconn import unavailable_on_error
+from pushlib.redisconn import is_cluster, unavailable_on_error
 from pushlib.settings import Settings
 
 # KEYS[1]: the device's pending set. ARGV[1]: the prefix of the AOR's call keys, ARGV[2]: the
@@ -41,12 +41,14 @@ class ParkedCalls:
 
     def __init__(self, client: Any) -> None:
         self._r = client
+        self._cluster = is_cluster(client)
         self._wake = client.register_script(_WAKE_LUA)
         self._park = client.register_script(schema.PARK_LUA)
         self._finish = client.register_script(schema.FINISH_LUA)
 
     def warm_up(self) -> None:
-        """Open the connection and load the wake script now, so the first call does not pay for it."""
+        """Open the connection and load the scripts now, so the first call does not pay for it (on
+        a cluster: on every master)."""
         with unavailable_on_error("parked warm_up"):
             for script in (_WAKE_LUA, schema.PARK_LUA, schema.FINISH_LUA):
                 self._r.script_load(script)
@@ -66,11 +68,21 @@ class ParkedCalls:
     def park_and_push(self, call: ParkedCall, job: PushJob, settings: Settings, now: float) -> None:
         """`park`, then queue the call's push job: one round trip for both (a pipeline; the job
         stream and the call's keys live in different Cluster slots, so not one script). The
-        script goes by its digest (loaded by `warm_up`; loaded again once if Redis lost it)."""
+        script goes by its digest (loaded by `warm_up`; loaded again once if Redis lost it).
+
+        On a Redis Cluster two round trips, park then queue: redis-py's cluster pipelines refuse
+        EVALSHA (a NOSCRIPT is per node), and the two keys are on different nodes anyway. The
+        job is queued whatever `park` answers, as in the pipeline."""
         fields = [x for kv in schema.encode_parked_call(call).items() for x in kv]
         park_args = [schema.parked_ttl(call.deadline, now), schema.pending_key(call.aor, ""), call.key,
                      len(call.pushed), *call.pushed, *fields]
         ck = schema.call_key(call.aor, call.key)
+        if self._cluster:
+            with unavailable_on_error("park_and_push"):
+                self._park(keys=[ck], args=park_args)
+                self._r.xadd(settings.stream, schema.encode_job(job), maxlen=settings.stream_maxlen,
+                             approximate=True)
+            return
         with unavailable_on_error("park_and_push"):
             pipe = self._r.pipeline(transaction=False)
             pipe.evalsha(self._park.sha, 1, ck, *park_args)

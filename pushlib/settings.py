@@ -6,6 +6,12 @@ surrounding white space is stripped), never only from a command line, where `ps`
 `redis_connection_options` gives the options every pushlib Redis client is built with: a
 `rediss://` URL always verifies the server certificate and host name.
 
+Redis Cluster: `redis+cluster://[user:password@]host:port[,host:port...][/0][?options]` (TLS:
+`rediss+cluster://`, verified like `rediss://`). The hosts are startup nodes (any few of the
+cluster's nodes: the client discovers the rest and follows failovers); user, password and options
+apply to every node, and the database can only be 0. `cluster_url` parses it (SettingsError for a
+bad one); `redisconn` builds a cluster client from it.
+
 `call_alert_repeat` (PUSHLIB_CALL_ALERT_REPEAT, seconds, 0 or less = off): how often the dispatcher
 sends an iOS device that has no VoIP token its visible incoming-call alert again while the call
 is still parked for it (see `pushlib.dispatcher`).
@@ -19,13 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pushlib.logutil import redact_url
 
 REDIS_URL_ENV = "PUSHLIB_REDIS_URL"
 REDIS_URL_FILE_ENV = "PUSHLIB_REDIS_URL_FILE"
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: cluster scheme -> the plain scheme each node is reached with
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_REDIS_SCHEMES = ("redis", "rediss", "unix", *CLUSTER_SCHEMES)
+DEFAULT_REDIS_PORT = 6379
 # URL query options that would turn off the checks of a rediss:// connection
 _WEAKENING_TLS_OPTIONS = {"ssl_cert_reqs": ("required",), "ssl_check_hostname": ("true", "1", "yes", "y", "on")}
 
@@ -98,8 +107,8 @@ class Settings:
 
 def read_redis_url_file(path: str | os.PathLike[str]) -> str:
     """The Redis URL held in the file at `path` (stripped). Raises SettingsError when the file
-    cannot be read, is empty, or does not hold a redis://, rediss:// or unix:// URL; the message
-    never shows the file's content."""
+    cannot be read, is empty, or does not hold a redis://, rediss://, unix:// or cluster URL (see
+    module doc); the message never shows the file's content."""
     try:
         url = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -108,7 +117,8 @@ def read_redis_url_file(path: str | os.PathLike[str]) -> str:
     if not url:
         raise SettingsError(f"the Redis URL file {path} is empty")
     if "\n" in url or urlsplit(url).scheme not in _REDIS_SCHEMES:
-        raise SettingsError(f"the Redis URL file {path} does not hold one redis://, rediss:// or unix:// URL")
+        raise SettingsError(f"the Redis URL file {path} does not hold one redis://, rediss://, unix://, "
+                            "redis+cluster:// or rediss+cluster:// URL")
     return url
 
 
@@ -118,7 +128,11 @@ def redis_connection_options(url: str) -> dict[str, Any]:
     `rediss://` URL, certificate verification and host-name checking, explicitly (redis-py >= 6
     defaults to both; saying so keeps them on whatever the installed version). A rediss URL whose
     query turns either off (`ssl_cert_reqs=none`, `ssl_check_hostname=false`) is refused with
-    SettingsError: trust a private CA with `?ssl_ca_certs=/path/ca.pem` instead."""
+    SettingsError: trust a private CA with `?ssl_ca_certs=/path/ca.pem` instead. A cluster URL
+    is checked as its nodes' URL (`cluster_url`)."""
+    cluster = cluster_url(url)
+    if cluster is not None:
+        return redis_connection_options(cluster.node_url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - parsed here so redis-py's error (it quotes the "port") never shows a secret
@@ -136,3 +150,58 @@ def redis_connection_options(url: str) -> dict[str, Any]:
                     "trust a private CA with ?ssl_cert_reqs=required&ssl_ca_certs=<file> instead"
                 )
     return {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A parsed `redis+cluster://` / `rediss+cluster://` URL: `node_url` is the plain URL of the
+    first startup node (credentials, TLS and query options included, database 0), the one
+    redis-py's cluster clients take; `nodes` are all the startup nodes, the first included."""
+
+    node_url: str
+    nodes: tuple[tuple[str, int], ...]
+
+    def __repr__(self) -> str:  # node_url may hold a password
+        return f"ClusterUrl(node_url={redact_url(self.node_url)!r}, nodes={self.nodes!r})"
+
+
+def cluster_url(url: str) -> ClusterUrl | None:
+    """The cluster a `redis+cluster://` or `rediss+cluster://` URL names (module doc); None for
+    any other URL. SettingsError (never quoting the password) for a host list with an empty or
+    unparsable entry, a database other than 0 (a cluster has only one), or a bad query."""
+    scheme, sep, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    if node_scheme is None:
+        return None
+    # the authority ends at the first `/`, `?` or `#` (a password holding one must be
+    # percent-encoded, as for any Redis URL)
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hostlist = authority.rpartition("@")
+    shown = f"{scheme}://{'***@' if at else ''}{hostlist}{tail.split('?', 1)[0]}"
+    parts = urlsplit(tail)  # path, query
+    if parts.path not in ("", "/", "/0"):
+        raise SettingsError(f"bad Redis Cluster URL {shown}: a cluster has database 0 only (give /0 or nothing)")
+    if any(v.strip() != "0" for v in parse_qs(parts.query).get("db", ())):
+        raise SettingsError(f"bad Redis Cluster URL {shown}: a cluster has database 0 only")
+    nodes: list[tuple[str, int]] = []
+    texts: list[str] = []
+    for text in hostlist.split(","):
+        text = text.strip()
+        try:
+            node = urlsplit(f"//{text}")
+            host, port = node.hostname, node.port
+        except ValueError:
+            host, port = None, None
+        if not text or not host or node.username is not None or node.path:
+            raise SettingsError(f"bad Redis Cluster URL {shown}: want host:port[,host:port...] "
+                                "(user and password once, before the first host)")
+        if (host, port or DEFAULT_REDIS_PORT) not in nodes:
+            nodes.append((host, port or DEFAULT_REDIS_PORT))
+            texts.append(text)
+    netloc = f"{userinfo}@{texts[0]}" if at else texts[0]
+    node_url = urlunsplit((node_scheme, netloc, "/0", parts.query, ""))
+    # the first node's URL must parse as a plain Redis URL (e.g. a password with a raw `:` in
+    # the user part is fine, a port out of range is not)
+    redis_connection_options(node_url)
+    return ClusterUrl(node_url, tuple(nodes))

@@ -157,7 +157,8 @@ class SyncStore:
             if not ids:
                 return []
             pipe = self._r.pipeline(transaction=True)
-            pipe.delete(*(schema.device_key(aor, i) for i in ids))
+            for i in ids:  # one DEL each: redis-py's cluster pipelines take one key per DEL
+                pipe.delete(schema.device_key(aor, i))
             pipe.srem(skey, *ids)  # not DEL: a device saved meanwhile stays listed
             pipe.execute()
         return ids
@@ -267,6 +268,8 @@ class SyncStore:
         two apps list, is left out and logged). Returns how many apps it lists."""
         with unavailable_on_error("reindex_apps"):
             records: dict[str, dict[str, str]] = {}
+            # (on a Redis Cluster, redis-py's scan_iter walks every master: app keys have no
+            # common hash tag, they are spread over all of them)
             for key in self._r.scan_iter(match=schema.APP_KEY_PATTERN, count=500):
                 raw = self._r.hgetall(key)
                 if raw:

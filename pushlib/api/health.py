@@ -7,7 +7,7 @@ command was a stream read (XREADGROUP, XAUTOCLAIM) is idle less than that (CLIEN
 creates a consumer only once it was served an entry, so an idle dispatcher that never got a job
 shows only as a client blocked in XREADGROUP (it blocks `dispatcher.READ_BLOCK_MS` at a time and
 sweeps with XAUTOCLAIM every second or two). A Redis user without CLIENT LIST permission leaves
-the second sign out.
+the second sign out. On a Redis Cluster, CLIENT LIST asks the master that owns the stream.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
+from pushlib.redisconn import is_cluster
 from pushlib.settings import Settings
 
 ALIVE_IDLE_MS = 5_000
@@ -69,7 +70,9 @@ async def health(client: Any, settings: Settings) -> dict[str, Any]:
     except (RedisError, OSError):
         return assess(False, None, [], None)
     try:
-        readers = reading_clients(await client.client_list())
+        # On a Redis Cluster only the node that owns the stream sees its readers.
+        where = {"target_nodes": client.get_node_from_key(settings.stream)} if is_cluster(client) else {}
+        readers = reading_clients(await client.client_list(**where))
     except ResponseError:  # NOPERM: this Redis user may not list clients
         readers = 0
     except (RedisError, OSError):
