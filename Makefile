@@ -28,3 +28,5 @@ bench: deps
 	$(PY) bench/reregister_bench.py
 	$(PY) bench/message_bench.py
 	$(PY) bench/chaos.py
+	$(PY) bench/cluster_bench.py
+	$(PY) bench/cluster_failover.py
