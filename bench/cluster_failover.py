@@ -19,7 +19,7 @@ after the last failure; 0 when no call failed), the calls failed, the calls run,
 the replica took to be a master of a healthy cluster after the trigger. Rounds are 2x the node
 timeout apart (a failover of the same shard sooner waits for that: masters vote for a replica of
 one master once per 2x node timeout). Printed, and saved as JSON (--out, default
-./cluster_failover.json).
+bench/results/cluster_failover-<timestamp>.json).
 
 Usage:
     .venv/bin/python bench/cluster_failover.py                  # 3 rounds of each, ~1 min
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode (default 3)")
     parser.add_argument("--node-timeout-ms", type=int, default=1000, help="cluster-node-timeout (default 1000)")
-    parser.add_argument("--out", default="cluster_failover.json", help="JSON results file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON results (default bench/results/cluster_failover-<timestamp>.json)")
     args = parser.parse_args(argv)
     rounds: list[Round] = []
     with redis_cluster(node_timeout_ms=args.node_timeout_ms) as cluster:
@@ -182,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode, s in result["summary"].items():
         print(f"{mode}: window median {s['window_s_median']} s (max {s['window_s_max']} s), "
               f"failed calls median {s['calls_failed_median']}, slowest call {s['slowest_call_s_max']} s")
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = args.out or ROOT / "bench" / "results" / f"cluster_failover-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out}")
     return 0
 
 
