@@ -77,6 +77,8 @@ WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose dev
 FAILURE_ROUTE = "ksr_failure_route"
 BRANCH_FAILURE_ROUTE = "ksr_branch_failure"  # role mode: event_route[tm:branch-failure:ksr_branch_failure]
 PARK_PREFIX = "pn-park-"
+# WITH_CLUSTER: on a replicated REGISTER, the ids the device had before (Router._replicate_register)
+EVICTED_HEADER = "X-Pusher-Evicted"
 _MAPPING_TTL = 10.0
 _LEGACY_NOTICE_TTL = 3600.0  # one "legacy-params-no-ua-mapping" notice per AOR and hour
 _HA1_TTL = 5.0  # a changed password applies within this many seconds
@@ -452,8 +454,10 @@ class Router:
             return
         if not self._save() or not isinstance(plan, calls.SaveDevice):
             return
-        self._resume(aor, plan.device.device_id)
-        self._drop_stale_bindings(aor, plan.device.device_id, plan.device.contact, [])
+        evicted = [d for d in _pv(f"$hdr({EVICTED_HEADER})").split(",") if d]
+        self._drop_stale_bindings(aor, plan.device.device_id, plan.device.contact, evicted)
+        for device_id in (plan.device.device_id, *evicted):
+            self._resume(aor, device_id)
 
     def route_to_flow(self) -> None:
         """An initial request another node sends for a device connected here (its binding there
@@ -481,7 +485,7 @@ class Router:
             self._record_route()
         self._relay()
 
-    def _replicate_register(self) -> None:
+    def _replicate_register(self, evicted: list[str] | None = None) -> None:
         """WITH_CLUSTER: send this REGISTER, once saved and answered, to the other nodes
         (dmq_t_replicate) with a Path back to us carrying the device's address when we use it.
         After the answer, not before: the replication makes a transaction, and tm then refuses
@@ -494,6 +498,11 @@ class Router:
         # request URI marked as used, and tm would then find nothing to replicate ("no branches
         # for forwarding"): setting it again marks it new.
         KSR.pv.sets("$ru", _pv("$ru"))
+        KSR.textops.remove_hf(EVICTED_HEADER)  # (the other nodes trust only ours)
+        if evicted:
+            # the same phone under its old ids (only Redis knew): the other nodes resume the calls
+            # they parked for those ids to it, and drop their bindings, as this node did
+            KSR.hdr.append(f"{EVICTED_HEADER}: {','.join(evicted)}\r\n")
         # the device's address only where this node uses it too (NAT detected: route_natdetect)
         if _pv("$avp(RECEIVED)"):
             KSR.path.add_path_received()
@@ -826,12 +835,13 @@ class Router:
         else:
             self._schedule_refresh(device, evicted)
         # the same phone under another id (it changed +sip.instance, or began to send one; same
-        # token): a call it was pushed for under the old id is resumed to it too
+        # token): a call it was pushed for under the old id is resumed to it too, once its old
+        # bindings are gone (with the same address they would be a second branch to the phone)
+        self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         for old_id in evicted:
             self._resume(aor, old_id)
-        self._drop_stale_bindings(aor, device.device_id, device.contact, evicted)
         KSR.registrar.reg_send_reply()
-        self._replicate_register()
+        self._replicate_register(evicted)
         # after the 200 OK: the messages queued while it slept (also those queued under an old id)
         for queued_id in (device.device_id, *evicted) if queued else ():
             self.messages.deliver(aor, queued_id, device.contact)

@@ -263,6 +263,29 @@ def test_a_natted_device_that_wakes_on_another_node_gets_the_call_over_its_new_f
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
 
 
+def test_a_phone_that_wakes_on_another_node_under_a_new_instance_id_still_gets_its_call(
+        cs: ClusterStack, tmp: Path) -> None:
+    """liblinphone keeps its +sip.instance only across clean exits: woken, it may register under a
+    new one with the same token. B's Redis save knows it is the same phone (evicted the old id);
+    the replicated REGISTER tells A, whose call was parked for the old id. A device's own claim of
+    old ids is not carried over."""
+    a, b = cs.nodes
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, "udp")
+    assert register(b, user, rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4())),
+                    "udp").status == 200
+    asleep(cs, user)
+    caller = call(tmp, a, user, "udp")
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    reborn = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
+    forged = ("X-Pusher-Evicted: pn:not-mine",)
+    assert register(b, user, reborn, "udp", extra_headers=forged).status == 200
+    assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
+    assert dev.received("INVITE") == 1
+    assert len(cs.env.store.devices(_aor(user))) == 1
+    assert "pn:not-mine" not in dev.messages()
+
+
 def test_a_wake_on_the_parking_node_is_replicated_too(cs: ClusterStack, tmp: Path) -> None:
     """The woken device's REGISTER resumes the call on its own node and still reaches the others
     (tsilo's append had left the request URI marked as used: nothing was replicated)."""
