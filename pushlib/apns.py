@@ -27,7 +27,7 @@ import google.auth.jwt
 import hpack
 import httpx
 
-from pushlib.h2transport import H2Transport, client_ssl_context, origin_url
+from pushlib.h2transport import H2Transport, client_ssl_context, header_tuple, origin_url
 from pushlib.logutil import get_logger, token_prefix
 from pushlib.models import ApnsRequest, AppCredentials, Outcome, PushResult
 from pushlib.outcomes import classify_apns
@@ -42,6 +42,8 @@ MIN_JWT_TTL = 20 * 60.0
 MAX_JWT_TTL = 60 * 60.0
 
 _is_hex = re.compile(r"[0-9a-fA-F]{2,4096}").fullmatch
+# Distinct repeating header fields (topics x push types x priorities) an ApnsClient keeps typed.
+_TYPED_HEADERS_MAX = 256
 
 
 class ApnsConfigError(ValueError):
@@ -96,6 +98,9 @@ class ApnsClient:
         self._signer: google.auth.crypt.es.EsSigner | None = None
         self._bearer: str | None = None
         self._auth_header: hpack.HeaderTuple | None = None  # the bearer, built once per JWT
+        # (name, value) -> the field as sent, for the values that repeat push after push (topic,
+        # push type, priority): built once instead of lower-cased, encoded and typed every time
+        self._typed: dict[tuple[str, str], hpack.HeaderTuple] = {}
         self._issued_at = 0.0
         if app.apns_key_pem and app.apns_key_id and app.apns_team_id:
             try:
@@ -155,7 +160,17 @@ class ApnsClient:
         return result
 
     async def _post(self, path: bytes, request: ApnsRequest, timeout: float) -> PushResult:
-        headers = [(name.lower().encode(), value.encode()) for name, value in request.headers.items()]
+        typed = self._typed
+        headers: list[hpack.HeaderTuple] = []
+        for name, value in request.headers.items():
+            field = typed.get((name, value))
+            if field is None:
+                field = header_tuple(name.lower().encode(), value.encode())
+                if field.indexable:  # a repeating value (never-indexed ones are per push)
+                    if len(typed) >= _TYPED_HEADERS_MAX:
+                        typed.clear()
+                    typed[(name, value)] = field
+            headers.append(field)
         bearer = None
         if self._signer is not None:
             bearer = self._current_bearer()

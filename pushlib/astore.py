@@ -9,18 +9,19 @@ quarantine, per-app error and environment status). Connection failures and timeo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError, TryAgainError
 
 from pushlib import schema
 from pushlib.logutil import token_prefix
 from pushlib.models import AppCredentials, Device
-from pushlib.redisconn import async_client, unavailable_on_connection_error
+from pushlib.redisconn import async_client, is_cluster, unavailable_on_connection_error
 from pushlib.schema import SENT_MARK_TTL
 from pushlib.settings import Settings
 
@@ -119,6 +120,7 @@ class AsyncStore:
         self.settings = settings
         # Its socket timeout (redisconn.DISPATCHER_SOCKET_TIMEOUT) exceeds the XREADGROUP block time.
         self._r: Any = async_client(redis_url)
+        self._cluster = is_cluster(self._r)
         self._remove_token = self._r.register_script(_REMOVE_TOKEN)
         self._set_if_exists = self._r.register_script(_SET_IF_EXISTS)
         self._job_devices = self._r.register_script(_JOB_DEVICES)
@@ -171,15 +173,26 @@ class AsyncStore:
             # An idle dispatcher's lookup: redis-py's pipeline machinery costs ~50 us more than
             # a direct call, on every push's path. A command error is answered as the pipeline
             # would (raise_on_error=False); connection errors raise in both cases.
-            try:
-                return [await self._r.evalsha(*args[0])]
-            except ResponseError as exc:
-                return [exc]
+            return [await self._evalsha_or_error(args[0])]
+        if self._cluster:
+            # redis-py's cluster pipelines refuse EVALSHA; concurrent calls, each routed to the
+            # node of its AOR, cost about one round trip too.
+            return list(await asyncio.gather(*(self._evalsha_or_error(one) for one in args)))
         pipe = self._r.pipeline(transaction=False)
         for one in args:
             pipe.evalsha(*one)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
+
+    async def _evalsha_or_error(self, args: Sequence[Any]) -> Any:
+        """EVALSHA's reply, or the server's error reply as an exception object (as a pipeline with
+        raise_on_error=False answers); connection errors raise."""
+        try:
+            return await self._r.evalsha(*args)
+        except ResponseError as exc:
+            if isinstance(exc, ClusterDownError | TryAgainError):  # an outage, not a reply
+                raise
+            return exc
 
     async def app(self, provider: str, app_id: str) -> AppCredentials | None:
         """The app a device names by `app_id`, its own id or one of its aliases, in one HGETALL
@@ -369,6 +382,138 @@ class AsyncStore:
             pipe.xack(self.settings.stream, self.settings.group, *entry_ids)
             pipe.xdel(self.settings.stream, *entry_ids)
             await pipe.execute()
+
+    async def mark_sent_and_finish(
+        self, marks: Sequence[tuple[str, str, str]], entry_ids: Sequence[str], ttl: int = SENT_MARK_TTL
+    ) -> None:
+        """`mark_sent_many(marks)` and `finish(entry_ids)` as one script call per chunk, in one
+        round trip: marks and acks of a batch are written together, all or nothing (so an entry is
+        never acked without the marks written with it). A SET per mark and a MULTI per ack cost
+        the dispatcher a quarter of its Redis time. On a Redis Cluster (marks and stream on other
+        nodes) it is the two calls, one after the other."""
+        if self._cluster:
+            await self.mark_sent_many(marks, ttl)
+            await self.finish(list(entry_ids))
+            return
+        keys = [schema.sent_key(aor, job_id, device_id) for aor, job_id, device_id in marks]
+        calls: list[tuple[Any, ...]] = []
+        stream, group = self.settings.stream, self.settings.group
+        for i in range(0, max(len(keys), len(entry_ids)), _BATCH_CHUNK):
+            chunk_keys, chunk_ids = keys[i:i + _BATCH_CHUNK], entry_ids[i:i + _BATCH_CHUNK]
+            calls.append((_MARK_AND_ACK_SHA, 1 + len(chunk_keys), stream, *chunk_keys, ttl, group, *chunk_ids))
+        if calls:
+            with unavailable_on_connection_error("mark_sent_and_finish"):
+                await self._evalsha_loading(calls, _MARK_AND_ACK)
+
+    async def job_devices_batch(
+        self, requests: Sequence[tuple[str, str, Sequence[str]]]
+    ) -> list[list[tuple[Device, bool]]]:
+        """`job_devices_many`'s answer, from one script call for the whole batch instead of one per
+        request (the per-call cost in redis-py and Redis was most of the lookup). When the server
+        refuses the batch (a key of the wrong type...) `job_devices_many` answers it, error
+        replies included, as before; on a Redis Cluster (an AOR per slot) it is `job_devices_many`."""
+        if self._cluster or len(requests) < 2:
+            return await self.job_devices_many(requests)
+        keys: list[str] = []
+        args: list[Any] = []
+        for aor, job_id, device_ids in requests:
+            keys.append(schema.devices_key(aor))
+            args += [schema.device_key(aor, ""), schema.sent_key(aor, job_id, ""), len(device_ids), *device_ids]
+        try:
+            with unavailable_on_connection_error("job_devices"):
+                [reply] = await self._evalsha_loading([(_JOB_DEVICES_BATCH_SHA, len(keys), *keys, *args)],
+                                                      _JOB_DEVICES_BATCH)
+        except ResponseError:
+            return await self.job_devices_many(requests)
+        answers: list[list[tuple[Device, bool]]] = []
+        for (aor, _, _), devices in zip(requests, json.loads(reply), strict=True):
+            found: list[tuple[Device, bool]] = []
+            for device_id, raw, sent in devices:
+                device = schema.decode_or_log(schema.decode_device, raw, aor, str(device_id))
+                if device is not None:
+                    found.append((device, bool(sent)))
+            found.sort(key=lambda pair: pair[0].registered_at)
+            answers.append(found)
+        return answers
+
+    async def _evalsha_loading(self, calls: Sequence[tuple[Any, ...]], source: str) -> list[Any]:
+        """Pipelined EVALSHA `calls` of the script `source` (one round trip); when Redis lost its
+        scripts (restart, SCRIPT FLUSH) the script is loaded and the calls made again, so the
+        script must be safe to repeat. Plain EVALSHA + SCRIPT LOAD (what the dispatcher's ACL
+        user may run), no registered Script (its SCRIPT EXISTS would be a round trip per call)."""
+        for attempt in (1, 2):
+            pipe = self._r.pipeline(transaction=False)
+            for call in calls:
+                pipe.evalsha(*call)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                await self._r.script_load(source)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise AssertionError("unreachable")
+
+
+def _script_sha(source: str) -> str:
+    """The SHA1 EVALSHA names `source` by."""
+    import hashlib
+
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+# The marks and acks of a batch in one call (see mark_sent_and_finish). KEYS[1]: the stream,
+# KEYS[2..]: sent marks to set. ARGV[1]: their TTL, ARGV[2]: the group, ARGV[3..]: entries to ack
+# and delete. Safe to repeat. A plain Redis only: the marks are in their AORs' slots.
+_MARK_AND_ACK = """
+for i = 2, #KEYS do redis.call('set', KEYS[i], '1', 'EX', ARGV[1]) end
+if #ARGV > 2 then
+  redis.call('xack', KEYS[1], ARGV[2], unpack(ARGV, 3))
+  redis.call('xdel', KEYS[1], unpack(ARGV, 3))
+end
+return 0
+"""
+_MARK_AND_ACK_SHA = _script_sha(_MARK_AND_ACK)
+
+# _JOB_DEVICES for many jobs in one call (see job_devices_batch). KEYS[k]: the k-th job's AOR
+# device set. ARGV, per job in order: device key prefix, sent-mark prefix, n, then n wanted device
+# ids (n = 0: all). Returns one JSON array with _JOB_DEVICES's answer per job. A plain Redis only:
+# the AORs are in different slots.
+_JOB_DEVICES_BATCH = """
+local out = {}
+local a = 1
+for k = 1, #KEYS do
+  local dev_prefix, sent_prefix, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local wanted = nil
+  if n > 0 then
+    wanted = {}
+    for i = a + 3, a + 2 + n do wanted[ARGV[i]] = true end
+  end
+  a = a + 3 + n
+  local found, stale = {}, {}
+  for _, id in ipairs(redis.call('smembers', KEYS[k])) do
+    if wanted == nil or wanted[id] then
+      local h = redis.call('hgetall', dev_prefix .. id)
+      if #h == 0 then
+        stale[#stale + 1] = id
+      else
+        local fields = {}
+        for i = 1, #h, 2 do fields[h[i]] = h[i + 1] end
+        found[#found + 1] = cjson.encode({id, fields, redis.call('exists', sent_prefix .. id)})
+      end
+    elseif redis.call('exists', dev_prefix .. id) == 0 then
+      stale[#stale + 1] = id
+    end
+  end
+  if #stale > 0 then redis.call('srem', KEYS[k], unpack(stale)) end
+  out[k] = '[' .. table.concat(found, ',') .. ']'
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+_JOB_DEVICES_BATCH_SHA = _script_sha(_JOB_DEVICES_BATCH)
+# Marks or acks per script call (Lua's unpack has a stack limit of a few thousand values).
+_BATCH_CHUNK = 500
 
 
 __all__ = ["AsyncStore"]

@@ -12,10 +12,13 @@ their live entries first. Each (job, device) push the provider accepted is
 marked `pn:{<aor>}:sent:<job>:<device>` right away, so a reclaimed job skips it; a push accepted
 by the provider but not yet marked when the process died is sent again (the duplicate window).
 
-Redis work per job is kept to about two round trips: one script returns the job's devices with
-their sent marks, and the marks and acks of concurrent jobs are coalesced (`_Batcher`: whatever
-was submitted while the previous batch was in flight goes out as one pipeline; an entry is
-acked only after its marks are written). Per-app outcome counters, environment-window entries and
+Redis work is per batch of jobs, not per job (`_Batcher`: whatever was submitted while the
+previous batch was in flight goes out together): under a backlog a read waits for a quarter of
+the job slots to be free; the jobs of a read share one script call that returns their devices
+with their sent marks (`AsyncStore.job_devices_batch`); the sent marks and acks of a batch are
+one more script call (`AsyncStore.mark_sent_and_finish`: a job's only device's mark and its ack
+travel together, and an entry is never acked before its marks). On a Redis Cluster the same
+batches go out as the per-slot calls. Per-app outcome counters, environment-window entries and
 the Prometheus figures (`pushlib.metrics`: pushes by provider/kind/outcome, latency, dead tokens,
 quarantines) are buffered in memory and flushed every OUTCOME_FLUSH_SECONDS in one pipeline; a
 BadDeviceToken flushes its app's buffer at once so the suspicion check sees the totals.
@@ -108,6 +111,9 @@ _QUIET_OUTCOMES = frozenset(("delivered", "already_sent", "quarantined_skipped",
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _AppKey = tuple[str, str]  # (provider, app_id)
+# One write of the mark/ack batcher: a sent mark (aor, job_id, device_id), an entry to ack, or both
+# (a single-device job's mark and its ack, written in the same call).
+_Write = tuple[tuple[str, str, str] | None, str | None]
 _CallKey = tuple[str, str]  # (aor, call_id)
 
 _Builder = Callable[
@@ -226,6 +232,8 @@ class Dispatcher:
         self._pool = pool
         self._owns_pool = pool is None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._room: asyncio.Future[None] | None = None  # the read loop waits for free job slots
+        self._room_wanted = 1
         self._apps: OrderedDict[_AppKey, tuple[float, AppCredentials | None]] = OrderedDict()
         self._voip_only_warned: set[tuple[str, str]] = set()
         self._repeats: dict[_CallKey, dict[str, asyncio.Task[None]]] = {}  # call -> device id -> task
@@ -253,18 +261,15 @@ class Dispatcher:
         self._store = AsyncStore(self.settings.redis_url, self.settings)
         store = self._store
 
-        async def mark(marks: list[tuple[str, str, str]]) -> list[None]:
-            await store.mark_sent_many(marks)
-            return [None] * len(marks)
-
-        async def ack(entry_ids: list[str]) -> list[None]:
-            await store.finish(entry_ids)
-            return [None] * len(entry_ids)
+        async def write(items: list[_Write]) -> list[None]:
+            await store.mark_sent_and_finish([m for m, _ in items if m is not None],
+                                             [e for _, e in items if e is not None])
+            return [None] * len(items)
 
         self._lookups: _Batcher[tuple[str, str, Sequence[str]], list[tuple[Device, bool]]] = _Batcher(
-            store.job_devices_many)
-        self._marks: _Batcher[tuple[str, str, str], None] = _Batcher(mark)
-        self._acks: _Batcher[str, None] = _Batcher(ack)
+            store.job_devices_batch)
+        # Sent marks and acks share one batcher, so a batch of them is one round trip.
+        self._writes: _Batcher[_Write, None] = _Batcher(write)
         self._pool_in_use = self._pool or ProviderPool()
         self._slots = asyncio.Semaphore(max(1, self.settings.concurrency))
         log.info("dispatcher %s: starting redis=%s stream=%s group=%s concurrency=%d reclaim_idle_ms=%d",
@@ -304,8 +309,8 @@ class Dispatcher:
             if unfinished:
                 log.warning("dispatcher %s: %d jobs unfinished at stop, left for reclaim",
                             self.consumer, len(unfinished))
-        for batcher in (self._lookups, self._marks, self._acks):
-            await batcher.aclose()
+        await self._lookups.aclose()
+        await self._writes.aclose()
         try:
             await self._flush_outcomes()
         except StoreUnavailable as exc:
@@ -356,11 +361,14 @@ class Dispatcher:
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
         backlog = False  # the last read filled its count, so more are probably waiting
+        # Under a backlog, read only once this many slots are free: a read (and the device lookup
+        # of the jobs it returns) costs about the same for 1 entry as for 25, so reading each
+        # freed slot alone spent a round trip and a pipeline per job or two.
+        batch = min(READ_BATCH, max(1, self.settings.concurrency // 4))
         while not stop.is_set():
             free = self.settings.concurrency - len(self._inflight)
-            if free <= 0:
-                await asyncio.wait(list(self._inflight.values()), timeout=1.0,
-                                   return_when=asyncio.FIRST_COMPLETED)
+            if free < (batch if backlog else 1):
+                await self._room_for(batch if backlog else 1)
                 continue
             count = min(free, READ_BATCH)
             try:
@@ -452,7 +460,27 @@ class Dispatcher:
             return
         task = asyncio.create_task(self._handle(entry_id, fields))
         self._inflight[entry_id] = task
-        task.add_done_callback(lambda _t: self._inflight.pop(entry_id, None))
+        task.add_done_callback(lambda _t: self._job_done(entry_id))
+
+    def _job_done(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        room = self._room
+        if room is not None and not room.done() and \
+                self.settings.concurrency - len(self._inflight) >= self._room_wanted:
+            room.set_result(None)
+
+    async def _room_for(self, slots: int) -> None:
+        """Wait (at most a second: the caller checks for stop) until `slots` job slots are free.
+        One future woken by the job tasks' done callbacks: `asyncio.wait` on every in-flight task
+        added and removed a callback on each of them for every read."""
+        self._room = asyncio.get_running_loop().create_future()
+        self._room_wanted = slots
+        try:
+            await asyncio.wait_for(self._room, 1.0)
+        except TimeoutError:
+            pass
+        finally:
+            self._room = None
 
     async def _log_stats(self) -> None:
         log.info("dispatcher %s: stats %s inflight=%d", self.consumer,
@@ -471,7 +499,7 @@ class Dispatcher:
                 self.stats["malformed"] += 1
                 self._metrics.event("jobs_malformed")
                 log.error("dispatcher: malformed stream entry %s dropped: %s", entry_id, exc)
-                await self._acks.submit(entry_id)
+                await self._writes.submit((None, entry_id))
                 return
             cancel_done = self._call_ending(job)  # before any await: entries start in stream order
             try:
@@ -495,7 +523,7 @@ class Dispatcher:
             self._metrics.event("jobs_failed")
             log.exception("dispatcher: job entry %s failed unexpectedly; dropped", entry_id)
             with contextlib.suppress(StoreUnavailable):
-                await self._acks.submit(entry_id)
+                await self._writes.submit((None, entry_id))
 
     async def _run_job(self, entry_id: str, job: PushJob) -> None:
         if job.deadline <= time.time():
@@ -503,7 +531,7 @@ class Dispatcher:
             self._metrics.event("jobs_deadline_dropped")
             log.info("push job=%s kind=%s aor=%s outcome=deadline_dropped (late by %.1fs when read)",
                      job.job_id, job.kind.value, job.aor, time.time() - job.deadline)
-            await self._acks.submit(entry_id)
+            await self._writes.submit((None, entry_id))
             return
         if job.kind is PushKind.MISSED_CALL:
             await self._after_cancel(job)
@@ -511,11 +539,12 @@ class Dispatcher:
         if not targets:
             log.info("push job=%s kind=%s aor=%s outcome=no_device", job.job_id, job.kind.value, job.aor)
         elif len(targets) == 1:  # the common case: no gather() wrapper task
-            await self._push(job, *targets[0])
+            if await self._push(job, *targets[0], entry_id=entry_id):
+                return  # acked in the same write as the push's mark
         else:
             await asyncio.gather(*(self._push(job, d, sent) for d, sent in targets))
         # After every mark of the job is written: an ack never outruns a mark.
-        await self._acks.submit(entry_id)
+        await self._writes.submit((None, entry_id))
 
     # --- the end of a call, alert-style call repeats --------------------------------------------
 
@@ -653,60 +682,72 @@ class Dispatcher:
                     "its app must also register a remote-notification token",
                     job.job_id, job.kind.value, device.aor, device.device_id, job.kind.value)
 
-    async def _push(self, job: PushJob, device: Device, sent: bool) -> None:
+    async def _push(self, job: PushJob, device: Device, sent: bool, entry_id: str | None = None) -> bool:
         """Push one device to a final outcome, retrying RETRYABLE results until the deadline.
-        `sent`: the (job, device) mark existed when the job's devices were read."""
+        `sent`: the (job, device) mark existed when the job's devices were read. `entry_id`: the
+        job's stream entry when this is its only device: a delivered push's mark and the entry's
+        ack are then written together; True when that happened (the caller acks otherwise)."""
         provider, app_id = device.params.provider.value, device.params.app_id
         if device.dead:  # a tombstone: every token died at the provider (AsyncStore.remove_token)
-            return self._final_line(job, device, "dead_skipped", None, "device dead: every token died")
+            self._final_line(job, device, "dead_skipped", None, "device dead: every token died")
+            return False
         if device.quarantined_until > time.time():
-            return self._final_line(job, device, "quarantined_skipped", None, "device quarantined")
+            self._final_line(job, device, "quarantined_skipped", None, "device quarantined")
+            return False
         app = await self._app(provider, app_id)
         if app is None:
             await self._store.record_app_error(provider, app_id, "no credentials stored for this app")
-            return self._final_line(job, device, "config_error", None, "no credentials for app")
+            self._final_line(job, device, "config_error", None, "no credentials for app")
+            return False
         if sent or (job.job_id, device.device_id) in self._delivered:
-            return self._final_line(job, device, "already_sent", None, "provider accepted it before")
+            self._final_line(job, device, "already_sent", None, "provider accepted it before")
+            return False
         build: _Builder = build_apns if device.params.provider is Provider.APNS else build_fcm
         attempt = 0
         while True:
             now = time.time()
             remaining = job.deadline - now
             if remaining <= 0:
-                return self._final_line(job, device, "deadline_dropped", None, "deadline passed")
+                self._final_line(job, device, "deadline_dropped", None, "deadline passed")
+                return False
             try:
                 request = build(job.kind, device, dict(job.data), job.deadline, now, self.settings)
             except ValueError as exc:  # PayloadTooLarge: the job's own fields cannot fit
-                return self._final_line(job, device, "rejected", None, f"cannot build payload: {exc}")
+                self._final_line(job, device, "rejected", None, f"cannot build payload: {exc}")
+                return False
             if request is None:
                 self._warn_voip_only(job, device)
-                return self._final_line(job, device, "no_token", None, f"no token for {job.kind.value}")
+                self._final_line(job, device, "no_token", None, f"no token for {job.kind.value}")
+                return False
             async with self._slots:
                 result = await self._pool_in_use.send(
                     app, device, request, min(self.settings.push_timeout, remaining)
                 )
             if result.outcome is not Outcome.RETRYABLE:
-                await self._final(job, device, request, result, app.app_id)
+                acked = await self._final(job, device, request, result, app.app_id, entry_id=entry_id)
                 if result.outcome is Outcome.DELIVERED and is_alert_call(job.kind, request):
                     self._repeat_later(job, device)
-                return
+                return acked
             attempt += 1
             delay = backoff_delay(attempt, result.retry_after)
             if time.time() + delay >= job.deadline:
-                return self._final_line(job, device, "deadline_dropped", request,
-                                        f"retryable {result.status} {result.reason}; no time left")
+                self._final_line(job, device, "deadline_dropped", request,
+                                 f"retryable {result.status} {result.reason}; no time left")
+                return False
             self.stats["retried"] += 1
             log.debug("push job=%s device=%s retry %d in %.2fs after %s %s",
                       job.job_id, device.device_id, attempt, delay, result.status, result.reason)
             await asyncio.sleep(delay)
 
     async def _final(self, job: PushJob, device: Device, request: ApnsRequest | FcmMessage,
-                     result: PushResult, app_id: str, repeat: int = 0) -> None:
+                     result: PushResult, app_id: str, repeat: int = 0, entry_id: str | None = None) -> bool:
         """Act on a final result. `app_id`: the app's own id (the device may name it by an alias):
         its status and counters are the app's, whatever name its devices use. `repeat`: the
-        number of an alert-style incomingCall repeat (0: the job's own push)."""
+        number of an alert-style incomingCall repeat (0: the job's own push). `entry_id`: ack this
+        stream entry with the mark of a delivered push; True when that was done."""
         provider = device.params.provider.value
         outcome = result.outcome
+        acked = False
         if not repeat and job.created_at > 0:  # a repeat's latency is its interval, not the provider's
             self._metrics.latency(provider, time.time() - job.created_at)
         if outcome is Outcome.DELIVERED and not repeat:
@@ -714,7 +755,8 @@ class Dispatcher:
             self._delivered[(job.job_id, device.device_id)] = None
             if len(self._delivered) > DELIVERED_MEMORY:
                 self._delivered.popitem(last=False)
-            await self._marks.submit((job.aor, job.job_id, device.device_id))
+            await self._writes.submit(((job.aor, job.job_id, device.device_id), entry_id))
+            acked = entry_id is not None
         elif outcome is Outcome.TOKEN_DEAD:
             if await self._store.remove_token(device.aor, device.device_id, request.token):
                 self._metrics.event("dead_tokens_removed")
@@ -739,6 +781,7 @@ class Dispatcher:
         name = "suspect" if outcome is Outcome.DEVICE_SUSPECT else outcome.value
         detail = f"{result.reason} repeat={repeat}".strip() if repeat else result.reason
         self._final_line(job, device, name, request, result.status, detail)
+        return acked
 
     async def _flush_outcomes(self, check: _AppKey | None = None) -> None:
         """Write the buffered per-app outcomes (one round trip) and, for `check`, evaluate the

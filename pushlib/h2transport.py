@@ -38,6 +38,7 @@ import h2.exceptions
 import h2.settings
 import hpack
 import httpx
+from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
 
 from pushlib.logutil import get_logger
 
@@ -114,9 +115,10 @@ async def send_request(
 
 # ---- HPACK: the hpack library, configured ---------------------------------------------------
 #
-# h2 compresses headers with hpack's Encoder and decodes responses with its Decoder; we only
-# tell them how. h2 hands our header tuples to `encoder.encode()` keeping their class, and
-# hpack reads the indexing decision from that class:
+# h2 compresses headers with hpack's Encoder and decodes responses with its Decoder (their
+# subclasses below, which keep hpack's tables, limits and errors and remember what repeats).
+# h2 hands our header tuples to `encoder.encode()` keeping their class, and hpack reads the
+# indexing decision from that class:
 # - HeaderTuple: values that repeat on every push (pseudo headers, the bearer JWT, apns-topic,
 #   apns-push-type, apns-priority) enter the dynamic table once and then cost one byte each;
 # - NeverIndexedHeaderTuple: per-request values (:path with the device token, apns-id,
@@ -133,11 +135,233 @@ def header_tuple(name: bytes, value: bytes) -> hpack.HeaderTuple:
     return hpack.HeaderTuple(name, value)
 
 
+# Memo bounds: the HPACK memos are meant for what repeats (header fields, names, response
+# strings); flooded with ever-new values they start over.
+_MEMO_MAX = 1024
+
+
 class _PlainEncoder(hpack.Encoder):
-    """hpack's Encoder with Huffman coding off (h2 calls `encode(headers)` with the default on)."""
+    """hpack's Encoder with Huffman coding off (h2 calls `encode(headers)` with the default on),
+    and memoised. After the first pushes every block is the same few indexed references plus a
+    few never-indexed literals, yet hpack searches its tables for every field of every block
+    (about a tenth of a push's CPU). While the dynamic table is unchanged a field's encoding is
+    too, so this remembers each indexable field's bytes and each never-indexed name's prefix, and
+    forgets them all whenever hpack changes the table (a field newly indexed, a size update).
+    The blocks are what hpack itself would encode, except that a never-indexed value that happens
+    to equal a table entry stays a literal (valid HPACK; our per-request values never do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fields: dict[tuple[bytes, bytes], bytes] = {}  # indexable (name, value) -> its field
+        self._names: dict[bytes, bytes] = {}  # never-indexed name -> its field before the value length
+        self._state: tuple[int, object] = self._table_state()
+
+    def _table_state(self) -> tuple[int, object]:
+        entries = self.header_table.dynamic_entries
+        # hpack inserts a new tuple at the left for every field it indexes: its identity (we hold
+        # a reference, so no later tuple can reuse it) plus the length tell a changed table.
+        return len(entries), entries[0] if entries else None
+
+    def _table_changed(self) -> bool:
+        length, newest = self._table_state()
+        return length != self._state[0] or newest is not self._state[1]
+
+    def _forget(self) -> None:
+        self._fields = {}
+        self._names = {}
+        self._state = self._table_state()
 
     def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)
+        if self.header_table.resized:  # a size update leads this block: hpack's own path
+            block = super().encode(headers, huffman=False)
+            self._forget()
+            return block
+        if self._table_changed():
+            self._forget()
+        if len(self._fields) + len(self._names) > _MEMO_MAX:
+            self._forget()
+        out: list[bytes] = []
+        for header in headers:
+            name, value = header[0], header[1]
+            if not isinstance(name, bytes):
+                name = bytes(name, "utf-8") if isinstance(name, str) else bytes(name)
+            if not isinstance(value, bytes):
+                value = bytes(value, "utf-8") if isinstance(value, str) else bytes(value)
+            if isinstance(header, hpack.HeaderTuple):
+                sensitive = not header.indexable
+            else:
+                sensitive = len(header) > 2 and bool(header[2])
+            if not sensitive:
+                field = self._fields.get((name, value))
+                if field is None:
+                    field = self.add((name, value), False, huffman=False)
+                    if self._table_changed():  # newly indexed: every dynamic index moved
+                        self._forget()
+                    else:
+                        self._fields[(name, value)] = field
+            else:
+                size = len(value)
+                prefix = self._names.get(name) if size < 127 else None
+                if prefix is not None:
+                    field = prefix + bytes((size,)) + value
+                else:
+                    field = self.add((name, value), True, huffman=False)  # never changes the table
+                    tail = bytes((size,)) + value if size < 127 else b""
+                    # a never-indexed literal (0001xxxx), raw value with a one-byte length
+                    if tail and field[0] & 0xF0 == 0x10 and field.endswith(tail):
+                        self._names[name] = field[: len(field) - len(tail)]
+            out.append(field)
+        return b"".join(out)
+
+
+# The HPACK Huffman code walked a byte at a time: (state << 8 | byte) -> (next state, bytes
+# emitted, whether a string may end there), derived on first use from hpack's nibble table (the
+# pairs real header values reach are a few hundred; all of them would be 65,536). Half the loop
+# turns of hpack's own decoder, which walks nibbles.
+_HUFFMAN_STEPS: dict[int, tuple[int, bytes, bool]] = {}
+# An HPACK integer longer than this (prefix byte included) is an attack or garbage (as hpack).
+_VARINT_MAX_BYTES = 5
+
+
+def _huffman_step(state: int, byte: int) -> tuple[int, bytes, bool]:
+    emitted = bytearray()
+    flags = 0
+    for nibble in (byte >> 4, byte & 0x0F):
+        state, flags, symbol = HUFFMAN_TABLE[state * 16 + nibble]
+        if flags & HUFFMAN_FAIL:
+            raise hpack.HPACKDecodingError("Invalid Huffman string")
+        if flags & HUFFMAN_EMIT_SYMBOL:
+            emitted.append(symbol)
+    return state, bytes(emitted), bool(flags & HUFFMAN_COMPLETE)
+
+
+def huffman_decode(data: bytes) -> bytes:
+    """An HPACK Huffman string decoded (what `hpack.huffman_table.decode_huffman` returns, and
+    the same HPACKDecodingError for an invalid or incomplete one)."""
+    steps = _HUFFMAN_STEPS
+    state = 0
+    complete = True
+    out: list[bytes] = []
+    for byte in data:
+        key = state << 8 | byte
+        step = steps.get(key)
+        if step is None:
+            step = steps[key] = _huffman_step(state, byte)
+        state, emitted, complete = step
+        if emitted:
+            out.append(emitted)
+    if not complete:
+        raise hpack.HPACKDecodingError("Incomplete Huffman string")
+    return b"".join(out)
+
+
+def _integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """The HPACK integer at `data[pos]` with a `prefix_bits` prefix: (value, bytes it took)."""
+    limit = (1 << prefix_bits) - 1
+    number = data[pos] & limit
+    if number < limit:
+        return number, 1
+    shift = 0
+    used = 1
+    try:
+        while True:
+            byte = data[pos + used]
+            used += 1
+            number += (byte & 0x7F) << shift
+            if byte < 0x80:
+                return number, used
+            shift += 7
+            if used >= _VARINT_MAX_BYTES:
+                raise hpack.HPACKDecodingError("HPACK integer representation too long")
+    except IndexError:
+        raise hpack.HPACKDecodingError("Truncated HPACK integer") from None
+
+
+class _MemoDecoder(hpack.Decoder):
+    """hpack's Decoder, with the block walked in one loop and Huffman-coded strings memoised.
+
+    Decoding the provider's responses was a fifth of a push's CPU, half of it Huffman-decoding
+    literals that repeat (header names sent as literals, nginx's `server`, `date`,
+    `content-type`); the memo answers those from a dict, and `huffman_decode` halves the cost
+    of the rest (the per-push `apns-id`). The table, its limits and the errors are hpack's
+    (`HeaderTable`, `max_header_list_size`, `max_allowed_table_size`, HPACKDecodingError and
+    its kin), so h2 sees the same decoder. `raw=False` (never used by h2 here) is hpack's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._strings: dict[bytes, bytes] = {}  # Huffman-coded literal -> its bytes
+
+    def _string(self, data: bytes, pos: int) -> tuple[bytes, int]:
+        """The string literal at `data[pos]`: (its bytes, the position after it)."""
+        length, used = _integer(data, pos, 7)
+        start = pos + used
+        end = start + length
+        if end > len(data):
+            raise hpack.HPACKDecodingError("Truncated header block")
+        coded = data[start:end]
+        if not data[pos] & 0x80:
+            return coded, end
+        plain = self._strings.get(coded)
+        if plain is None:
+            plain = huffman_decode(coded)
+            if len(self._strings) >= _MEMO_MAX:
+                self._strings.clear()
+            self._strings[coded] = plain
+        return plain, end
+
+    def decode(self, data: bytes, raw: bool = False) -> list[hpack.HeaderTuple]:
+        if not raw:
+            return list(super().decode(data, raw))
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        table = self.header_table
+        headers: list[hpack.HeaderTuple] = []
+        inflated = 0
+        pos = 0
+        end = len(data)
+        try:
+            while pos < end:
+                first = data[pos]
+                if first & 0x80:  # indexed field
+                    index, used = _integer(data, pos, 7)
+                    pos += used
+                    name, value = table.get_by_index(index)
+                    header = hpack.HeaderTuple(name, value)
+                elif first & 0x20 and not first & 0x40:  # dynamic table size update
+                    if headers:
+                        raise hpack.HPACKDecodingError("Table size update not at the start of the block")
+                    size, used = _integer(data, pos, 5)
+                    pos += used
+                    if size > self.max_allowed_table_size:
+                        raise hpack.InvalidTableSizeError("Encoder exceeded max allowable table size")
+                    self.header_table_size = size
+                    continue
+                else:  # literal: incremental indexing (01), without (0000) or never (0001)
+                    indexing = bool(first & 0x40)
+                    index, used = _integer(data, pos, 6 if indexing else 4)
+                    if index:
+                        name = table.get_by_index(index)[0]
+                        pos += used
+                    else:
+                        name, pos = self._string(data, pos + 1)
+                    value, pos = self._string(data, pos)
+                    if indexing:
+                        table.add(name, value)
+                        header = hpack.HeaderTuple(name, value)
+                    elif first & 0x10:
+                        header = hpack.NeverIndexedHeaderTuple(name, value)
+                    else:
+                        header = hpack.HeaderTuple(name, value)
+                headers.append(header)
+                inflated += 32 + len(header[0]) + len(header[1])
+                if inflated > self.max_header_list_size:
+                    raise hpack.OversizedHeaderListError(
+                        f"A header list larger than {self.max_header_list_size} has been received")
+        except IndexError:
+            raise hpack.HPACKDecodingError("Truncated header block") from None
+        if self.header_table_size > self.max_allowed_table_size:
+            raise hpack.InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        return headers
 
 
 class RawResponse:
@@ -181,8 +405,12 @@ class _Connection(asyncio.Protocol):
             validate_inbound_headers=False,
         )
         self._h2 = h2.connection.H2Connection(config=config)
-        # A fresh connection's encoder has an empty table: swapping it before any frame is safe.
+        # A fresh connection's encoder and decoder have empty tables: swapping them before any
+        # frame is safe.
         self._h2.encoder = _PlainEncoder()
+        decoder = _MemoDecoder()
+        decoder.max_header_list_size = self._h2.decoder.max_header_list_size
+        self._h2.decoder = decoder
         self._transport: asyncio.Transport | None = None
         self._streams: dict[int, RawResponse] = {}
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()

@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -143,10 +143,14 @@ class _Content:
 
 
 def _id(value: str) -> str:
+    if value.isascii():  # the usual id: nothing to replace, no regex pass
+        return value
     return _SURROGATES.sub("\ufffd", value)
 
 
 def _text(value: str) -> str:
+    if value.isascii() and value.isprintable():  # no surrogate, no control character
+        return value.strip()
     return _TEXT_CONTROL.sub("", _id(value)).strip()
 
 
@@ -232,8 +236,46 @@ def _content(kind: PushKind, data: Mapping[str, str], deadline: float, now: floa
     return content
 
 
+# One encoder for every payload: json.dumps with non-default options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _encode(obj: object) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _JSON.encode(obj).encode("utf-8")
+
+
+# Random bytes for apns-id, drawn from the OS in blocks: uuid.uuid4() costs a system call and a
+# UUID object per push. A block belongs to the process that drew it: a forked child (Kamailio
+# forks its workers in C, without Python's fork hooks) draws its own, so no two processes hand
+# out the same ids.
+_ID_BLOCK = 16 * 256
+
+
+class _RandomIds:
+    def __init__(self) -> None:
+        self.block = bytearray()
+        self.pid = 0
+
+    def next16(self) -> bytearray:
+        pid = os.getpid()
+        if pid != self.pid or not self.block:
+            self.block = bytearray(os.urandom(_ID_BLOCK))
+            self.pid = pid
+        raw = self.block[-16:]
+        del self.block[-16:]
+        return raw
+
+
+_random_ids = _RandomIds()
+
+
+def apns_id() -> str:
+    """A random (version 4) UUID string, as `str(uuid.uuid4())` gives."""
+    raw = _random_ids.next16()
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _cost(ch: str) -> int:
@@ -244,6 +286,10 @@ def _cost(ch: str) -> int:
 def _fit(texts: Mapping[str, tuple[str, int]], render: Callable[[dict[str, str]], tuple[bytes, int]],
          limit: int) -> bytes:
     """Render with the texts cut (longest first, "…" appended) until the measured size fits."""
+    if all(len(v) <= cap for v, cap in texts.values()):  # the usual push: fits as it is
+        out, size = render({k: v for k, (v, _) in texts.items()})
+        if size <= limit:
+            return out
     originals = {k: v for k, (v, _) in texts.items()}
     kept = {k: min(len(v), cap) for k, (v, cap) in texts.items()}
 
@@ -337,7 +383,7 @@ def build_apns(kind: PushKind, device: Device, data: Mapping[str, str], deadline
         "apns-push-type": wire.push_type,
         "apns-priority": str(wire.apns_priority),
         "apns-expiration": str(expiration),
-        "apns-id": str(uuid.uuid4()),
+        "apns-id": apns_id(),
     }
     call_id = content.ids.get("call_id")
     if call_id and kind in _CALL_KINDS:
