@@ -97,6 +97,16 @@ def token_prefix(token: str | None, keep: int = 8) -> str:
     return token[:keep] + "…" if len(token) > keep else token
 
 
+def _hosts_ok(hosts: str) -> bool:
+    """Whether every `host[:port]` of a URL's authority (comma-separated on a cluster URL) has a
+    numeric port or none."""
+    for host in hosts.split(","):
+        port = host.rsplit("]", 1)[-1].rpartition(":")[2] if ":" in host.rsplit("]", 1)[-1] else ""
+        if port and not port.isdigit():
+            return False
+    return True
+
+
 def redact_url(url: str | None) -> str:
     """A connection URL fit for a log line or an error message: the password (if any) replaced
     by `***`; the user name, hosts (a Redis Cluster URL lists several), port and path are kept.
@@ -113,6 +123,9 @@ def redact_url(url: str | None) -> str:
         query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", query)
     # (the user info ends at the last "@": a password may contain "@" too)
     userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not _hosts_ok(hosts) or "@" in parts.path + parts.query + parts.fragment:
+        # e.g. an unencoded "/" in the password ended the authority early: the rest may be secret
+        return "<unparsable url>"
     netloc = parts.netloc
     if at and ":" in userinfo:
         user = userinfo.split(":", 1)[0]

@@ -150,7 +150,8 @@ def test_log_safe_escapes_and_cuts() -> None:
     ("redis://u:p%40ss@[::1]:6379/0?password=s3cret", "redis://u:***@[::1]:6379/0?password=***"),
     ("unix://:s3cret@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-    ("redis://u:s3cret@h:notaport/0", "redis://u:***@h:notaport/0"),
+    ("redis://u:s3cret@h:notaport/0", "<unparsable url>"),
+    ("redis://u:pa/s3cret@h:6379/0", "<unparsable url>"),
     ("redis://u:s3cret@[::1/0", "<unparsable url>"),
     # a Redis Cluster URL lists several hosts: all shown, the password still hidden
     ("redis+cluster://pn:s3cret@10.0.0.5:6379,10.0.0.6:6379/0", "redis+cluster://pn:***@10.0.0.5:6379,10.0.0.6:6379/0"),
