@@ -274,7 +274,6 @@ async def bench_dispatcher(
     import redis.asyncio as aredis
 
     from harness.localrun import redis_server
-    from pushlib import schema
     from pushlib.dispatcher import Dispatcher
     from pushlib.models import (
         ApnsRequest,
@@ -282,9 +281,6 @@ async def bench_dispatcher(
         Device,
         FcmMessage,
         Outcome,
-        PushJob,
-        PushKind,
-        PushParams,
         PushResult,
     )
     from pushlib.providers import ProviderPool
@@ -321,24 +317,10 @@ async def bench_dispatcher(
         store.close()
 
         async def add_devices(prefix: str, count: int, first_token: int) -> list[str]:
-            # Written directly (pipelined) instead of save_device: setup, not what we measure.
-            now = time.time()
-            aors = [f"sip:{prefix}-{i}@bench.example" for i in range(count)]
-            pipe = raw.pipeline(transaction=False)
-            for i, aor in enumerate(aors):
-                params = PushParams(app.provider, app.app_id, alert_token=_token(first_token + i))
-                device = Device(aor, "d1", params, registered_at=now, expires_at=now + 3600)
-                pipe.hset(schema.device_key(aor, "d1"), mapping=schema.encode_device(device))
-                pipe.expire(schema.device_key(aor, "d1"), 3600)
-                pipe.sadd(schema.devices_key(aor), "d1")
-            await pipe.execute()
-            return aors
+            return await _add_bench_devices(raw, app, prefix, count, first_token)
 
         def job(aor: str) -> dict[str, str]:
-            now = time.time()
-            created[aor] = now
-            return schema.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
-                                           data=MESSAGE_DATA, created_at=now))
+            return _bench_job(aor, created, limit_s)
 
         async def run_jobs(aors: list[str], rate: float | None) -> float:
             nonlocal expected
@@ -539,36 +521,51 @@ async def bench_procs(
     return results
 
 
+async def _add_bench_devices(raw: Any, app: Any, prefix: str, count: int, first_token: int) -> list[str]:
+    """`count` users with one device each of `app`, written directly (pipelined, 1,000 at a time)
+    instead of through save_device: setup, not what the bench measures. Their AORs."""
+    from pushlib import schema
+    from pushlib.models import Device, PushParams
+
+    now = time.time()
+    aors = [f"sip:{prefix}-{i}@bench.example" for i in range(count)]
+    for i in range(0, count, 1000):
+        pipe = raw.pipeline(transaction=False)
+        for j, aor in enumerate(aors[i:i + 1000], start=i):
+            params = PushParams(app.provider, app.app_id, alert_token=_token(first_token + j))
+            device = Device(aor, "d1", params, registered_at=now, expires_at=now + 3600)
+            pipe.hset(schema.device_key(aor, "d1"), mapping=schema.encode_device(device))
+            pipe.expire(schema.device_key(aor, "d1"), 3600)
+            pipe.sadd(schema.devices_key(aor), "d1")
+        await pipe.execute()
+    return aors
+
+
+def _bench_job(aor: str, created: dict[str, float], limit_s: float) -> dict[str, str]:
+    """A messageReceived job for `aor`, its creation time noted in `created` (latency's start)."""
+    from pushlib import schema
+    from pushlib.models import PushJob, PushKind
+
+    now = time.time()
+    created[aor] = now
+    return schema.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
+                                     data=MESSAGE_DATA, created_at=now))
+
+
 async def _procs_run(
     name: str, app: Any, procs: int, run: int, n: int, concurrency: int, limit_s: float, log_level: str,
     preload: bool, provider_pid: int | None, server: Any, raw: Any, settings: Any, tmp: Path,
 ) -> ProcsMeasurement:
     from harness.localrun import stop_process
-    from pushlib import schema
-    from pushlib.models import Device, PushJob, PushKind, PushParams
 
     m = ProcsMeasurement(name, procs)
     created: dict[str, float] = {}
 
     async def add_devices(prefix: str, count: int, first_token: int) -> list[str]:
-        now = time.time()
-        aors = [f"sip:{prefix}-{i}@bench.example" for i in range(count)]
-        for i in range(0, count, 1000):
-            pipe = raw.pipeline(transaction=False)
-            for j, aor in enumerate(aors[i:i + 1000], start=i):
-                params = PushParams(app.provider, app.app_id, alert_token=_token(first_token + j))
-                device = Device(aor, "d1", params, registered_at=now, expires_at=now + 3600)
-                pipe.hset(schema.device_key(aor, "d1"), mapping=schema.encode_device(device))
-                pipe.expire(schema.device_key(aor, "d1"), 3600)
-                pipe.sadd(schema.devices_key(aor), "d1")
-            await pipe.execute()
-        return aors
+        return await _add_bench_devices(raw, app, prefix, count, first_token)
 
     def job(aor: str) -> dict[str, str]:
-        now = time.time()
-        created[aor] = now
-        return schema.encode_job(PushJob(uuid.uuid4().hex, PushKind.MESSAGE, aor, now + limit_s,
-                                       data=MESSAGE_DATA, created_at=now))
+        return _bench_job(aor, created, limit_s)
 
     async def drained(deadline: float) -> bool:
         while time.monotonic() < deadline:

@@ -156,13 +156,7 @@ class AsyncStore:
         for (aor, _, _), reply in zip(requests, replies, strict=True):
             if isinstance(reply, Exception):
                 raise reply
-            found: list[tuple[Device, bool]] = []
-            for device_id, raw, sent in json.loads(reply):
-                device = schema.decode_or_log(schema.decode_device, raw, aor, str(device_id))
-                if device is not None:
-                    found.append((device, bool(sent)))
-            found.sort(key=lambda pair: pair[0].registered_at)
-            answers.append(found)
+            answers.append(_decoded_job_devices(aor, json.loads(reply)))
         return answers
 
     async def _eval_job_devices(self, requests: Sequence[tuple[str, str, Sequence[str]]]) -> list[Any]:
@@ -425,16 +419,8 @@ class AsyncStore:
                                                       _JOB_DEVICES_BATCH)
         except ResponseError:
             return await self.job_devices_many(requests)
-        answers: list[list[tuple[Device, bool]]] = []
-        for (aor, _, _), devices in zip(requests, json.loads(reply), strict=True):
-            found: list[tuple[Device, bool]] = []
-            for device_id, raw, sent in devices:
-                device = schema.decode_or_log(schema.decode_device, raw, aor, str(device_id))
-                if device is not None:
-                    found.append((device, bool(sent)))
-            found.sort(key=lambda pair: pair[0].registered_at)
-            answers.append(found)
-        return answers
+        return [_decoded_job_devices(aor, devices)
+                for (aor, _, _), devices in zip(requests, json.loads(reply), strict=True)]
 
     async def _evalsha_loading(self, calls: Sequence[tuple[Any, ...]], source: str) -> list[Any]:
         """Pipelined EVALSHA `calls` of the script `source` (one round trip); when Redis lost its
@@ -517,3 +503,15 @@ _BATCH_CHUNK = 500
 
 
 __all__ = ["AsyncStore"]
+
+
+def _decoded_job_devices(aor: str, entries: Iterable[Sequence[Any]]) -> list[tuple[Device, bool]]:
+    """The job-devices script's `[device id, hash fields, sent]` entries of one AOR as (device,
+    already sent) pairs, oldest registration first; a corrupt record is logged and left out."""
+    found: list[tuple[Device, bool]] = []
+    for device_id, raw, sent in entries:
+        device = schema.decode_or_log(schema.decode_device, raw, aor, str(device_id))
+        if device is not None:
+            found.append((device, bool(sent)))
+    found.sort(key=lambda pair: pair[0].registered_at)
+    return found
