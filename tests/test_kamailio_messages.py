@@ -149,8 +149,9 @@ def test_hundred_messages_wait_and_come_in_order_after_register_even_across_a_dr
             assert (r.status, r.reason) == (202, "Accepted"), r.raw[:300]
     assert _queued(stack, user) == 100
     pushes = stack.wait_pushes(tok, PUSHES_PER_MINUTE, kind="messageReceived")
-    data = payload_data(pushes[0])
-    assert data["title"] == "Friend" and data["sender"] == "Friend" and data["body"] == "m000 héllo"
+    # (pushes of jobs the dispatcher works on together reach the provider in any order)
+    data = next(d for d in map(payload_data, pushes) if d["body"] == "m000 héllo")
+    assert data["title"] == "Friend" and data["sender"] == "Friend"
     assert data["message_id"]
     time.sleep(0.3)
     assert len(stack.pushes(tok)) == PUSHES_PER_MINUTE  # the rest queued without a push
@@ -181,8 +182,9 @@ def test_delivered_message_keeps_sender_type_and_date(stack: Stack) -> None:
         assert sender.message(user, cpim, "message/cpim").status == 202
         assert sender.message(user, '{"lat": 1}', "application/vnd.example.location+json").status == 202
     pushes = stack.wait_pushes(tok, 2, kind="messageReceived")
-    assert [payload_data(p)["body"] for p in pushes] == ["inner text", "New message"]
-    assert payload_data(pushes[0])["title"] == "Zoë"
+    by_body = {str(payload_data(p)["body"]): payload_data(p) for p in pushes}
+    assert sorted(by_body) == ["New message", "inner text"]
+    assert by_body["inner text"]["title"] == "Zoë"
     with _phone(stack) as phone:
         _register(stack, phone, user, tok, instance)
         reqs = []
@@ -300,7 +302,8 @@ def test_role_mode_queues_pushes_and_delivers(role_stack: Stack) -> None:
             assert sender.message(user, f"role {i}").status == 202
         r = sender.message(_user(), "nobody")
     assert (r.status, r.reason) == (404, "Host Not Found")
-    assert [payload_data(p)["body"] for p in role_stack.wait_pushes(tok, 3, kind="messageReceived")] == [
+    # (pushes of jobs the dispatcher works on together reach the provider in any order)
+    assert sorted(str(payload_data(p)["body"]) for p in role_stack.wait_pushes(tok, 3, kind="messageReceived")) == [
         f"role {i}" for i in range(3)]
     with _phone(role_stack) as phone:
         _register(role_stack, phone, user, tok, instance)
