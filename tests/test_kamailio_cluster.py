@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,30 @@ def call(tmp: Path, node: KamailioProc, user: str, transport: str, scenario: str
                        args=["-rsa", f"{node.host}:{node.port}", *args])
 
 
+@dataclass
+class Parked:
+    user: str
+    tok: str
+    contact: str
+    dev: SippRun
+    caller: SippRun
+
+
+def parked_call(cs: ClusterStack, tmp: Path, park_on: KamailioProc, register_on: KamailioProc,
+                transport: str = "udp", device: str = "device-answer.xml", caller: str = "caller-call.xml",
+                caller_args: tuple[str, ...] = ()) -> Parked:
+    """A sleeping iOS VoIP device (a SIPp UAS with its own +sip.instance) registered on `register_on`,
+    and a call for it parked on `park_on` whose incomingCall push has arrived."""
+    user, tok = _user(), apns_token()
+    dev = sipp_device(tmp, transport, scenario=device)
+    contact = rfc8599_apns_contact(dev.port, tok, transport, instance=str(uuid.uuid4()))
+    assert register(register_on, user, contact, transport).status == 200
+    asleep(cs, user)
+    run = call(tmp, park_on, user, transport, scenario=caller, args=caller_args)
+    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    return Parked(user, tok, contact, dev, run)
+
+
 def asleep(cs: ClusterStack, user: str) -> None:
     """Back-date the user's devices (in the one Redis every node reads)."""
     back_date(cs.stack(0), user)
@@ -202,15 +227,9 @@ def test_a_caller_on_one_node_reaches_an_awake_device_on_another(cs: ClusterStac
 def test_a_call_parked_on_one_node_is_answered_when_the_device_wakes_on_another(
         cs: ClusterStack, tmp: Path, transport: str) -> None:
     a, b = cs.nodes
-    user, tok, instance = _user(), apns_token(), str(uuid.uuid4())
-    dev = sipp_device(tmp, transport)
-    contact = rfc8599_apns_contact(dev.port, tok, transport, instance=instance)
-    assert register(b, user, contact, transport).status == 200
-    asleep(cs, user)
-    caller = call(tmp, a, user, transport)
-    pushes = cs.stack(0).wait_pushes(tok, 1)
-    assert [push_kind(p) for p in pushes] == ["incomingCall"]
-    assert register(b, user, contact, transport).status == 200  # the app wakes, on B
+    p = parked_call(cs, tmp, a, b, transport)
+    user, tok, dev, caller = p.user, p.tok, p.dev, p.caller
+    assert register(b, user, p.contact, transport).status == 200  # the app wakes, on B
     assert caller.wait(30) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
     assert dev.wait(15) == 0, dev.logs()[-3000:]
     assert dev.received("INVITE") == 1
@@ -270,13 +289,8 @@ def test_a_phone_that_wakes_on_another_node_under_a_new_instance_id_still_gets_i
     the replicated REGISTER tells A, whose call was parked for the old id. A device's own claim of
     old ids is not carried over."""
     a, b = cs.nodes
-    user, tok = _user(), apns_token()
-    dev = sipp_device(tmp, "udp")
-    assert register(b, user, rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4())),
-                    "udp").status == 200
-    asleep(cs, user)
-    caller = call(tmp, a, user, "udp")
-    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    p = parked_call(cs, tmp, a, b)
+    user, tok, dev, caller = p.user, p.tok, p.dev, p.caller
     reborn = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
     forged = ("X-Pusher-Evicted: pn:not-mine",)
     assert register(b, user, reborn, "udp", extra_headers=forged).status == 200
@@ -290,13 +304,8 @@ def test_a_wake_on_the_parking_node_is_replicated_too(cs: ClusterStack, tmp: Pat
     """The woken device's REGISTER resumes the call on its own node and still reaches the others
     (tsilo's append had left the request URI marked as used: nothing was replicated)."""
     a, b = cs.nodes
-    user, tok = _user(), apns_token()
-    dev = sipp_device(tmp, "udp")
-    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
-    assert register(a, user, contact, "udp").status == 200
-    asleep(cs, user)
-    caller = call(tmp, a, user, "udp")
-    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
+    p = parked_call(cs, tmp, a, a)
+    user, contact, caller = p.user, p.contact, p.caller
     wake_id = uuid.uuid4().hex
     assert register(a, user, contact, "udp", call_id=wake_id).status == 200
     assert caller.wait(20) == 0 and caller.final_codes() == [200], caller.logs()[-3000:]
@@ -348,14 +357,10 @@ def test_a_tls_phone_that_wakes_on_another_node_gets_the_call_over_its_new_conne
 
 def test_caller_cancel_reaches_a_device_that_woke_on_another_node(cs: ClusterStack, tmp: Path) -> None:
     a, b = cs.nodes
-    user, tok = _user(), apns_token()
-    dev = sipp_device(tmp, "udp", scenario="device-ring.xml")
-    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
-    assert register(b, user, contact, "udp").status == 200
-    asleep(cs, user)
-    caller = call(tmp, a, user, "udp", scenario="caller-cancel-ringing.xml", args=("-d", "300"))
-    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
-    assert register(b, user, contact, "udp").status == 200
+    p = parked_call(cs, tmp, a, b, device="device-ring.xml", caller="caller-cancel-ringing.xml",
+                    caller_args=("-d", "300"))
+    dev, caller = p.dev, p.caller
+    assert register(b, p.user, p.contact, "udp").status == 200
     assert caller.wait(20) == 0, caller.logs()[-3000:]
     assert dev.wait(15) == 0, dev.logs()[-3000:]  # rang, got the CANCEL, answered 487
     assert dev.received("CANCEL") == 1
@@ -403,14 +408,9 @@ def test_each_device_is_pushed_once_with_a_dispatcher_on_every_node(cs: ClusterS
 
 def test_a_dead_node_loses_only_its_parked_calls(cs: ClusterStack, tmp: Path) -> None:
     a, b = cs.nodes
-    user, tok = _user(), apns_token()
-    dev = sipp_device(tmp, "udp")
-    contact = rfc8599_apns_contact(dev.port, tok, "udp", instance=str(uuid.uuid4()))
-    assert register(a, user, contact, "udp").status == 200
+    p = parked_call(cs, tmp, a, a)
+    user, contact, dev, caller = p.user, p.contact, p.dev, p.caller
     assert wait_bindings(b, _aor(user), True)
-    asleep(cs, user)
-    caller = call(tmp, a, user, "udp")
-    assert [push_kind(p) for p in cs.stack(0).wait_pushes(tok, 1)] == ["incomingCall"]
     assert a.proc is not None
     os.killpg(a.proc.pid, signal.SIGKILL)  # the node and all its workers, at once
     a.proc.wait(10)
