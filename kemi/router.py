@@ -280,9 +280,10 @@ class Router:
         KSR.rr.record_route()
 
     def _dialog_ours(self) -> bool:
-        """After loose_route(): whether the Route we consumed carries our signature of this Call-ID."""
-        sig = access.dialog_signature(self._route_secret, _pv("$ci"))
-        return bool(KSR.rr.check_route_param(f"{access.DIALOG_PARAM}={sig}") > 0)
+        """After loose_route(): whether the Route it consumed (the first: ours, with double
+        Record-Route both carry the parameter) names us and carries our signature of this Call-ID."""
+        route = _pv("$route_uri")
+        return access.route_signed(route, self._route_secret, _pv("$ci")) and KSR.is_myself(route) > 0
 
     def startup_refusal(self) -> str | None:
         """Why this configuration must not run (auth off on a public address), or None."""

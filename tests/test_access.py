@@ -111,3 +111,23 @@ def test_dialog_signature_is_keyed_and_bound_to_the_call() -> None:
     assert a != access.dialog_signature(b"k2", "call-1")
     assert a != access.dialog_signature(b"k1", "call-2")
     assert access.dialog_signature(b"k1", b"c\xff".decode("utf-8", "surrogateescape"))  # never raises
+
+
+def test_route_signed_accepts_only_the_signature_of_this_call() -> None:
+    sig = access.dialog_signature(b"k1", "call-1")
+    assert access.route_signed(f"sip:10.0.0.1:5060;lr;pnd={sig}", b"k1", "call-1")
+    assert access.route_signed(f"sip:10.0.0.1;transport=tcp;lr;PND={sig}", b"k1", "call-1")  # names: any case
+    assert access.route_signed(f"sip:node@10.0.0.1;lr;pnd={sig}?X=1", b"k1", "call-1")
+    assert not access.route_signed(f"sip:10.0.0.1;lr;pnd={sig}", b"k2", "call-1")  # another key
+    assert not access.route_signed(f"sip:10.0.0.1;lr;pnd={sig}", b"k1", "call-2")  # another call
+    assert not access.route_signed(f"sip:10.0.0.1;lr;pnd={sig[:-1]}", b"k1", "call-1")
+    assert not access.route_signed(f"sip:10.0.0.1;lr;pnd={sig}0", b"k1", "call-1")
+    assert not access.route_signed("sip:10.0.0.1;lr;pnd=", b"k1", "call-1")
+    assert not access.route_signed("sip:10.0.0.1;lr", b"k1", "call-1")
+    assert not access.route_signed("sip:10.0.0.1", b"k1", "call-1")
+    assert not access.route_signed("", b"k1", "call-1")
+    # the parameter must be the Route URI's own: in its user part or its headers it is not
+    assert not access.route_signed(f"sip:x;pnd={sig}@10.0.0.1;lr", b"k1", "call-1")
+    assert not access.route_signed(f"sip:10.0.0.1;lr?pnd={sig}", b"k1", "call-1")
+    # the first occurrence decides (a second, valid one appended by an attacker changes nothing)
+    assert not access.route_signed(f"sip:10.0.0.1;lr;pnd=0;pnd={sig}", b"k1", "call-1")

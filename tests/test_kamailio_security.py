@@ -23,7 +23,7 @@ from dataclasses import replace
 import pytest
 
 from harness.sipua import SipPhone, open_sip_socket
-from pushlib import credentials
+from pushlib import access, credentials, schema
 from tests.support import (
     DOMAIN,
     KAMAILIO_CFG,
@@ -596,6 +596,13 @@ def test_forged_in_dialog_request_is_not_relayed(stack: Stack, method: str) -> N
         # the same with a made-up signature
         r = peer.ask(text.replace(";lr>", ";lr;pnd=000000000000000000000000>").replace("z9hG4bK", "z9hG4bKx"))
         assert r.status == 403
+        # a valid signature of this Call-ID (as a real dialog's Record-Route would show it) on a
+        # Route that names another host: loose routing would send it there, so it is refused too
+        call_id = next(line.split(":", 1)[1].strip() for line in text.split("\r\n") if line.startswith("Call-ID:"))
+        sig = access.dialog_signature(str(stack.store.client.get(schema.ROUTE_SECRET_KEY)).encode(), call_id)
+        r = peer.ask(text.replace(f"<sip:127.0.0.1:{stack.kamailio.port};lr>",
+                                  f"<sip:127.0.0.1:{trap.local_port};lr;pnd={sig}>").replace("z9hG4bK", "z9hG4bKy"))
+        assert (r.status, r.reason) == (403, "Dialog Not Recognized")
     assert _no_invite(trap, 0.3) and not _got_any(trap, 0.2)
     trap.close()
 
