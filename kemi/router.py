@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import secrets
 import site
@@ -73,6 +74,7 @@ RETRY_TABLE = "pnretry"  # "<call key>|<attempt>" -> calls.OwedEnd: an ended cal
 UNREACHABLE_TABLE = "pnunreach"  # call key -> pushed devices whose call push hit a dead token
 OVERLOAD_PIPE = "pn-new-calls"  # pipelimit pipe of initial INVITEs (MAX_CPS)
 OVERLOAD_RETRY_AFTER = 5  # s a caller shed for overload is asked to wait
+SERVED_CACHE_SIZE = 4096  # domain names a worker remembers as served or not (Router._served)
 WINDOW_BACKSTOP = 1  # s after the window: the htable timer ends calls whose devices still ring
 FAILURE_ROUTE = "ksr_failure_route"
 BRANCH_FAILURE_ROUTE = "ksr_branch_failure"  # role mode: event_route[tm:branch-failure:ksr_branch_failure]
@@ -210,6 +212,7 @@ class Router:
         self._app_cache: TtlCache[tuple[str, str], bool | None] = TtlCache(_APP_TTL, 1_000)
         self.limits = access.limits_from(_get_def)
         self.served = access.served_domains(_unquoted_def("LOCAL_DOMAINS"))
+        self._served_cache: dict[str, bool] = {}
         self.role = KSR.kx.ifdef("PUSHER_ROLE") > 0
         # async task route that ends a rejected call at once: a Python method in KEMI mode, the
         # native route of kamailio/pusher-role.cfg in role mode
@@ -306,6 +309,9 @@ class Router:
         if rank > 0:
             if self.cfg.pusher:
                 self._warm_up()
+            # what is loaded by now lives as long as the worker: out of the collector's sight, so
+            # its collections walk only what requests allocate
+            gc.freeze()
             _log(KSR.info, "ready", rank=rank, pusher=self.cfg.pusher, auth=self.cfg.auth)
         return 0
 
@@ -563,7 +569,14 @@ class Router:
         return NEXT
 
     def _served(self, domain: str) -> bool:
-        return access.is_served(domain, self.served, lambda host: KSR.is_myself(f"sip:{host}") > 0)
+        """Cached per worker (a call asks about 4 times; Kamailio's own names do not change while
+        it runs), up to SERVED_CACHE_SIZE names, so a flood of made-up domains cannot grow it."""
+        known = self._served_cache.get(domain)
+        if known is None:
+            known = access.is_served(domain, self.served, lambda host: KSR.is_myself(f"sip:{host}") > 0)
+            if len(self._served_cache) < SERVED_CACHE_SIZE:
+                self._served_cache[domain] = known
+        return known
 
     def route_reqinit(self) -> bool:
         if self.metrics.enabled and self.metrics.non_http_on_metrics_port(KSR.pv.geti("$Rp") or 0):

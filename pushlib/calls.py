@@ -200,6 +200,8 @@ def stale_bindings(
     gone = set(evicted) - {device_id}
     stale: list[Binding] = []
     for b in bindings:
+        if b.uri == new_uri and not gone:
+            continue  # the binding just saved (nothing else can make it stale): not parsed again
         owner = identify(b)
         if (owner == device_id and b.uri != new_uri) or (owner is not None and owner in gone):
             stale.append(b)

@@ -484,3 +484,19 @@ def test_a_parked_call_waits_while_anyone_can_still_answer_it() -> None:
     assert not calls.nobody_can_answer(call, ["d1"], open_branches=1)  # d2 (woken) still rings
     assert not calls.nobody_can_answer(call, [], open_branches=0)  # d1 may still wake
     assert not calls.nobody_can_answer(None, ["d1"], open_branches=0)  # already ended
+
+
+def test_stale_bindings_do_not_identify_the_binding_just_saved() -> None:
+    """Parsing a binding's push parameters is the costly part: the one just saved is never stale
+    unless devices were evicted (then an evicted device's binding may share its URI)."""
+    new = calls.Binding("sip:d@1.2.3.4:2222;pn-prid=abab", ruid="r2", instance="<urn:uuid:new>")
+    twin = calls.Binding("sip:d@1.2.3.4:2222;pn-prid=abab", ruid="r1", instance="<urn:uuid:old>")
+    asked: list[str] = []
+
+    def identify(b: calls.Binding) -> str | None:
+        asked.append(b.ruid)
+        return "d1" if b.ruid == "r2" else "d0"
+
+    assert calls.stale_bindings([new], "d1", new.uri, identify) == [] and asked == []
+    assert calls.stale_bindings([twin, new], "d1", new.uri, identify, evicted=["d0"]) == [twin]
+    assert asked == ["r1", "r2"]
