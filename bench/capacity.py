@@ -570,15 +570,16 @@ class Runner:
 
 
 def ours_defines(es: ExitStack, srv: RedisServer, window: float,
-                 extra: dict[str, str | None] | None = None) -> dict[str, str | None]:
+                 extra: dict[str, str | None] | None = None, unix: bool = False) -> dict[str, str | None]:
     """Our proxy as the benchmarks measure it: the sandbox's APNs app stored in `srv`, and the
     defines of KEMI mode with no dispatcher, every device pushed, the abuse limits off (they would
-    count as failures) and log level 1; `extra` adds or overrides defines."""
+    count as failures) and log level 1; `extra` adds or overrides defines. `unix`: Kamailio reaches
+    Redis over its Unix socket."""
     sandbox = es.enter_context(sandbox_process())
     store = SyncStore(srv.url, Settings(redis_url=srv.url, wait_window=window))
     es.callback(store.close)
     store.save_app(sandbox.control.apns_token_app(BUNDLE, TEAM))
-    return dict(pusher_defines(srv.url, auth=False, wait_window=window, awake_window=0, external_dispatcher=True,
+    return dict(pusher_defines(srv.unix_url if unix else srv.url, auth=False, wait_window=window, awake_window=0, external_dispatcher=True,
                                extra={"CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
                                       "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": "0",
                                       "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"', **(extra or {})}))
@@ -596,11 +597,12 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
         es.callback(rds.close)
         if name == "ours":
             defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps),
-                                                          "CHILDREN": str(args.children)})
+                                                          "CHILDREN": str(args.children)}, unix=args.redis_unix)
             cfg = KAMAILIO_CFG
         else:
+            where = f"unix={srv.socket_path}" if args.redis_unix else f"addr=127.0.0.1;port={srv.port}"
             defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
-                       "REDIS_SERVER": f'"name=q;addr=127.0.0.1;port={srv.port}"'}
+                       "REDIS_SERVER": f'"name=q;{where}"'}
             cfg = NATIVE_CFG
         k = BenchKamailio(free_port(), cfg, dict(defines), rundir, {})
         runner: Runner | None = None
@@ -727,6 +729,8 @@ def main() -> None:
                     "60 for the official figure)")
     ap.add_argument("--reg-seconds", type=int, default=5, help="seconds of REGISTERs per REGISTER step")
     ap.add_argument("--configs", default="ours,native", help="which configurations, in order")
+    ap.add_argument("--redis-unix", action="store_true",
+                    help="both configurations reach Redis over its Unix socket instead of TCP on loopback")
     ap.add_argument("--children", type=int, default=CHILDREN,
                     help=f"SIP worker processes of both configs (default {CHILDREN})")
     ap.add_argument("--max-cps", type=int, default=0,

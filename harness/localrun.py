@@ -72,6 +72,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> Path:
+        """The server's Unix socket (it listens on both)."""
+        return self.workdir / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
     def stop(self) -> None:
         stop_process(self.proc)
 
@@ -85,6 +94,7 @@ def _spawn_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
             "--save", "", "--appendonly", "no", "--daemonize", "no",
+            "--unixsocket", str(workdir / "redis.sock"), "--unixsocketperm", "700",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
