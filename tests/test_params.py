@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushlib import calls
+from pushlib import calls, params
 from pushlib.models import Provider, PushParams, UaMapping
 from pushlib.params import (
     MalformedPushParams,
@@ -383,3 +383,40 @@ def test_device_id_is_always_key_safe(instance):
     device_id = device_id_for(APNS_PARAMS, instance)
     assert re.fullmatch(r"[A-Za-z0-9._:-]{1,100}", device_id)
     assert device_id == device_id_for(APNS_PARAMS, instance)
+
+
+def _split_top_reference(text: str, sep: str) -> list[str]:
+    """The character walk _split_top replaced: what it must still answer, split for split."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    if quoted:
+        raise params.MalformedPushParams("unterminated quoted string in Contact")
+    parts.append("".join(current))
+    return parts
+
+
+@settings(max_examples=3000)
+@given(st.text(alphabet='"\\;,a= <>\n', max_size=16), st.sampled_from([";", ","]))
+def test_split_top_splits_as_the_character_walk_did(text: str, sep: str) -> None:
+    try:
+        expected: list[str] | str = _split_top_reference(text, sep)
+    except params.MalformedPushParams as exc:
+        expected = str(exc)
+    try:
+        got: list[str] | str = params._split_top(text, sep)
+    except params.MalformedPushParams as exc:
+        got = str(exc)
+    assert got == expected
