@@ -9,6 +9,9 @@ and Kamailio on free loopback ports (shm 1024 MB, pkg 32 MB, 8 UDP workers (--ch
           sandbox APNs app configured in Redis;
 - native: bench/native-capacity.cfg, the same job in native script (save + tsilo append on
           REGISTER; record_route, t_newtran, ts_store, one XADD and a parking branch on INVITE).
+- kemi-min (only when named in --configs): bench/kemi-min-capacity.cfg, native's job step for step
+          in Python (app_python3, bench/kemi_min_router.py, the XADD through redis-py): what
+          routing in Python costs by itself, the floor for any KEMI config on this machine.
 
 Load, per step at R calls/s for --step-seconds: a pool of RFC 8599 APNs VoIP devices is
 registered beforehand (SIPp, capacity-register.xml; its size covers the step's rate for
@@ -22,8 +25,14 @@ first step with a failed call (or a failed re-REGISTER).
 
 Per step: Kamailio CPU (utime+stime of all its processes from /proc, delta over the step) per
 call, Redis commands per call (INFO commandstats delta, INFO itself excluded) and Redis CPU per
-call (INFO cpu delta). After the call steps, REGISTER/s: SIPp REGISTERs with push params (re-
-registering the pool) at stepped rates for --reg-seconds each, highest rate with 0 failures.
+call (INFO cpu delta). At the steps whose rate is in --wake-rates (default 100, 400 and 1000
+calls/s; --quick: 100), the wake latency: the device's re-REGISTER arriving at Kamailio -> the
+parked call's INVITE leaving Kamailio toward the device, p50 / p99 / count in ms, from a packet
+capture of Kamailio's SIP port during that step only (dumpcap + tshark, bench/sipcapture.py; pcap
+timestamps, the pcap deleted after the step), and ours/native p50 at each rate both captured (a
+configuration that stopped stepping before a rate has no figure there). After the call steps,
+REGISTER/s: SIPp REGISTERs with push params (re-registering the pool) at stepped rates for
+--reg-seconds each, highest rate with 0 failures.
 Finally each Kamailio log is scanned for CRITICAL / BUG lines and crashes (a process that exited).
 
 SIPp, Redis and Kamailio share the machine's cores: the figures are for this machine, and the
@@ -63,6 +72,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.sipcapture import capture, latency_summary, sip_rows, wake_latencies  # noqa: E402
 from harness.localrun import RedisServer, free_port, group_members, redis_server, stop_process, wait_for_port  # noqa: E402
 from harness.localstack import BUNDLE, KAMAILIO_CFG, SCENARIOS, TEAM, KamailioProc, pusher_defines  # noqa: E402
 from harness.sipua import apns_token  # noqa: E402
@@ -71,10 +81,15 @@ from pushlib.store import SyncStore  # noqa: E402
 from pushsandbox.process import sandbox_process  # noqa: E402
 
 NATIVE_CFG = ROOT / "bench" / "native-capacity.cfg"
+KEMI_MIN_CFG = ROOT / "bench" / "kemi-min-capacity.cfg"
+KEMI_MIN_ROUTER = ROOT / "bench" / "kemi_min_router.py"
+CONFIGS = ("ours", "native", "kemi-min")
 RATES = (100, 200, 300, 400, 600, 800, 1000, 1500, 2000)
 QUICK_RATES = (50, 100, 200)
 REG_RATES = (500, 1000, 1500, 2000, 3000, 4000, 6000)
 QUICK_REG_RATES = (200, 500, 1000)
+WAKE_RATES = (100, 400, 1000)  # call steps captured for the wake latency (a capture costs CPU: not every step)
+QUICK_WAKE_RATES = (100,)
 SHM_MB = 1024
 PKG_MB = 32
 CHILDREN = 8  # (kamailio/kamailio.cfg's default)
@@ -310,10 +325,12 @@ def write_injection(path: Path, rows: Sequence[Sequence[str]]) -> None:
             f.write(";".join(row) + ";\n")
 
 
-def sipp_client_args(scenario: str, proxy_port: int, inf: Path, rate: int, count: int) -> list[str]:
+def sipp_client_args(scenario: str, proxy_port: int, inf: Path, rate: int, count: int,
+                     local_port: int | None = None) -> list[str]:
+    """A SIPp client over UDP from 127.0.0.1:`local_port` (default: a free port) to the proxy."""
     return [
         f"127.0.0.1:{proxy_port}", "-sf", str(SCENARIOS / scenario), "-inf", str(inf),
-        "-i", "127.0.0.1", "-p", str(free_port()), "-t", "u1",
+        "-i", "127.0.0.1", "-p", str(local_port or free_port()), "-t", "u1",
         "-r", str(rate), "-rp", "1000", "-m", str(count), "-l", "200000",
         "-max_recv_loops", "10000", "-max_sched_loops", "10000",
     ]
@@ -373,6 +390,12 @@ class StepResult:
     failure_kinds: dict[str, int]
     unexpected: dict[str, int]
     kamailio_alive: bool
+    captured: bool = False  # a --wake-rates step: its SIP was captured
+    wake_latency: dict[str, float] | None = None  # count, p50_ms, p99_ms, max_ms; None: not captured or no wake
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.reregister_failed == 0
 
     @property
     def generator_limited(self) -> bool:
@@ -414,6 +437,10 @@ class ConfigResult:
     def at_max(self) -> StepResult | None:
         ok = [s for s in self.steps if s.failed == 0 and s.reregister_failed == 0]
         return ok[-1] if ok else None
+
+    def wake_steps(self) -> list[StepResult]:
+        """The steps captured for the wake latency (the --wake-rates it reached, in step order)."""
+        return [s for s in self.steps if s.captured]
 
 
 class Runner:
@@ -462,7 +489,9 @@ class Runner:
             if _BAD_LINE.search(line):
                 self.result.log_findings.append({"phase": self.phase, "line": line.strip()[:400]})
 
-    def call_step(self, rate: int) -> StepResult:
+    def call_step(self, rate: int, captured: bool = False) -> StepResult:
+        """One step of calls at `rate`/s; `captured`: the SIP of the wakes is captured meanwhile for
+        the wake latency (only then: dumpcap costs CPU on the machine being measured)."""
         a = self.args
         calls = rate * a.step_seconds
         self.grow_pool(max(rate * a.pool_seconds, 1))
@@ -474,27 +503,31 @@ class Runner:
         write_injection(reg_inf, [(d.user, d.token, d.instance) for d in devices])
         caller_argv = [*sipp_client_args("capacity-caller.xml", self.k.port, calls_inf, rate, calls),
                        "-d", str(a.hold_ms), "-recv_timeout", str(int((a.window + 10) * 1000))]
-        wake_argv = [*sipp_client_args("capacity-register.xml", self.k.port, reg_inf, rate, calls),
+        wake_port = free_port()
+        wake_argv = [*sipp_client_args("capacity-register.xml", self.k.port, reg_inf, rate, calls, wake_port),
                      "-key", "device_port", str(self.device_port), "-key", "pn_param", f"{TEAM}.{BUNDLE}.voip",
                      "-recv_timeout", "10000"]
         pids = self.k.pids()
-        cmd_before: dict[str, Any] = self.rds.info("commandstats")
-        r0, c0, t0 = redis_sample(self.rds), cpu_seconds(pids), time.monotonic()
-        caller = Sipp(self.workdir, f"{tag}-caller", caller_argv, calls)
-        try:
+        with ExitStack() as es:
+            # only the packets the wake latency reads: the waker's REGISTERs in, Kamailio's requests
+            # out to the device (about a third of the step's SIP: the pcap of a fast step stays small)
+            pcap = es.enter_context(capture(
+                self.workdir / f"{tag}.pcap", self.k.port,
+                only=f"(src port {wake_port} and dst port {self.k.port}) or "
+                     f"(src port {self.k.port} and dst port {self.device_port})")) if captured else None
+            cmd_before: dict[str, Any] = self.rds.info("commandstats")
+            r0, c0, t0 = redis_sample(self.rds), cpu_seconds(pids), time.monotonic()
+            caller = Sipp(self.workdir, f"{tag}-caller", caller_argv, calls)
+            es.callback(caller.stop)
             time.sleep(a.wake_delay)
             waker = Sipp(self.workdir, f"{tag}-wake", wake_argv, calls)
-            try:
-                budget = a.step_seconds + a.window + 40
-                res = caller.wait(budget - (time.monotonic() - t0))
-                wres = waker.wait(budget + 10 - (time.monotonic() - t0))
-            finally:
-                waker.stop()
-        finally:
-            caller.stop()
-        c1, t1 = cpu_seconds(pids), time.monotonic()
-        r1 = redis_sample(self.rds)
-        cmd_after: dict[str, Any] = self.rds.info("commandstats")
+            es.callback(waker.stop)
+            budget = a.step_seconds + a.window + 40
+            res = caller.wait(budget - (time.monotonic() - t0))
+            wres = waker.wait(budget + 10 - (time.monotonic() - t0))
+            c1, t1 = cpu_seconds(pids), time.monotonic()
+            r1 = redis_sample(self.rds)
+            cmd_after: dict[str, Any] = self.rds.info("commandstats")
         return StepResult(
             rate=rate, calls=calls, successful=res.successful, failed=res.failed,
             reregister_failed=wres.failed, offered_rate=round(res.offered_rate, 1),
@@ -506,7 +539,16 @@ class Runner:
             failure_kinds={**res.failure_kinds, **{f"re-REGISTER {k}": v for k, v in wres.failure_kinds.items()}},
             unexpected={**res.unexpected, **{f"re-REGISTER {k}": v for k, v in wres.unexpected.items()}},
             kamailio_alive=self.k.alive(),
+            captured=pcap is not None, wake_latency=self.wake_latency(pcap) if pcap is not None else None,
         )
+
+    def wake_latency(self, pcap: Path) -> dict[str, float] | None:
+        """The step's wake latency from its capture, which is deleted here (bounded disk use)."""
+        try:
+            rows = sip_rows(pcap, self.k.port)
+        finally:
+            pcap.unlink(missing_ok=True)
+        return latency_summary(wake_latencies(rows, self.device_port, {self.k.host}))
 
     def reg_step(self, rate: int) -> RegStepResult:
         count = rate * self.args.reg_seconds
@@ -526,13 +568,16 @@ class Runner:
         res = self.result
         for rate in rates:
             self.phase = f"calls {rate}/s"
-            step = self.call_step(rate)
-            res.steps.append(step)
+            step = self.call_step(rate, captured=rate in self.args.wake_rates)
+            res.steps.append(step)  # (a failing step too: what it measured and captured is reported)
             self.scan_log()
+            wake = step.wake_latency
             print(f"  {self.name:<6} {rate:>5} calls/s: {step.successful}/{step.calls} ok, {step.failed} failed, "
                   f"{step.reregister_failed} re-REGISTERs failed (offered {step.offered_rate}/s); "
                   f"kamailio {step.kamailio_cpu_ms_per_call} ms/call, redis {step.redis_commands_per_call} cmd/call "
                   f"{step.redis_cpu_ms_per_call} ms/call; kamailio {step.kamailio_cpu_cores} cores"
+                  + (f"; wake p50 {wake['p50_ms']} p99 {wake['p99_ms']} ms (n={wake['count']:.0f})" if wake
+                     else "; wake: captured, no wake paired" if step.captured else "")
                   + (f"; failures {step.failure_kinds} {step.unexpected}" if step.failure_kinds else ""), flush=True)
             if not step.kamailio_alive:
                 res.crashed = True
@@ -579,7 +624,8 @@ def ours_defines(es: ExitStack, srv: RedisServer, window: float,
     store = SyncStore(srv.url, Settings(redis_url=srv.url, wait_window=window))
     es.callback(store.close)
     store.save_app(sandbox.control.apns_token_app(BUNDLE, TEAM))
-    return dict(pusher_defines(srv.unix_url if unix else srv.url, auth=False, wait_window=window, awake_window=0, external_dispatcher=True,
+    return dict(pusher_defines(srv.unix_url if unix else srv.url, auth=False, wait_window=window, awake_window=0,
+                               external_dispatcher=True,
                                extra={"CHILDREN": str(CHILDREN), "LOG_LEVEL": "1", "PIKE_DENSITY": "0",
                                       "MAX_CALL_PUSHES_PER_MINUTE": "0", "MAX_CPS": "0",
                                       "KEMI_ROUTER": f'"{ROOT / "kemi" / "router.py"}"', **(extra or {})}))
@@ -599,6 +645,11 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
             defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps),
                                                           "CHILDREN": str(args.children)}, unix=args.redis_unix)
             cfg = KAMAILIO_CFG
+        elif name == "kemi-min":
+            defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
+                       "REDIS_URL": f'"{srv.unix_url if args.redis_unix else srv.url}"',
+                       "KEMI_ROUTER": f'"{KEMI_MIN_ROUTER}"'}
+            cfg = KEMI_MIN_CFG
         else:
             where = f"unix={srv.socket_path}" if args.redis_unix else f"addr=127.0.0.1;port={srv.port}"
             defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
@@ -635,6 +686,13 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 2) if b else None
 
 
+def common_wakes(ours: ConfigResult, native: ConfigResult) -> list[tuple[int, dict[str, float], dict[str, float]]]:
+    """(rate, ours' wake latency, native's) for each rate both configurations captured a wake at."""
+    theirs = {s.rate: s.wake_latency for s in native.wake_steps() if s.wake_latency}
+    return [(s.rate, s.wake_latency, theirs[s.rate]) for s in ours.wake_steps()
+            if s.wake_latency and s.rate in theirs]
+
+
 def summarize(results: dict[str, ConfigResult]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, r in results.items():
@@ -649,6 +707,9 @@ def summarize(results: dict[str, ConfigResult]) -> dict[str, Any]:
             "max_registers_per_s_0_failed": r.max_registers_per_s,
             "calls_limited_by_load_generator": r.generator_limited,
             "registers_limited_by_load_generator": r.reg_generator_limited,
+            # per captured step: a rate the configuration never reached has no entry
+            "wake_latency": [{"rate": s.rate, "step_ok": s.ok, "wake_latency": s.wake_latency}
+                             for s in r.wake_steps()],
             "crashed": r.crashed,
             "error_lines": r.error_lines,
             "log_findings": len(r.log_findings),
@@ -671,11 +732,14 @@ def summarize(results: dict[str, ConfigResult]) -> dict[str, Any]:
                 "redis_commands_per_call": ratio(o.redis_commands_per_call, n.redis_commands_per_call),
                 "redis_cpu_per_call": ratio(o.redis_cpu_ms_per_call, n.redis_cpu_ms_per_call),
             })
+        cmp["wake_p50_by_rate"] = {str(rate): ratio(o_wake["p50_ms"], n_wake["p50_ms"])
+                                   for rate, o_wake, n_wake in common_wakes(ours, native)}
         out["ours_over_native"] = cmp
     return out
 
 
-def print_report(results: dict[str, ConfigResult], summary: dict[str, Any]) -> None:
+def print_report(results: dict[str, ConfigResult], summary: dict[str, Any],
+                 wake_rates: Sequence[int] = ()) -> None:
     print()
     print("| config | max calls/s (0 failed) | Kamailio CPU ms/call | Redis cmds/call | Redis CPU ms/call "
           "| max REGISTER/s (0 failed) |")
@@ -694,6 +758,27 @@ def print_report(results: dict[str, ConfigResult], summary: dict[str, Any]) -> N
               + (f"; at {cmp['at_rate']} calls/s (highest rate both passed): Kamailio CPU/call "
                  f"{cmp['kamailio_cpu_per_call']}, Redis cmds/call {cmp['redis_commands_per_call']}, "
                  f"Redis CPU/call {cmp['redis_cpu_per_call']}" if "at_rate" in cmp else ""))
+    if any(r.wake_steps() for r in results.values()):
+        print("\nWake latency (device's re-REGISTER in -> parked INVITE out to the device, pcap):")
+        print("| config | calls/s | step | wakes | p50 ms | p99 ms | max ms |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+        for name, r in results.items():
+            for s in r.wake_steps():
+                w = s.wake_latency
+                figures = (f"{w['count']:.0f} | {w['p50_ms']:.2f} | {w['p99_ms']:.2f} | {w['max_ms']:.2f}" if w
+                           else "0 | - | - | -")
+                print(f"| {name} | {s.rate} | {'ok' if s.ok else 'FAILED'} | {figures} |")
+        for name, r in results.items():
+            missing = [rate for rate in wake_rates if rate not in {s.rate for s in r.steps}]
+            if missing and r.steps:
+                print(f"  {name}: no step at {', '.join(map(str, missing))} calls/s (stepping stopped): no figure")
+        ours, native = results.get("ours"), results.get("native")
+        if ours is not None and native is not None:
+            ok = {name: {s.rate: s.ok for s in r.steps} for name, r in results.items()}
+            pairs = [f"{ratio(o['p50_ms'], n['p50_ms'])} at {rate}/s"
+                     + ("" if ok["ours"][rate] and ok["native"][rate] else " (a failing step)")
+                     for rate, o, n in common_wakes(ours, native)]
+            print(f"ours/native wake p50: {', '.join(pairs) if pairs else 'no rate both captured'}")
     print("\nPer step (rate: ok/calls, Kamailio ms/call, Redis cmds/call):")
     for name, r in results.items():
         steps = ", ".join(f"{s.rate}: {s.successful}/{s.calls} {s.kamailio_cpu_ms_per_call:.3f} "
@@ -720,7 +805,8 @@ def print_report(results: dict[str, ConfigResult], summary: dict[str, Any]) -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"rates {QUICK_RATES}, 8 s steps, REGISTER rates "
-                    f"{QUICK_REG_RATES} (about 2-3 minutes)")
+                    f"{QUICK_REG_RATES}, wake latency at {','.join(map(str, QUICK_WAKE_RATES))} calls/s "
+                    "(about 2-3 minutes)")
     ap.add_argument("--rates", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help=f"calls/s per step, comma separated (default {','.join(map(str, RATES))})")
     ap.add_argument("--reg-rates", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
@@ -728,7 +814,12 @@ def main() -> None:
     ap.add_argument("--step-seconds", type=int, default=None, help="seconds of calls per step (default 20; "
                     "60 for the official figure)")
     ap.add_argument("--reg-seconds", type=int, default=5, help="seconds of REGISTERs per REGISTER step")
-    ap.add_argument("--configs", default="ours,native", help="which configurations, in order")
+    ap.add_argument("--wake-rates", type=lambda s: tuple(int(x) for x in s.split(",") if x.strip()), default=None,
+                    help=f"call steps whose SIP is captured for the wake latency, comma separated (default "
+                         f"{','.join(map(str, WAKE_RATES))}; quick {','.join(map(str, QUICK_WAKE_RATES))}; "
+                         f"\"\" = none)")
+    ap.add_argument("--configs", default="ours,native",
+                    help=f"which configurations, in order (any of {', '.join(CONFIGS)})")
     ap.add_argument("--redis-unix", action="store_true",
                     help="both configurations reach Redis over its Unix socket instead of TCP on loopback")
     ap.add_argument("--children", type=int, default=CHILDREN,
@@ -751,10 +842,16 @@ def main() -> None:
         args.step_seconds = 8 if args.quick else 20
     rates = args.rates or (QUICK_RATES if args.quick else RATES)
     reg_rates = args.reg_rates or (QUICK_REG_RATES if args.quick else REG_RATES)
+    if args.wake_rates is None:
+        args.wake_rates = QUICK_WAKE_RATES if args.quick else WAKE_RATES
+    for rate in args.wake_rates:
+        if rate not in rates:
+            print(f"--wake-rates: {rate} calls/s is not a step: not captured", flush=True)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if any(c not in ("ours", "native") for c in configs):
-        raise SystemExit("--configs: ours and/or native")
-    for tool in ("kamailio", "sipp", "redis-server"):
+    if any(c not in CONFIGS for c in configs):
+        raise SystemExit(f"--configs: any of {', '.join(CONFIGS)}")
+    capturing = ("dumpcap", "tshark") if set(args.wake_rates) & set(rates) else ()
+    for tool in ("kamailio", "sipp", "redis-server", *capturing):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found")
 
@@ -781,7 +878,7 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print_report(results, summary)
+    print_report(results, summary, [r for r in args.wake_rates if r in rates])
     print(f"\nresults: {out}")
 
 

@@ -25,10 +25,11 @@ Redis commands per call (INFO commandstats delta, commands run inside scripts in
 excluded), Redis CPU per call, Redis network bytes per call (INFO stats total_net_input_bytes /
 total_net_output_bytes), and per node the bytes its connections sent to and got from Redis and the
 TCP data segments it sent (about one per round trip; from `ss -ti` on its sockets). At --latency-rate
-the SIP port is captured (dumpcap) for the wake latency (REGISTER from the device in -> INVITE out
-to the device, pcap timestamps, p50/p99) and the SIP messages between nodes per call. After the call
-steps, a REGISTER-only step (the pool re-registering at --reg-rate) gives Kamailio CPU, Redis
-commands and bytes and inter-node SIP messages per REGISTER: the DMQ replication's cost.
+the SIP port is captured (dumpcap, bench/sipcapture.py) for the wake latency (REGISTER from the
+device in -> INVITE out to the device, pcap timestamps, p50/p99) and the SIP messages between nodes
+per call. After the call steps, a REGISTER-only step (the pool re-registering at --reg-rate) gives
+Kamailio CPU, Redis commands and bytes and inter-node SIP messages per REGISTER: the DMQ
+replication's cost.
 
 Everything (SIPp included) shares this machine's cores: calls/s are CPU-bound here. The per-call
 Redis figures do not depend on the machine and decide how far one Redis carries.
@@ -46,14 +47,13 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,9 @@ from bench.capacity import (  # noqa: E402
     sipp_client_args,
     write_injection,
 )
+from bench.sipcapture import SipRow, capture, latency_summary, sip_rows, wake_latencies  # noqa: E402
 from harness.clusterstack import cluster_defines, node_host, wait_cluster  # noqa: E402
-from harness.localrun import free_port, redis_server, stop_process  # noqa: E402
+from harness.localrun import free_port, redis_server  # noqa: E402
 from harness.localstack import BUNDLE, KAMAILIO_CFG, TEAM, KamailioProc  # noqa: E402
 from harness.sipua import DOMAIN, apns_token  # noqa: E402
 
@@ -174,80 +175,6 @@ def per_node_redis(before: dict[str, SocketCounters], after: dict[str, SocketCou
              "writes": round(s[2] / per, 2)} for s in sums]
 
 
-@contextmanager
-def capture(path: Path, port: int) -> Iterator[Path]:
-    """dumpcap on lo of everything to or from `port` (both transports), while the block runs."""
-    err = path.with_suffix(".err")
-    with open(err, "wb") as errf:
-        proc = subprocess.Popen(["dumpcap", "-i", "lo", "-q", "-f", f"port {port}", "-w", str(path)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
-                                start_new_session=True)
-    try:
-        end = time.monotonic() + 10
-        while b"Capturing on" not in err.read_bytes():
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError("dumpcap did not start: " + err.read_text(errors="replace")[-1000:])
-            time.sleep(0.05)
-        time.sleep(0.2)
-        yield path
-    finally:
-        time.sleep(0.3)
-        stop_process(proc)
-
-
-@dataclass
-class SipRow:
-    t: float
-    src: str
-    dst: str
-    dport: int
-    method: str  # request method, "" for a response
-    status: str  # response code, "" for a request
-    cseq_method: str
-    user: str  # the To user
-
-
-def sip_rows(pcap: Path, sip_port: int) -> list[SipRow]:
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-Y", "sip", "-T", "fields", "-E", "separator=\t", "-E", "occurrence=f",
-         "-e", "frame.time_epoch", "-e", "ip.src", "-e", "ip.dst", "-e", "udp.dstport", "-e", "tcp.dstport",
-         "-e", "sip.Method", "-e", "sip.Status-Code", "-e", "sip.CSeq.method", "-e", "sip.to.user",
-         "-d", f"udp.port=={sip_port},sip", "-d", f"tcp.port=={sip_port},sip"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
-    rows = []
-    for line in out.splitlines():
-        ts, src, dst, udst, tdst, method, status, cseq, user = (line.split("\t") + [""] * 9)[:9]
-        rows.append(SipRow(float(ts), src, dst, int(udst or tdst or 0), method, status, cseq, user))
-    return rows
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def wake_latencies(rows: Sequence[SipRow], device_port: int, hosts: set[str]) -> list[float]:
-    """Per wake: the device's REGISTER reaching a node -> that call's INVITE leaving for the
-    device (the first of each; retransmissions ignored), paired per device user in time order."""
-    per_user: dict[str, list[tuple[float, str]]] = {}
-    for r in rows:
-        if r.method == "REGISTER" and r.src == DOMAIN and r.dst in hosts:
-            per_user.setdefault(r.user, []).append((r.t, "R"))
-        elif r.method == "INVITE" and r.dst == DOMAIN and r.dport == device_port:
-            per_user.setdefault(r.user, []).append((r.t, "I"))
-    out: list[float] = []
-    for events in per_user.values():
-        pending: float | None = None
-        for t, kind in sorted(events):
-            if kind == "R":
-                pending = t if pending is None else pending
-            elif pending is not None:
-                out.append(t - pending)
-                pending = None
-    return out
-
-
 def internode(rows: Sequence[SipRow], hosts: set[str]) -> dict[str, int]:
     """SIP messages sent from one node to another, by kind ("KDMQ", "200 KDMQ", "INVITE", ...)."""
     kinds: dict[str, int] = {}
@@ -256,13 +183,6 @@ def internode(rows: Sequence[SipRow], hosts: set[str]) -> dict[str, int]:
             key = r.method or f"{r.status} {r.cseq_method}"
             kinds[key] = kinds.get(key, 0) + 1
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
-
-
-def latency_summary(values: Sequence[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"count": len(values), "p50_ms": round(statistics.median(values) * 1000, 3),
-            "p99_ms": round(percentile(values, 0.99) * 1000, 3), "max_ms": round(max(values) * 1000, 3)}
 
 
 # --------------------------------------------------------------------------- results

@@ -39,6 +39,12 @@ def test_capacity_quick_measures_both_configurations() -> None:
     out = _run(_readme_command("capacity.py"), timeout=400)
     for config in ("ours", "native"):
         assert re.search(rf"^\| {config} \| \d+", out, re.MULTILINE), out[-3000:]
+        # the quick run's 100 calls/s step is captured: wakes paired from the pcap, with their p50 / p99
+        wake = re.search(rf"^\| {config} \| 100 \| \w+ \| ([1-9]\d*) \| (\d+\.\d+) \| (\d+\.\d+) \|", out,
+                         re.MULTILINE)
+        assert wake, out[-3000:]
+        assert float(wake.group(2)) <= float(wake.group(3)), wake.group(0)
+    assert re.search(r"^ours/native wake p50: \d+\.\d+ at 100/s", out, re.MULTILINE), out[-3000:]
     assert out.count("0 line(s), no crash") == 2, out[-3000:]
 
 
