@@ -435,7 +435,7 @@ class ConfigResult:
     error: str = ""
 
     def at_max(self) -> StepResult | None:
-        ok = [s for s in self.steps if s.failed == 0 and s.reregister_failed == 0]
+        ok = [s for s in self.steps if s.ok]
         return ok[-1] if ok else None
 
     def wake_steps(self) -> list[StepResult]:
@@ -584,7 +584,7 @@ class Runner:
                 return
             if self.args.keep_going:
                 continue  # (an overload run: the step's outcome is the figure, not a stopping point)
-            if step.failed or step.reregister_failed:
+            if not step.ok:
                 break
             # (a step SIPp could not offer in full counts for what it offered, never less than a
             # step already held)
@@ -649,16 +649,16 @@ def run_config(name: str, args: argparse.Namespace, rates: Sequence[int], reg_ra
             defines = ours_defines(es, srv, args.window, {"MAX_CPS": str(args.max_cps),
                                                           "CHILDREN": str(args.children)}, unix=args.redis_unix)
             cfg = KAMAILIO_CFG
-        elif name == "kemi-min":
-            defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
-                       "REDIS_URL": f'"{srv.unix_url if args.redis_unix else srv.url}"',
-                       "KEMI_ROUTER": f'"{KEMI_MIN_ROUTER}"'}
-            cfg = KEMI_MIN_CFG
-        else:
-            where = f"unix={srv.socket_path}" if args.redis_unix else f"addr=127.0.0.1;port={srv.port}"
-            defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000)),
-                       "REDIS_SERVER": f'"name=q;{where}"'}
-            cfg = NATIVE_CFG
+        else:  # the two reference configs take the same defines, but for how they name Redis
+            defines = {"CHILDREN": str(args.children), "LOG_LEVEL": "1", "WAIT_MS": str(int(args.window * 1000))}
+            if name == "kemi-min":
+                defines.update({"REDIS_URL": f'"{srv.unix_url if args.redis_unix else srv.url}"',
+                                "KEMI_ROUTER": f'"{KEMI_MIN_ROUTER}"'})
+                cfg = KEMI_MIN_CFG
+            else:
+                where = f"unix={srv.socket_path}" if args.redis_unix else f"addr=127.0.0.1;port={srv.port}"
+                defines["REDIS_SERVER"] = f'"name=q;{where}"'
+                cfg = NATIVE_CFG
         k = BenchKamailio(free_port(), cfg, dict(defines), rundir, {})
         runner: Runner | None = None
         try:

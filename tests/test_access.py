@@ -129,5 +129,9 @@ def test_route_signed_accepts_only_the_signature_of_this_call() -> None:
     # the parameter must be the Route URI's own: in its user part or its headers it is not
     assert not access.route_signed(f"sip:x;pnd={sig}@10.0.0.1;lr", b"k1", "call-1")
     assert not access.route_signed(f"sip:10.0.0.1;lr?pnd={sig}", b"k1", "call-1")
+    # a forged value that is not ASCII (or not even UTF-8) is refused, never an error
+    assert not access.route_signed("sip:10.0.0.1;lr;pnd=é" + sig[1:], b"k1", "call-1")
+    assert not access.route_signed("sip:10.0.0.1;lr;pnd=\udcff" + sig[1:], b"k1", "call-1")
+    assert not access.route_signed("sip:10.0.0.1;lr;pnd=%zz", b"k1", "call-1")
     # the first occurrence decides (a second, valid one appended by an attacker changes nothing)
     assert not access.route_signed(f"sip:10.0.0.1;lr;pnd=0;pnd={sig}", b"k1", "call-1")

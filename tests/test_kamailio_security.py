@@ -603,6 +603,11 @@ def test_forged_in_dialog_request_is_not_relayed(stack: Stack, method: str) -> N
         r = peer.ask(text.replace(f"<sip:127.0.0.1:{stack.kamailio.port};lr>",
                                   f"<sip:127.0.0.1:{trap.local_port};lr;pnd={sig}>").replace("z9hG4bK", "z9hG4bKy"))
         assert (r.status, r.reason) == (403, "Dialog Not Recognized")
+        # a signature that is not ASCII is refused as any wrong one is, not an error of the route
+        before = stack.kamailio.log().count("route-error")
+        r = peer.ask(text.replace(";lr>", ";lr;pnd=é00000000000000000000000>").replace("z9hG4bK", "z9hG4bKz"))
+        assert (r.status, r.reason) == (403, "Dialog Not Recognized")
+        assert stack.kamailio.log().count("route-error") == before
     assert _no_invite(trap, 0.3) and not _got_any(trap, 0.2)
     trap.close()
 
